@@ -1,0 +1,3 @@
+from sandstorm.cli import main
+
+raise SystemExit(main())

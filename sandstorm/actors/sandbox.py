@@ -1,0 +1,685 @@
+"""The sandbox actor: owns ONE runtime instance, the agent connection and the event log.
+
+Tasks in its nursery: the agent reader (frames → exec records and the event log), one watchdog per
+running exec (timeout), the lifetime timer (keep_alive / max_lifetime) and the mailbox loop. Every
+state change goes through the mailbox, one operation at a time, so exec, snapshot and destroy never
+interleave; reads (status, results) look at the state directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import outcome
+import trio
+
+from sandstorm.actors.events import EventLog
+from sandstorm.actors.execs import ExecRecord, OutputBuffer
+from sandstorm.agent.client import (
+    AgentChannel,
+    AgentProtocolError,
+    ExitInfo,
+    FrameKind,
+    decode_error,
+    decode_exit,
+    decode_file_written,
+    decode_started,
+)
+from sandstorm.config import Config
+from sandstorm.errors import (
+    AtCapacity,
+    GatewayError,
+    QuotaExceeded,
+    RuntimeUnavailable,
+    SandboxNotRunning,
+    SnapshotUnsupported,
+)
+from sandstorm.ids import new_id
+from sandstorm.protocol import (
+    ExecStartedEvent,
+    ExitEvent,
+    Failure,
+    IsolationLevel,
+    Limits,
+    RuntimeName,
+    SandboxState,
+    SandboxStatus,
+    SelectionReason,
+    StatusEvent,
+    Usage,
+)
+from sandstorm.runtimes.base import RuntimeInstance, SandboxRuntime, SandboxSpec
+from sandstorm.snapshots import SnapshotCatalog, SnapshotMeta, SnapshotMount
+from sandstorm.timestamps import rfc3339, rfc3339_from_epoch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAILBOX_SIZE = 64
+MAX_EXEC_HISTORY = 100
+# After a kill, how long the agent gets to report the exit before the gateway gives up on it.
+KILL_GRACE_S = 1.0
+STOP_GRACE_S = 0.5
+SIGNALS = {name: int(getattr(signal, name)) for name in ("SIGINT", "SIGTERM", "SIGKILL", "SIGHUP",
+                                                          "SIGQUIT", "SIGUSR1", "SIGUSR2")}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxParams:
+    sandbox_id: str
+    runtime_name: RuntimeName
+    isolation_level: IsolationLevel
+    selection: SelectionReason
+    spec: SandboxSpec
+    image: str
+    timeout_ms: int
+    keep_alive_s: int
+    restored_from: str | None = None
+    first_channel: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ExecPlan:
+    """An exec fully decided by the caller: argv, env, files to write first, stdin."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    timeout_ms: int
+    files: dict[str, bytes]
+    stdin: bytes | None
+    close_stdin: bool
+
+
+class SandboxActor:
+    def __init__(
+        self,
+        params: SandboxParams,
+        runtime: SandboxRuntime,
+        config: Config,
+        catalog: SnapshotCatalog,
+        on_startup: Callable[[float], None] | None = None,
+    ) -> None:
+        self.params = params
+        self.id = params.sandbox_id
+        self.runtime = runtime
+        self.config = config
+        self.catalog = catalog
+        self._on_startup = on_startup
+        self.state: SandboxState = "creating"
+        self.failure: Failure | None = None
+        self.created_at = time.time()
+        self.last_active = time.time()
+        self._created_mono = trio.current_time()
+        self._last_active_mono = trio.current_time()
+        self.events = EventLog(config.replay_buffer_bytes)
+        self.execs: OrderedDict[str, ExecRecord] = OrderedDict()
+        self._by_channel: dict[int, ExecRecord] = {}
+        self._next_channel = params.first_channel
+        self._instance: RuntimeInstance | None = None
+        self._nursery: trio.Nursery | None = None
+        self._mailbox_send, self._mailbox = trio.open_memory_channel[
+            tuple[Callable[[], Awaitable[Any]], trio.MemorySendChannel[outcome.Outcome[Any]]]
+        ](MAILBOX_SIZE)
+        self._activity = trio.Event()
+        self._expect_eof = False
+        self._incarnation_done = trio.Event()
+        self._file_waiters: dict[int, trio.MemorySendChannel[tuple[bool, str | None]]] = {}
+        self.released: list[str] = []
+        self.finished = trio.Event()
+
+    # ------------------------------------------------------------------ public (any task)
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("running", "idle", "snapshotting", "creating")
+
+    def expires_at(self) -> float | None:
+        if not self.alive:
+            return None
+        return min(
+            self.last_active + self.params.keep_alive_s,
+            self.created_at + self.config.max_lifetime_s,
+        )
+
+    def status(self) -> SandboxStatus:
+        usage = self.runtime.usage(self.id) if self.alive else None
+        expires = self.expires_at()
+        return SandboxStatus(
+            id=self.id,
+            state=self.state,
+            runtime=self.params.runtime_name,
+            isolation_level=self.params.isolation_level,
+            created_at=rfc3339_from_epoch(self.created_at),
+            last_active_at=rfc3339_from_epoch(self.last_active),
+            expires_at=rfc3339_from_epoch(expires) if expires is not None else None,
+            limits=Limits(
+                cpu_limit=self.params.spec.cpu_limit,
+                memory_limit=self.params.spec.memory_limit,
+                timeout=self.params.timeout_ms,
+            ),
+            usage=Usage(
+                memory_bytes=usage.memory_bytes if usage else 0,
+                cpu_time_ms=round(usage.cpu_time_ms, 3) if usage else 0.0,
+            ),
+            execs=[e.summary() for e in self.execs.values()],
+            restored_from=self.params.restored_from,
+            failure=self.failure,
+        )
+
+    async def exec(self, plan: ExecPlan) -> ExecRecord:
+        """Start an exec; returns once the agent was asked to run it (not when it ends)."""
+        return await self._call(lambda: self._start_exec(plan))
+
+    async def snapshot(self, leave_running: bool) -> SnapshotMeta:
+        return await self._call(lambda: self._snapshot(leave_running))
+
+    async def destroy(self) -> list[str]:
+        """Tear down (idempotent). Returns what this call released."""
+        if not self.alive:
+            return []
+        try:
+            return await self._call(lambda: self._teardown("destroyed", None))
+        except SandboxNotRunning:
+            await self.finished.wait()
+            return []
+
+    async def send_stdin(self, exec_id: str, data: bytes, close: bool) -> None:
+        rec = self.execs.get(exec_id)
+        if rec is None or not rec.running or rec.stdin_closed or self._instance is None:
+            raise SandboxNotRunning(f"exec {exec_id} is not running or its stdin is closed")
+        channel = self._instance.channel
+        if data:
+            await channel.send_stdin(rec.channel, data)
+        if close:
+            rec.stdin_closed = True
+            await channel.send_stdin_close(rec.channel)
+
+    async def send_signal(self, exec_id: str, name: str) -> None:
+        rec = self.execs.get(exec_id)
+        if rec is None or not rec.running or self._instance is None:
+            raise SandboxNotRunning(f"exec {exec_id} is not running")
+        if name == "SIGKILL" and rec.kill_verdict is None:
+            rec.kill_verdict = "killed"
+        await self._instance.channel.send_signal(rec.channel, SIGNALS[name])
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        reply_send, reply_recv = trio.open_memory_channel[outcome.Outcome[T]](1)
+        try:
+            self._mailbox_send.send_nowait((op, reply_send))
+        except trio.WouldBlock:
+            raise AtCapacity(f"sandbox {self.id} has too many pending requests") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise SandboxNotRunning(
+                f"sandbox {self.id} is {self.state}", state=self.state
+            ) from None
+        result = await reply_recv.receive()
+        return result.unwrap()
+
+    # ------------------------------------------------------------------ the actor
+
+    async def run(
+        self,
+        restore_image: Path | None = None,
+        *,
+        task_status: trio.TaskStatus[SandboxActor] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Boot, report ready through ``task_status``, then serve until torn down.
+
+        A boot failure raises to the starter with everything already released. After start-up
+        nothing raises out of here: failures end in state ``failed`` with a reason.
+        """
+        started = trio.current_time()
+        try:
+            with trio.fail_after(self.config.boot_timeout_s):
+                if restore_image is None:
+                    instance = await self.runtime.start(self.params.spec)
+                else:
+                    instance = await self.runtime.restore(self.params.spec, restore_image)
+                self._instance = instance
+                await self._await_ready(instance, restored=restore_image is not None)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await self._release_runtime()
+                self.state = "failed"
+                self.finished.set()
+            if isinstance(exc, trio.TooSlowError):
+                raise RuntimeUnavailable(
+                    f"sandbox did not boot within {self.config.boot_timeout_s:.0f}s",
+                    runtime=self.params.runtime_name,
+                ) from None
+            if isinstance(exc, (OSError, AgentProtocolError)) or type(exc).__name__ == "RunscError":
+                raise RuntimeUnavailable(
+                    f"sandbox failed to boot: {exc}", runtime=self.params.runtime_name
+                ) from exc
+            raise
+        if self._on_startup is not None:
+            self._on_startup((trio.current_time() - started) * 1000)
+        self.state = "idle"
+        self._emit_status()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._read_agent, instance)
+                nursery.start_soon(self._lifetime_timer)
+                task_status.started(self)
+                await self._serve_mailbox()
+                nursery.cancel_scope.cancel()
+        except Exception:
+            # A bug in this actor must fail this sandbox only, never the gateway.
+            log.exception("sandbox %s crashed", self.id)
+            with trio.CancelScope(shield=True):
+                await self._teardown("failed", "internal error in the sandbox actor")
+        finally:
+            self._mailbox_send.close()
+            self.finished.set()
+
+    async def _await_ready(self, instance: RuntimeInstance, *, restored: bool) -> None:
+        if restored:
+            # A restored agent is already past its HELLO; a ping proves the new channel works.
+            await instance.channel.send_ping(b"ready")
+            while True:
+                frame = await instance.channel.receive_frame()
+                if frame is None:
+                    raise AgentProtocolError("agent channel closed during restore")
+                if frame.kind == FrameKind.PONG:
+                    return
+                self._dispatch(frame.kind, frame.channel, frame.payload)
+        await instance.channel.wait_hello()
+
+    async def _serve_mailbox(self) -> None:
+        async for op, reply in self._mailbox:
+            result = await outcome.acapture(op)
+            try:
+                reply.send_nowait(result)
+            except (trio.BrokenResourceError, trio.WouldBlock):
+                pass
+            if not self.alive:
+                # Refuse whatever is still queued, then stop.
+                self._mailbox_send.close()
+                async for _op, late in self._mailbox:
+                    late.send_nowait(outcome.Error(SandboxNotRunning(f"sandbox is {self.state}")))
+                return
+
+    # ------------------------------------------------------------------ agent frames
+
+    async def _read_agent(self, instance: RuntimeInstance) -> None:
+        channel = instance.channel
+        reason: str | None = None
+        try:
+            while True:
+                frame = await channel.receive_frame()
+                if frame is None:
+                    break
+                self._dispatch(frame.kind, frame.channel, frame.payload)
+        except AgentProtocolError as exc:
+            reason = f"agent protocol violation: {exc}"
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        if self._expect_eof:
+            self._incarnation_done.set()
+            return
+        if not self.alive:
+            return
+        # The sandbox died under us: find out why, then fail it through the mailbox.
+        with trio.move_on_after(2):
+            status = await instance.wait()
+            if reason is None:
+                reason = f"sandbox exited unexpectedly (runtime status {status})"
+        oom = self.runtime.out_of_memory(self.id)
+        if oom:
+            reason = (
+                f"out of memory: the sandbox exceeded memory_limit {self.params.spec.memory_limit}"
+            )
+        elif reason is None:
+            reason = "sandbox stopped responding"
+        if not oom and (diag := instance.diagnostics()):
+            reason += f"; runtime log: {diag[-300:]}"
+        await self._post_failure(reason, "oom" if oom else "killed")
+
+    async def _post_failure(self, reason: str, verdict: str) -> None:
+        async def fail() -> list[str]:
+            for rec in list(self._by_channel.values()):
+                if rec.running:
+                    rec.kill_verdict = "oom" if verdict == "oom" else (rec.kill_verdict or "killed")
+            return await self._teardown("failed", reason)
+
+        try:
+            await self._call(fail)
+        except GatewayError:
+            pass
+
+    def _dispatch(self, kind: int, channel: int, payload: bytes) -> None:
+        """Apply one frame from the (untrusted) agent. Raises AgentProtocolError on nonsense."""
+        if kind in (FrameKind.STDOUT, FrameKind.STDERR):
+            rec = self._by_channel.get(channel)
+            if rec is None or not rec.running:
+                return  # output of an exec from before a restore, or after its result
+            buf = rec.stdout if kind == FrameKind.STDOUT else rec.stderr
+            buf.add(payload)
+            self.events.append(lambda seq, ts: rec.output_event(kind, payload, seq, ts))
+            if (
+                rec.stdout.total + rec.stderr.total > self.config.exec_output_limit
+                and rec.kill_verdict is None
+            ):
+                rec.kill_verdict = "output_limit"
+                self._kill_soon(rec)
+        elif kind == FrameKind.STARTED:
+            rec = self._by_channel.get(channel)
+            if rec is not None:
+                rec.pid = decode_started(payload).pid
+        elif kind == FrameKind.EXIT:
+            info = decode_exit(payload)
+            rec = self._by_channel.get(channel)
+            if rec is not None and rec.running:
+                self._finish(rec, info)
+        elif kind == FrameKind.ERROR:
+            err = decode_error(payload)
+            rec = self._by_channel.get(channel)
+            if rec is not None and rec.running:
+                note = f"sandstorm: {err.message}\n".encode()
+                rec.stderr.add(note)
+                self.events.append(
+                    lambda seq, ts: rec.output_event(FrameKind.STDERR, note, seq, ts)
+                )
+            else:
+                log.info("sandbox %s agent error: %s", self.id, err.message)
+        elif kind == FrameKind.FILE_WRITTEN:
+            written = decode_file_written(payload)
+            waiter = self._file_waiters.pop(channel, None)
+            if waiter is not None:
+                waiter.send_nowait((written.ok, written.error))
+        elif kind == FrameKind.PONG:
+            pass
+        else:
+            raise AgentProtocolError(f"unexpected frame kind {kind} from the agent")
+
+    def _finish(self, rec: ExecRecord, info: ExitInfo | None) -> None:
+        result = rec.finish(info)
+        self._by_channel.pop(rec.channel, None)
+        self.events.append(
+            lambda seq, ts: ExitEvent(seq=seq, ts=ts, exec_id=rec.exec_id, result=result)
+        )
+        self._touch()
+        if self.state == "running" and not self._by_channel:
+            self.state = "idle"
+            self._emit_status()
+
+    def _kill_soon(self, rec: ExecRecord) -> None:
+        if self._nursery is not None and self._instance is not None:
+            self._nursery.start_soon(self._kill_exec, rec)
+
+    async def _kill_exec(self, rec: ExecRecord) -> None:
+        """SIGKILL the exec's process group; if the agent never reports, finish it ourselves."""
+        if self._instance is None:
+            return
+        try:
+            await self._instance.channel.send_signal(rec.channel, signal.SIGKILL)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        with trio.move_on_after(KILL_GRACE_S):
+            await rec.done.wait()
+        if rec.running:
+            self._finish(rec, None)
+
+    # ------------------------------------------------------------------ operations (mailbox)
+
+    async def _start_exec(self, plan: ExecPlan) -> ExecRecord:
+        if self.state not in ("idle", "running") or self._instance is None:
+            raise SandboxNotRunning(f"sandbox {self.id} is {self.state}", state=self.state)
+        if len(self._by_channel) >= self.config.max_execs_per_sandbox:
+            raise QuotaExceeded(
+                f"sandbox already runs {len(self._by_channel)} execs", retry_after=1
+            )
+        channel = self._instance.channel
+        for path, content in plan.files.items():
+            await self._write_file(channel, path, content)
+        num = self._next_channel
+        self._next_channel += 1
+        cap = self.config.result_output_cap
+        rec = ExecRecord(
+            exec_id=new_id("exe"),
+            channel=num,
+            argv=plan.argv,
+            timeout_s=plan.timeout_ms / 1000,
+            stdout=OutputBuffer(cap),
+            stderr=OutputBuffer(cap),
+        )
+        self._remember(rec)
+        self.events.append(
+            lambda seq, ts: ExecStartedEvent(seq=seq, ts=ts, exec_id=rec.exec_id, argv=rec.argv)
+        )
+        try:
+            await channel.send_exec(num, plan.argv, plan.env, plan.cwd)
+            if plan.stdin:
+                await channel.send_stdin(num, plan.stdin)
+            if plan.close_stdin:
+                rec.stdin_closed = True
+                await channel.send_stdin_close(num)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The reader will see the channel die and fail the sandbox; this exec dies with it.
+            pass
+        self._touch()
+        if self.state == "idle":
+            self.state = "running"
+            self._emit_status()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch_exec, rec)
+        return rec
+
+    def _remember(self, rec: ExecRecord) -> None:
+        self.execs[rec.exec_id] = rec
+        self._by_channel[rec.channel] = rec
+        while len(self.execs) > MAX_EXEC_HISTORY:
+            oldest = next(iter(self.execs.values()))
+            if oldest.running:
+                break
+            self.execs.popitem(last=False)
+
+    async def _write_file(self, channel: AgentChannel, path: str, content: bytes) -> None:
+        num = self._next_channel
+        self._next_channel += 1
+        send, recv = trio.open_memory_channel[tuple[bool, str | None]](1)
+        self._file_waiters[num] = send
+        try:
+            await channel.send_write_file(num, path, content, 0o644)
+            with trio.fail_after(10):
+                ok, error = await recv.receive()
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+            raise SandboxNotRunning(f"sandbox {self.id} did not write {path}") from None
+        finally:
+            self._file_waiters.pop(num, None)
+        if not ok:
+            from sandstorm.errors import InvalidRequest
+
+            raise InvalidRequest(f"cannot write {path}: {error}", field=f"files.{path}")
+
+    async def _watch_exec(self, rec: ExecRecord) -> None:
+        with trio.move_on_after(rec.timeout_s):
+            await rec.done.wait()
+            return
+        if rec.running:
+            if rec.kill_verdict is None:
+                rec.kill_verdict = "timeout"
+            await self._kill_exec(rec)
+
+    async def _lifetime_timer(self) -> None:
+        while self.alive:
+            expires = self.expires_at()
+            if expires is None:
+                return
+            delay = max(0.0, expires - time.time())
+            with trio.move_on_after(delay):
+                await self._activity.wait()
+                self._activity = trio.Event()
+                continue
+            if self._by_channel and time.time() < self.created_at + self.config.max_lifetime_s:
+                # Still busy: the keep_alive clock runs from the last activity, which is now.
+                self._touch()
+                await trio.sleep(min(1.0, self.params.keep_alive_s or 1.0))
+                continue
+            reason = (
+                "max_lifetime reached"
+                if time.time() >= self.created_at + self.config.max_lifetime_s
+                else "keep_alive expired"
+            )
+            log.info("sandbox %s: %s", self.id, reason)
+            try:
+                await self._call(lambda: self._teardown("destroyed", None, note=reason))
+            except GatewayError:
+                pass
+            return
+
+    def _touch(self) -> None:
+        self.last_active = time.time()
+        self._activity.set()
+
+    async def _snapshot(self, leave_running: bool) -> SnapshotMeta:
+        if not self.runtime.capabilities.snapshot:
+            raise SnapshotUnsupported(
+                f"runtime {self.params.runtime_name} cannot snapshot",
+                runtime=self.params.runtime_name,
+            )
+        if self.state not in ("idle", "running") or self._instance is None:
+            raise SandboxNotRunning(f"sandbox {self.id} is {self.state}", state=self.state)
+        previous = self.state
+        self.state = "snapshotting"
+        self._emit_status()
+        snapshot_id = new_id("snp")
+        staging = self.catalog.staging_dir(snapshot_id)
+        self._expect_eof = True
+        self._incarnation_done = trio.Event()
+        try:
+            await self.runtime.checkpoint(self.params.spec, staging)
+        except BaseException:
+            self._expect_eof = False
+            with trio.CancelScope(shield=True):
+                await self.catalog.discard(staging)
+            self.state = previous
+            self._emit_status()
+            raise
+        try:
+            with trio.fail_after(10):
+                await self._incarnation_done.wait()
+                assert self._instance is not None
+                await self._instance.wait()
+            meta = await self.catalog.commit(staging, self._snapshot_meta(snapshot_id))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.catalog.discard(staging)
+                await self._teardown("failed", "snapshot failed after the sandbox was stopped")
+            raise
+        self._expect_eof = False
+        if not leave_running:
+            await self._teardown("destroyed", None, note=f"snapshot {snapshot_id} taken")
+            return meta
+        try:
+            with trio.fail_after(self.config.boot_timeout_s):
+                instance = await self.runtime.restore(
+                    self.params.spec, self.catalog.path(snapshot_id)
+                )
+                self._instance = instance
+                await self._await_ready(instance, restored=True)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await self._teardown("failed", f"could not continue after the snapshot: {exc!r}")
+            raise
+        assert self._nursery is not None
+        self._nursery.start_soon(self._read_agent, instance)
+        self.state = "running" if self._by_channel else "idle"
+        self._emit_status()
+        self._touch()
+        return meta
+
+    def _snapshot_meta(self, snapshot_id: str) -> SnapshotMeta:
+        from sandstorm.protocol import SnapshotInfo
+
+        spec = self.params.spec
+        return SnapshotMeta(
+            info=SnapshotInfo(
+                snapshot_id=snapshot_id,
+                sandbox_id=self.id,
+                runtime=self.params.runtime_name,
+                size_bytes=0,
+                sha256="",
+                created_at=rfc3339(),
+            ),
+            isolation_level=self.params.isolation_level,
+            image=self.params.image,
+            cpu_limit=spec.cpu_limit,
+            memory_limit=spec.memory_limit,
+            timeout=self.params.timeout_ms,
+            pids_limit=spec.pids_limit,
+            mounts=[
+                SnapshotMount(
+                    source=str(m.source), destination=m.destination, read_only=m.read_only
+                )
+                for m in spec.mounts
+            ],
+            next_channel=self._next_channel,
+        )
+
+    async def _teardown(
+        self, final: SandboxState, reason: str | None, *, note: str | None = None
+    ) -> list[str]:
+        """Stop everything and free every resource. Shielded: it always runs to the end."""
+        if self.state in ("destroyed", "failed"):
+            return []
+        with trio.CancelScope(shield=True):
+            self.state = "stopping"
+            self._emit_status()
+            instance = self._instance
+            if instance is not None:
+                # Ask first: the agent kills its process groups and exits on EOF.
+                with trio.move_on_after(STOP_GRACE_S):
+                    await instance.channel.aclose()
+                    await instance.wait()
+            oom = final == "failed" and self.runtime.out_of_memory(self.id)
+            for rec in list(self._by_channel.values()):
+                if rec.running:
+                    self._finish(rec, None) if rec.kill_verdict else self._finish_killed(rec, oom)
+            released = await self._release_runtime()
+            if instance is not None:
+                with trio.move_on_after(5):
+                    await instance.wait()
+            self.state = final
+            if reason is not None:
+                self.failure = Failure(reason=reason, at=rfc3339())
+            self.events.append(
+                lambda seq, ts: StatusEvent(seq=seq, ts=ts, state=final, reason=reason or note)
+            )
+            self.events.close()
+            self.released.extend(released)
+            return released
+
+    def _finish_killed(self, rec: ExecRecord, oom: bool) -> None:
+        rec.kill_verdict = "oom" if oom else "killed"
+        self._finish(rec, None)
+
+    async def _release_runtime(self) -> list[str]:
+        try:
+            return await self.runtime.destroy(self.id)
+        except Exception:
+            log.exception("sandbox %s: teardown failed; the reaper will retry", self.id)
+            return []
+
+    def _emit_status(self) -> None:
+        state = self.state
+        self.events.append(lambda seq, ts: StatusEvent(seq=seq, ts=ts, state=state))
+
+
+def time_left(deadline: float) -> float:
+    return max(0.0, deadline - trio.current_time()) if math.isfinite(deadline) else math.inf
+
+
+def encode_meta(meta: SnapshotMeta) -> bytes:
+    return msgspec.json.encode(meta)

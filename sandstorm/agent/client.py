@@ -1,0 +1,455 @@
+"""Gateway side of the agent protocol (see ``protocol/agent.md``).
+
+The agent is untrusted: every frame it sends is checked against the direction, the size limits and
+the payload schema before anything else looks at it. Anything malformed raises
+:class:`AgentProtocolError`; the caller fails that one sandbox and nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Annotated, Final, Self, TypeVar
+
+import msgspec
+import trio
+
+__all__ = [
+    "AGENT_TO_GATEWAY",
+    "GATEWAY_TO_AGENT",
+    "HEADER",
+    "MAX_AGENT_FRAME",
+    "MAX_CHANNEL",
+    "MAX_GATEWAY_FRAME",
+    "MAX_PING_PAYLOAD",
+    "MAX_STDIN_BUFFER",
+    "PROTOCOL_VERSION",
+    "AgentChannel",
+    "AgentChannelStatistics",
+    "AgentProtocolError",
+    "ErrorInfo",
+    "ExitInfo",
+    "FileWritten",
+    "Frame",
+    "FrameKind",
+    "Hello",
+    "Started",
+    "decode_error",
+    "decode_exit",
+    "decode_file_written",
+    "decode_hello",
+    "decode_started",
+]
+
+PROTOCOL_VERSION: Final = 1
+#: Every frame starts with this header: kind (u8), channel (u32), payload length (u32).
+HEADER: Final = struct.Struct("!BII")
+#: Largest payload accepted from the agent. It sends output in chunks of at most 64 KiB and
+#: small JSON control messages, so anything bigger is nonsense.
+MAX_AGENT_FRAME: Final = 256 * 1024
+#: Largest payload the agent accepts from the gateway.
+MAX_GATEWAY_FRAME: Final = 1024 * 1024
+#: Largest PING payload the agent echoes.
+MAX_PING_PAYLOAD: Final = 64
+#: Stdin the agent buffers per exec before it answers ``stdin buffer full`` and drops the rest.
+MAX_STDIN_BUFFER: Final = 1024 * 1024
+MAX_CHANNEL: Final = 2**32 - 1
+_RECEIVE_SIZE: Final = 65536
+
+
+class FrameKind(enum.IntEnum):
+    HELLO = 1
+    EXEC = 2
+    STARTED = 3
+    STDOUT = 4
+    STDERR = 5
+    STDIN = 6
+    STDIN_CLOSE = 7
+    SIGNAL = 8
+    EXIT = 9
+    PING = 10
+    PONG = 11
+    ERROR = 12
+    WRITE_FILE = 13
+    FILE_WRITTEN = 14
+
+
+AGENT_TO_GATEWAY: Final = frozenset(
+    {
+        FrameKind.HELLO,
+        FrameKind.STARTED,
+        FrameKind.STDOUT,
+        FrameKind.STDERR,
+        FrameKind.EXIT,
+        FrameKind.PONG,
+        FrameKind.ERROR,
+        FrameKind.FILE_WRITTEN,
+    }
+)
+GATEWAY_TO_AGENT: Final = frozenset(
+    {
+        FrameKind.EXEC,
+        FrameKind.STDIN,
+        FrameKind.STDIN_CLOSE,
+        FrameKind.SIGNAL,
+        FrameKind.PING,
+        FrameKind.WRITE_FILE,
+    }
+)
+# Kinds that belong to an exec or request and therefore never use channel 0.
+_NEEDS_CHANNEL: Final = frozenset(
+    {
+        FrameKind.STARTED,
+        FrameKind.STDOUT,
+        FrameKind.STDERR,
+        FrameKind.EXIT,
+        FrameKind.FILE_WRITTEN,
+        FrameKind.EXEC,
+        FrameKind.STDIN,
+        FrameKind.STDIN_CLOSE,
+        FrameKind.SIGNAL,
+        FrameKind.WRITE_FILE,
+    }
+)
+
+
+class AgentProtocolError(Exception):
+    """The agent sent something that breaks the protocol; the message says exactly what."""
+
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class Hello(msgspec.Struct, frozen=True, kw_only=True):
+    protocol: int
+    pid: Annotated[int, msgspec.Meta(ge=1)]
+    python: str = ""
+
+
+class Started(msgspec.Struct, frozen=True, kw_only=True):
+    pid: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ExitInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """How an exec ended: exactly one of ``exit_code`` and ``signal`` is set."""
+
+    exit_code: Annotated[int, msgspec.Meta(ge=0, le=255)] | None
+    signal: Annotated[int, msgspec.Meta(ge=1, le=64)] | None
+    cpu_time_ms: NonNegFloat = 0.0
+    max_rss_bytes: NonNegInt = 0
+    duration_ms: NonNegFloat = 0.0
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    message: str
+
+
+class FileWritten(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool
+    error: str | None = None
+
+
+# Requests (gateway → agent); encoded only.
+class _ExecRequest(msgspec.Struct, frozen=True, kw_only=True):
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+
+
+class _SignalRequest(msgspec.Struct, frozen=True, kw_only=True):
+    signal: int
+
+
+class _WriteFileRequest(msgspec.Struct, frozen=True, kw_only=True):
+    path: str
+    data_b64: str
+    mode: int
+
+
+_encoder: Final = msgspec.json.Encoder()
+_hello_decoder: Final = msgspec.json.Decoder(Hello)
+_started_decoder: Final = msgspec.json.Decoder(Started)
+_exit_decoder: Final = msgspec.json.Decoder(ExitInfo)
+_error_decoder: Final = msgspec.json.Decoder(ErrorInfo)
+_file_written_decoder: Final = msgspec.json.Decoder(FileWritten)
+
+
+_T = TypeVar("_T")
+
+
+def _decode(decoder: msgspec.json.Decoder[_T], what: str, payload: bytes) -> _T:
+    try:
+        return decoder.decode(payload)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise AgentProtocolError(f"malformed {what} payload: {exc}") from None
+
+
+def decode_hello(payload: bytes) -> Hello:
+    """Decode a HELLO payload; the protocol version must be :data:`PROTOCOL_VERSION`."""
+    hello = _decode(_hello_decoder, "HELLO", payload)
+    if hello.protocol != PROTOCOL_VERSION:
+        raise AgentProtocolError(
+            f"agent speaks protocol {hello.protocol}, gateway speaks {PROTOCOL_VERSION}"
+        )
+    return hello
+
+
+def decode_started(payload: bytes) -> Started:
+    return _decode(_started_decoder, "STARTED", payload)
+
+
+def decode_exit(payload: bytes) -> ExitInfo:
+    info = _decode(_exit_decoder, "EXIT", payload)
+    if (info.exit_code is None) == (info.signal is None):
+        raise AgentProtocolError(
+            "malformed EXIT payload: exactly one of exit_code and signal must be set, "
+            f"got exit_code={info.exit_code!r} signal={info.signal!r}"
+        )
+    return info
+
+
+def decode_error(payload: bytes) -> ErrorInfo:
+    return _decode(_error_decoder, "ERROR", payload)
+
+
+def decode_file_written(payload: bytes) -> FileWritten:
+    return _decode(_file_written_decoder, "FILE_WRITTEN", payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    kind: FrameKind
+    channel: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AgentChannelStatistics:
+    frames_sent: int
+    frames_received: int
+    bytes_buffered: int
+
+
+def _check_channel(channel: int, *, allow_zero: bool) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= channel <= MAX_CHANNEL:
+        raise ValueError(f"channel {channel} out of range {low}..{MAX_CHANNEL}")
+
+
+class AgentChannel:
+    """One framed connection to an agent, over a pair of byte streams.
+
+    In gVisor the streams are the stdin and stdout pipes of the ``runsc`` process. One task may
+    receive while any number of tasks send; sends are serialised by a FIFO lock so frames never
+    interleave. The receive buffer holds at most one partial frame plus one read
+    (``MAX_AGENT_FRAME + 9 + 65536`` bytes).
+
+    After an :class:`AgentProtocolError` the receive side is unusable (the framing is lost): every
+    later :meth:`receive_frame` raises again. After a send is cancelled or fails part-way the send
+    side is unusable (a partial frame may have been written): later sends raise
+    :class:`trio.BrokenResourceError`.
+    """
+
+    def __init__(
+        self, send_stream: trio.abc.SendStream, receive_stream: trio.abc.ReceiveStream
+    ) -> None:
+        self._send_stream = send_stream
+        self._receive_stream = receive_stream
+        self._send_lock = trio.StrictFIFOLock()
+        self._buffer = bytearray()
+        self._receiving = False
+        self._receive_error: AgentProtocolError | None = None
+        self._send_broken = False
+        self._eof = False
+        self._frames_sent = 0
+        self._frames_received = 0
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def statistics(self) -> AgentChannelStatistics:
+        return AgentChannelStatistics(
+            frames_sent=self._frames_sent,
+            frames_received=self._frames_received,
+            bytes_buffered=len(self._buffer),
+        )
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def _parse_header(self) -> tuple[FrameKind, int, int]:
+        raw_kind, channel, length = HEADER.unpack_from(self._buffer)
+        try:
+            kind = FrameKind(raw_kind)
+        except ValueError:
+            raise AgentProtocolError(f"unknown frame kind {raw_kind}") from None
+        if kind not in AGENT_TO_GATEWAY:
+            raise AgentProtocolError(f"frame kind {kind.name} is not allowed from the agent")
+        if length > MAX_AGENT_FRAME:
+            raise AgentProtocolError(
+                f"{kind.name} frame of {length} bytes exceeds the limit of {MAX_AGENT_FRAME}"
+            )
+        if kind is FrameKind.HELLO and channel != 0:
+            raise AgentProtocolError(f"HELLO on channel {channel}, expected channel 0")
+        if kind in _NEEDS_CHANNEL and channel == 0:
+            raise AgentProtocolError(f"{kind.name} frame on channel 0")
+        return kind, channel, length
+
+    async def receive_frame(self) -> Frame | None:
+        """Receive the next frame, or ``None`` on a clean end of stream between frames.
+
+        Raises :class:`AgentProtocolError` on a malformed frame or an end of stream inside a
+        frame, and :class:`trio.BusyResourceError` if another task is already receiving.
+        Cancellation is safe: bytes already read stay buffered and the next call resumes the
+        same frame.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving from this agent")
+        if self._receive_error is not None:
+            raise AgentProtocolError(f"channel already failed: {self._receive_error}")
+        self._receiving = True
+        try:
+            return await self._receive_frame()
+        except AgentProtocolError as exc:
+            self._receive_error = exc
+            raise
+        finally:
+            self._receiving = False
+
+    async def _receive_frame(self) -> Frame | None:
+        header: tuple[FrameKind, int, int] | None = None
+        while True:
+            if header is None and len(self._buffer) >= HEADER.size:
+                header = self._parse_header()
+            if header is not None:
+                kind, channel, length = header
+                end = HEADER.size + length
+                if len(self._buffer) >= end:
+                    payload = bytes(self._buffer[HEADER.size : end])
+                    del self._buffer[:end]
+                    self._frames_received += 1
+                    return Frame(kind, channel, payload)
+            if self._eof:
+                if self._buffer:
+                    raise AgentProtocolError(
+                        f"agent stream ended inside a frame ({len(self._buffer)} bytes pending)"
+                    )
+                return None
+            data = await self._receive_stream.receive_some(_RECEIVE_SIZE)
+            if not data:
+                self._eof = True
+            else:
+                self._buffer += data
+
+    async def wait_hello(self) -> Hello:
+        """Wait for the agent's HELLO, which must be its first frame.
+
+        Raises :class:`AgentProtocolError` if the stream ends first, another frame comes first,
+        or the protocol version differs. Cancellation is safe (see :meth:`receive_frame`).
+        """
+        frame = await self.receive_frame()
+        if frame is None:
+            error = AgentProtocolError("agent closed its stream before sending HELLO")
+            self._receive_error = error
+            raise error
+        if frame.kind is not FrameKind.HELLO:
+            error = AgentProtocolError(f"expected HELLO as the first frame, got {frame.kind.name}")
+            self._receive_error = error
+            raise error
+        return decode_hello(frame.payload)
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def send_frame(self, kind: FrameKind, channel: int, payload: bytes = b"") -> None:
+        """Send one frame; concurrent callers are served in FIFO order, never interleaved.
+
+        Raises :class:`ValueError` for a kind the gateway may not send, a channel out of range or
+        a payload over :data:`MAX_GATEWAY_FRAME`. Cancellation while waiting for the lock sends
+        nothing; cancellation (or an error) while writing leaves the send side broken.
+        """
+        kind = FrameKind(kind)
+        if kind not in GATEWAY_TO_AGENT:
+            raise ValueError(f"frame kind {kind.name} is not sent by the gateway")
+        _check_channel(channel, allow_zero=kind not in _NEEDS_CHANNEL)
+        if len(payload) > MAX_GATEWAY_FRAME:
+            raise ValueError(
+                f"{kind.name} payload of {len(payload)} bytes exceeds {MAX_GATEWAY_FRAME}"
+            )
+        data = HEADER.pack(kind, channel, len(payload)) + payload
+        async with self._send_lock:
+            if self._send_broken:
+                raise trio.BrokenResourceError("an earlier send to the agent did not complete")
+            try:
+                await self._send_stream.send_all(data)
+            except BaseException:
+                self._send_broken = True
+                raise
+            self._frames_sent += 1
+
+    async def send_exec(self, channel: int, argv: list[str], env: dict[str, str], cwd: str) -> None:
+        """Start ``argv`` with exactly ``env`` in ``cwd`` as exec ``channel`` (>= 1, unique)."""
+        if not argv:
+            raise ValueError("argv must not be empty")
+        payload = _encoder.encode(_ExecRequest(argv=list(argv), env=dict(env), cwd=cwd))
+        await self.send_frame(FrameKind.EXEC, channel, payload)
+
+    async def send_stdin(self, channel: int, data: bytes) -> None:
+        """Send stdin for an exec, split into frames of at most :data:`MAX_GATEWAY_FRAME`.
+
+        Other frames may be sent between the pieces. The agent buffers at most
+        :data:`MAX_STDIN_BUFFER` per exec and drops the excess with an ERROR, so callers
+        pace large inputs. Cancellation may leave a prefix of ``data`` sent.
+        """
+        view = memoryview(data)
+        for start in range(0, len(view), MAX_GATEWAY_FRAME):
+            await self.send_frame(
+                FrameKind.STDIN, channel, bytes(view[start : start + MAX_GATEWAY_FRAME])
+            )
+
+    async def send_stdin_close(self, channel: int) -> None:
+        """Close the exec's stdin once the agent has delivered the input buffered so far."""
+        await self.send_frame(FrameKind.STDIN_CLOSE, channel)
+
+    async def send_signal(self, channel: int, signum: int) -> None:
+        """Send ``signum`` (1..64) to the exec's whole process group."""
+        if not 1 <= signum <= 64:
+            raise ValueError(f"signal {signum} out of range 1..64")
+        await self.send_frame(
+            FrameKind.SIGNAL, channel, _encoder.encode(_SignalRequest(signal=signum))
+        )
+
+    async def send_write_file(self, channel: int, path: str, data: bytes, mode: int) -> None:
+        """Ask the agent to write ``data`` to the absolute ``path``; it answers FILE_WRITTEN.
+
+        The base64 request must fit :data:`MAX_GATEWAY_FRAME` (about 767 KiB of data), otherwise
+        :class:`ValueError` is raised before anything is sent.
+        """
+        if not path.startswith("/"):
+            raise ValueError(f"path must be absolute: {path!r}")
+        if not 0 <= mode <= 0o7777:
+            raise ValueError(f"mode {mode:#o} out of range")
+        request = _WriteFileRequest(
+            path=path, data_b64=base64.b64encode(data).decode("ascii"), mode=mode
+        )
+        await self.send_frame(FrameKind.WRITE_FILE, channel, _encoder.encode(request))
+
+    async def send_ping(self, payload: bytes = b"", *, channel: int = 0) -> None:
+        """Send PING; the agent answers PONG with the same payload and channel."""
+        if len(payload) > MAX_PING_PAYLOAD:
+            raise ValueError(f"PING payload of {len(payload)} bytes exceeds {MAX_PING_PAYLOAD}")
+        await self.send_frame(FrameKind.PING, channel, payload)
+
+    async def aclose(self) -> None:
+        """Close both streams (the agent sees EOF, kills its execs and exits).
+
+        Like every trio ``aclose``, it completes even if cancelled, closing forcefully.
+        """
+        try:
+            await self._send_stream.aclose()
+        finally:
+            await self._receive_stream.aclose()

@@ -1,0 +1,66 @@
+"""The ``sandstorm`` command: run the gateway and manage its images."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import trio
+
+from sandstorm.config import DEFAULT_DATA_DIR, ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sandstorm", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 3000, 0 = any)")
+    serve.add_argument("--data-dir", default=None, help=f"state directory ({DEFAULT_DATA_DIR})")
+    serve.add_argument("--config", default=None, help="TOML configuration file")
+
+    image = sub.add_parser("image", help="manage sandbox images")
+    image_sub = image.add_subparsers(dest="image_command", required=True)
+    build = image_sub.add_parser("build", help="build the default image (once; --force rebuilds)")
+    build.add_argument("--data-dir", default=None)
+    build.add_argument("--config", default=None)
+    build.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "serve":
+            config = load_config(
+                args.config, host=args.host, port=args.port, data_dir=args.data_dir
+            )
+            from sandstorm.gateway import serve
+
+            trio.run(serve, config)
+            return 0
+        if args.command == "image":
+            config = load_config(args.config, data_dir=args.data_dir)
+            from sandstorm.images.builder import build_image
+
+            manifest = trio.run(
+                lambda: build_image(Path(config.data_dir), name=config.image, force=args.force)
+            )
+            for lang in manifest.languages:
+                print(f"{lang.name} {lang.version}")
+            return 0
+    except ConfigError as exc:
+        print(f"sandstorm: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1

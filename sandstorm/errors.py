@@ -1,0 +1,115 @@
+"""The gateway's error hierarchy; each class maps to one SPEC §3 code and HTTP status.
+
+Actors and runtimes raise these; the web layer turns them into
+``{"error": {"code", "message", "details"}}`` without knowing where they came from.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+
+class GatewayError(Exception):
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, field: str | None, **details: object) -> None:
+        super().__init__(message, field=field, **details)
+        self.field = field
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    code = "unauthorized"
+
+
+class MountNotAllowed(GatewayError):
+    status = 403
+    code = "mount_not_allowed"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "not_found"
+
+
+class SandboxNotRunning(GatewayError):
+    status = 409
+    code = "sandbox_not_running"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload_too_large"
+
+
+class SnapshotUnsupported(GatewayError):
+    status = 422
+    code = "snapshot_unsupported"
+
+
+class QuotaExceeded(GatewayError):
+    status = 429
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, **details: object) -> None:
+        super().__init__(message, retry_after=retry_after, **details)
+        self.retry_after = retry_after
+
+
+class RuntimeUnavailable(GatewayError):
+    status = 503
+    code = "runtime_unavailable"
+
+
+class AtCapacity(GatewayError):
+    status = 503
+    code = "at_capacity"
+
+    def __init__(self, message: str, *, retry_after: int = 1, **details: object) -> None:
+        super().__init__(message, retry_after=retry_after, **details)
+        self.retry_after = retry_after
+
+
+class SandboxFailed(GatewayError):
+    """The sandbox died under the request (runtime crash, hostile agent, OOM of the whole VM)."""
+
+    status = 409
+    code = "sandbox_not_running"
+
+
+_PATH_RE = re.compile(r"at `\$((?:\.[A-Za-z_][A-Za-z0-9_]*|\[[^\]]*\])+)`")
+
+
+def field_from_validation(err: msgspec.ValidationError | msgspec.DecodeError) -> str | None:
+    """Extract the JSON path msgspec names (``at `$.mounts[0].source``` → ``mounts[0].source``)."""
+    match = _PATH_RE.search(str(err))
+    if match is None:
+        return None
+    return match.group(1).lstrip(".")
+
+
+def invalid_from_msgspec(err: msgspec.ValidationError | msgspec.DecodeError) -> InvalidRequest:
+    field = field_from_validation(err)
+    message = str(err)
+    if isinstance(err, msgspec.ValidationError):
+        # An unknown top-level key names itself in the message, not in the path.
+        unknown = re.search(r"Object contains unknown field `([^`]*)`", message)
+        if unknown is not None:
+            name = unknown.group(1)
+            field = f"{field}.{name}" if field else name
+    elif field is None:
+        field = "body"
+    return InvalidRequest(message, field=field)

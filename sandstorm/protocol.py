@@ -1,0 +1,300 @@
+"""Every type that crosses the gateway's public wire: REST bodies and stream events.
+
+These msgspec Structs are the single source of truth: the web layer decodes requests with them,
+encodes responses with them, and ``protocol/openapi.json`` / ``protocol/stream.schema.json`` are
+generated from them (``python -m sandstorm.schema``). New fields must get defaults so that old
+clients keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+Language = Literal["python", "javascript", "bash", "sh"]
+IsolationLevel = Literal["standard", "strong", "maximum"]
+RuntimeName = Literal["gvisor", "kata", "firecracker", "qemu"]
+SelectionReason = Literal["preference", "default", "fallback"]
+SandboxState = Literal[
+    "creating", "running", "idle", "snapshotting", "stopping", "destroyed", "failed"
+]
+Verdict = Literal["ok", "error", "timeout", "oom", "output_limit", "killed"]
+ExecState = Literal["running", "finished"]
+SignalName = Literal["SIGINT", "SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2"]
+
+LANGUAGES: tuple[Language, ...] = ("python", "javascript", "bash", "sh")
+ISOLATION_LEVELS: tuple[IsolationLevel, ...] = ("standard", "strong", "maximum")
+RUNTIME_NAMES: tuple[RuntimeName, ...] = ("gvisor", "kata", "firecracker", "qemu")
+
+MIB = 1024 * 1024
+# A python hello under gVisor needs about 32 MiB; below that a sandbox cannot even start.
+MIN_MEMORY_LIMIT = 32 * MIB
+
+# Static bounds; the configured maxima (memory, timeout, keep_alive) are checked after decoding.
+CpuLimit = Annotated[float, Meta(ge=0.05, le=1024.0)]
+MemoryLimit = Annotated[int, Meta(ge=MIN_MEMORY_LIMIT, le=1 << 44)]
+TimeoutMs = Annotated[int, Meta(ge=1, le=7 * 24 * 3600 * 1000)]
+KeepAliveS = Annotated[int, Meta(ge=0, le=30 * 24 * 3600)]
+Argv = Annotated[
+    list[Annotated[str, Meta(max_length=128 * 1024)]], Meta(min_length=1, max_length=4096)
+]
+Code = Annotated[str, Meta(max_length=8 * MIB)]
+AbsPath = Annotated[str, Meta(min_length=1, max_length=4096)]
+
+
+class _Wire(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base for request bodies: immutable, keyword-only, unknown fields rejected (typos fail loudly)."""
+
+
+class _Out(Struct, frozen=True, kw_only=True):
+    """Base for response bodies."""
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class Mount(_Wire):
+    source: AbsPath
+    destination: AbsPath
+    read_only: bool = True
+
+
+class RunRequest(_Wire):
+    code: Code | None = None
+    language: Language | None = None
+    command: Argv | None = None
+    isolation_level: IsolationLevel = "standard"
+    runtime_preference: RuntimeName | None = None
+    cpu_limit: CpuLimit = 1.0
+    memory_limit: MemoryLimit = 512 * MIB
+    timeout: TimeoutMs = 30_000
+    environment: dict[str, str] = {}
+    mounts: Annotated[list[Mount], Meta(max_length=64)] = []
+    stdin: Code | None = None
+    files: Annotated[dict[AbsPath, Code], Meta(max_length=1024)] = {}
+    wait: bool = True
+    keep_alive: KeepAliveS = 300
+
+
+class ExecRequest(_Wire):
+    code: Code | None = None
+    language: Language | None = None
+    command: Argv | None = None
+    environment: dict[str, str] = {}
+    cwd: AbsPath | None = None
+    stdin: Code | None = None
+    timeout: TimeoutMs | None = None
+    wait: bool = True
+
+
+class SnapshotRequest(_Wire):
+    leave_running: bool = True
+
+
+class ResumeRequest(_Wire):
+    snapshot_id: Annotated[str, Meta(min_length=1, max_length=64)]
+    keep_alive: KeepAliveS = 300
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class ExecResult(_Out):
+    exec_id: str
+    exit_code: int | None
+    signal: int | None
+    verdict: Verdict
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    duration_ms: float
+    cpu_time_ms: float
+    max_rss_bytes: int
+
+
+class RunResponse(_Out):
+    id: str
+    state: SandboxState
+    runtime: RuntimeName
+    isolation_level: IsolationLevel
+    selection: SelectionReason
+    created_at: str
+    expires_at: str | None
+    exec_id: str
+    result: ExecResult | None = None
+
+
+class ExecResponse(_Out):
+    id: str
+    exec_id: str
+    result: ExecResult | None = None
+
+
+class ExecSummary(_Out):
+    exec_id: str
+    state: ExecState
+    started_at: str
+    argv: list[str]
+    result: ExecResult | None = None
+
+
+class Limits(_Out):
+    cpu_limit: float
+    memory_limit: int
+    timeout: int
+
+
+class Usage(_Out):
+    memory_bytes: int
+    cpu_time_ms: float
+
+
+class Failure(_Out):
+    reason: str
+    at: str
+
+
+class SandboxStatus(_Out):
+    id: str
+    state: SandboxState
+    runtime: RuntimeName
+    isolation_level: IsolationLevel
+    created_at: str
+    last_active_at: str
+    expires_at: str | None
+    limits: Limits
+    usage: Usage
+    execs: list[ExecSummary]
+    restored_from: str | None = None
+    failure: Failure | None = None
+
+
+class SandboxList(_Out):
+    sandboxes: list[SandboxStatus]
+
+
+class DeleteResponse(_Out):
+    id: str
+    state: SandboxState
+    released: list[str]
+
+
+class SnapshotInfo(_Out):
+    snapshot_id: str
+    sandbox_id: str
+    runtime: RuntimeName
+    size_bytes: int
+    sha256: str
+    created_at: str
+
+
+class SnapshotList(_Out):
+    snapshots: list[SnapshotInfo]
+
+
+class SnapshotDeleted(_Out):
+    snapshot_id: str
+    deleted: bool
+
+
+class RuntimeCapabilities(_Out):
+    snapshot: bool
+    exec: bool
+    streaming: bool
+    network: bool
+
+
+class RuntimeInfo(_Out):
+    name: RuntimeName
+    available: bool
+    binary: str | None
+    version: str | None
+    isolation_levels: list[IsolationLevel]
+    default_for: list[IsolationLevel]
+    capabilities: RuntimeCapabilities
+    reason: str | None
+    startup_ms_p50: float | None
+
+
+class LanguageInfo(_Out):
+    name: Language
+    version: str
+    command: list[str]
+
+
+class Health(_Out):
+    status: Literal["ok"]
+    version: str
+
+
+class Ready(_Out):
+    ready: bool
+    store: bool
+    runtimes_detected: bool
+    image: bool
+    available_runtimes: list[RuntimeName]
+
+
+class ErrorDetail(_Out):
+    code: str
+    message: str
+    details: dict[str, object] = {}
+
+
+class ErrorResponse(_Out):
+    error: ErrorDetail
+
+
+# --------------------------------------------------------------------------- stream events
+# Server → client frames on GET /v1/sandboxes/{id}/stream; ``seq`` is per sandbox, from 1.
+
+
+class _Event(Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=True):
+    seq: int
+    ts: str
+
+
+class StatusEvent(_Event, tag="status"):
+    state: SandboxState
+    reason: str | None = None
+
+
+class ExecStartedEvent(_Event, tag="exec_started"):
+    exec_id: str
+    argv: list[str]
+
+
+class StdoutEvent(_Event, tag="stdout"):
+    exec_id: str
+    data: str | None = None
+    data_b64: str | None = None
+
+
+class StderrEvent(_Event, tag="stderr"):
+    exec_id: str
+    data: str | None = None
+    data_b64: str | None = None
+
+
+class ExitEvent(_Event, tag="exit"):
+    exec_id: str
+    result: ExecResult
+
+
+class LaggedEvent(Struct, frozen=True, kw_only=True, tag_field="type", tag="lagged"):
+    missed_from: int
+    missed_to: int
+
+
+class ErrorEvent(Struct, frozen=True, kw_only=True, tag_field="type", tag="error"):
+    code: str
+    message: str
+
+
+StreamEvent = StatusEvent | ExecStartedEvent | StdoutEvent | StderrEvent | ExitEvent
+ServerFrame = StreamEvent | LaggedEvent | ErrorEvent
+
+JSON_ENCODER = msgspec.json.Encoder()

@@ -1,0 +1,103 @@
+"""The ``SandboxRuntime`` protocol every runtime implements, and the values it passes around.
+
+A runtime does only the platform work: detect itself, start a sandbox whose PID 1 is the agent and
+hand back a byte channel to it, checkpoint, restore, destroy, and report usage. Processes, output,
+per-exec limits and streaming belong to the agent protocol, shared by every runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from sandstorm.agent.client import AgentChannel
+from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
+
+
+@dataclass(frozen=True, slots=True)
+class MountSpec:
+    source: Path  # already resolved and checked against the allow-list
+    destination: str
+    read_only: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSpec:
+    """Everything a runtime needs to build one sandbox."""
+
+    sandbox_id: str
+    rootfs: Path
+    cpu_limit: float
+    memory_limit: int
+    pids_limit: int
+    mounts: tuple[MountSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    available: bool
+    binary: str | None
+    version: str | None
+    reason: str | None
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceUsage:
+    memory_bytes: int
+    cpu_time_ms: float
+
+
+class RuntimeInstance(Protocol):
+    """One running sandbox: its agent channel and the host process that holds it."""
+
+    @property
+    def channel(self) -> AgentChannel: ...
+
+    async def wait(self) -> int:
+        """Wait for the runtime process to exit and return its status."""
+        ...
+
+    def diagnostics(self) -> str:
+        """A short tail of the runtime's own log, for failure reasons."""
+        ...
+
+
+class SandboxRuntime(Protocol):
+    name: RuntimeName
+    isolation_levels: tuple[IsolationLevel, ...]
+    capabilities: RuntimeCapabilities
+
+    async def detect(self) -> Detection:
+        """Find the binary and check the host can run it; never raises."""
+        ...
+
+    async def start(self, spec: SandboxSpec) -> RuntimeInstance:
+        """Boot a sandbox whose PID 1 is the agent. On failure nothing is left behind."""
+        ...
+
+    async def checkpoint(self, spec: SandboxSpec, image_dir: Path) -> None:
+        """Write the sandbox's full state into ``image_dir``; the sandbox stops afterwards."""
+        ...
+
+    async def restore(self, spec: SandboxSpec, image_dir: Path) -> RuntimeInstance:
+        """Start ``spec.sandbox_id`` from a checkpoint written by :meth:`checkpoint`."""
+        ...
+
+    async def destroy(self, sandbox_id: str) -> list[str]:
+        """Free everything the sandbox holds; idempotent, works without a live process.
+
+        Returns a description of each thing that was actually released.
+        """
+        ...
+
+    def usage(self, sandbox_id: str) -> ResourceUsage: ...
+
+    def out_of_memory(self, sandbox_id: str) -> bool:
+        """Whether the sandbox hit its memory limit (call before destroy)."""
+        ...
+
+    async def list_orphans(self, live: set[str]) -> list[str]:
+        """Sandbox ids this runtime still holds resources for that are not in ``live``."""
+        ...

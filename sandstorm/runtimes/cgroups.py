@@ -1,0 +1,180 @@
+"""Gateway-owned cgroups, one per sandbox, above the runtime's own.
+
+Why own them: runsc removes the cgroup it creates when the sandbox dies, and with it the evidence
+of an OOM kill. The gateway creates ``<parent>/<sandbox id>`` with the limits and lets the runtime
+create its leaf inside, so limits hold for the whole sandbox (sentry, gofer, app memory) and the
+OOM counters survive until teardown. cgroupfs is a kernel pseudo-filesystem: its reads and writes
+never block on disk, so they are done inline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
+# runsc creates its leaf in every v1 hierarchy it finds; teardown must sweep them all.
+V1_ALL = (
+    "memory", "cpu", "cpuacct", "cpuset", "pids", "devices", "freezer", "blkio",
+    "net_cls", "net_prio", "perf_event", "hugetlb", "rdma", "systemd",
+)  # fmt: skip
+CPU_PERIOD_US = 100_000
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _read(path: Path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    cpu: float
+    memory_bytes: int
+    pids: int
+
+
+class SandboxCgroups:
+    """cgroup v1 (hybrid, as on this machine) or v2, chosen by what the host mounts."""
+
+    def __init__(self, parent: str = "sandstorm", root: Path = CGROUP_ROOT) -> None:
+        self.parent = parent
+        self.root = root
+        self.v2 = (root / "cgroup.controllers").exists()
+
+    def runtime_path(self, sandbox_id: str) -> str:
+        """The ``cgroupsPath`` handed to the runtime: a leaf inside the gateway's group."""
+        return f"/{self.parent}/{sandbox_id}/sandbox"
+
+    def _dirs(self, sandbox_id: str, controllers: tuple[str, ...]) -> list[Path]:
+        if self.v2:
+            return [self.root / self.parent / sandbox_id]
+        return [
+            self.root / c / self.parent / sandbox_id
+            for c in controllers
+            if (self.root / c).is_dir() and not (self.root / c).is_symlink()
+        ]
+
+    def create(self, sandbox_id: str, limits: Limits) -> None:
+        quota = max(1000, int(limits.cpu * CPU_PERIOD_US))
+        if self.v2:
+            parent = self.root / self.parent
+            parent.mkdir(exist_ok=True)
+            with contextlib.suppress(OSError):
+                _write(parent / "cgroup.subtree_control", "+memory +cpu +pids")
+            d = parent / sandbox_id
+            d.mkdir()
+            _write(d / "memory.max", str(limits.memory_bytes))
+            with contextlib.suppress(FileNotFoundError):
+                _write(d / "memory.swap.max", "0")
+            _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            _write(d / "pids.max", str(limits.pids))
+            return
+        for d in self._dirs(sandbox_id, V1_CONTROLLERS):
+            d.mkdir(parents=True)
+        base = self.root
+        mem = base / "memory" / self.parent / sandbox_id
+        _write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
+        with contextlib.suppress(OSError):
+            # Without this the kernel may swap instead of enforcing the limit.
+            _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+        with contextlib.suppress(OSError):
+            _write(mem / "memory.swappiness", "0")
+        cpu = base / "cpu" / self.parent / sandbox_id
+        _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+        _write(cpu / "cpu.cfs_quota_us", str(quota))
+        _write(base / "pids" / self.parent / sandbox_id / "pids.max", str(limits.pids))
+
+    def memory_bytes(self, sandbox_id: str) -> int:
+        if self.v2:
+            path = self.root / self.parent / sandbox_id / "memory.current"
+        else:
+            path = self.root / "memory" / self.parent / sandbox_id / "memory.usage_in_bytes"
+        try:
+            return int(_read(path))
+        except (OSError, ValueError):
+            return 0
+
+    def cpu_time_ms(self, sandbox_id: str) -> float:
+        try:
+            if self.v2:
+                stat = _read(self.root / self.parent / sandbox_id / "cpu.stat")
+                for line in stat.splitlines():
+                    if line.startswith("usage_usec "):
+                        return int(line.split()[1]) / 1000.0
+                return 0.0
+            ns = _read(self.root / "cpuacct" / self.parent / sandbox_id / "cpuacct.usage")
+            return int(ns) / 1e6
+        except (OSError, ValueError):
+            return 0.0
+
+    def out_of_memory(self, sandbox_id: str) -> bool:
+        """True once the group hit its memory limit hard enough for the kernel to OOM-kill.
+
+        v1 counts the kill in the leaf that died (which the runtime removes), so on v1 the
+        gateway's group is read for reclaim failures at the limit instead.
+        """
+        try:
+            if self.v2:
+                events = _read(self.root / self.parent / sandbox_id / "memory.events")
+                for line in events.splitlines():
+                    name, _, value = line.partition(" ")
+                    if name in ("oom_kill", "oom") and int(value) > 0:
+                        return True
+                return False
+            mem = self.root / "memory" / self.parent / sandbox_id
+            control = _read(mem / "memory.oom_control")
+            for line in control.splitlines():
+                name, _, value = line.partition(" ")
+                if name == "oom_kill" and int(value) > 0:
+                    return True
+            limit = int(_read(mem / "memory.limit_in_bytes"))
+            peak = int(_read(mem / "memory.max_usage_in_bytes"))
+            failures = int(_read(mem / "memory.failcnt"))
+            return failures > 0 and peak >= limit - 4096 * 16
+        except (OSError, ValueError):
+            return False
+
+    def remove(self, sandbox_id: str) -> bool:
+        """Remove the group (and any leaf the runtime left) in every hierarchy; idempotent."""
+        removed = False
+        for d in self._dirs(sandbox_id, V1_ALL):
+            if not d.exists():
+                continue
+            # Deepest first: the runtime's leaf, then ours.
+            for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                _rmdir_cgroup(sub)
+            _rmdir_cgroup(d)
+            removed = True
+        return removed
+
+    def list_ids(self) -> set[str]:
+        ids: set[str] = set()
+        for d in self._dirs("", V1_ALL):
+            with contextlib.suppress(OSError):
+                ids.update(p.name for p in d.iterdir() if p.is_dir())
+        return ids
+
+
+def _rmdir_cgroup(path: Path) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        # Processes still inside (a dying sandbox): kill them, then retry once.
+        with contextlib.suppress(OSError):
+            for pid in _read(path / "cgroup.procs").split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), 9)
+        raise

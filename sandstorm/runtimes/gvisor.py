@@ -1,0 +1,308 @@
+"""gVisor (runsc) as an OCI runtime: one bundle per sandbox, the agent as PID 1 on its stdio.
+
+``runsc run`` is kept in the foreground: its stdin/stdout are the container's stdio, which is the
+agent channel, and its exit is the sandbox's exit, so the sandbox actor supervises one process.
+(``create`` + ``start`` would cost a second runsc invocation on the cold path for nothing.)
+Checkpoint stops the container (``--leave-running`` hangs in Debian's runsc), so "leave running"
+is done by the caller as checkpoint then restore, whose stdio become the new agent channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import msgspec
+import trio
+
+from sandstorm.agent import AGENT_COMMAND, AGENT_MOUNT_POINT, AGENT_SOURCE_PATH
+from sandstorm.agent.client import AgentChannel
+from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
+from sandstorm.runtimes.base import Detection, ResourceUsage, SandboxSpec
+from sandstorm.runtimes.cgroups import Limits, SandboxCgroups
+
+# The only environment runsc itself sees: nothing of the gateway's, nothing of the request's.
+RUNSC_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+AGENT_ENV = [
+    "PATH=/usr/local/bin:/usr/bin:/bin",
+    "HOME=/workspace",
+    "LANG=C.UTF-8",
+    "PYTHONDONTWRITEBYTECODE=1",
+]
+SANDBOX_UID = 1000
+CONTROL_TIMEOUT_S = 15.0
+
+
+class RunscError(Exception):
+    pass
+
+
+class GvisorInstance:
+    """A ``runsc run``/``runsc restore`` process in the foreground and the agent on its stdio."""
+
+    def __init__(self, process: trio.Process, log_path: Path) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        self.process = process
+        self.log_path = log_path
+        self._channel = AgentChannel(process.stdin, process.stdout)
+
+    @property
+    def channel(self) -> AgentChannel:
+        return self._channel
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+    def diagnostics(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 2048))
+                return f.read().decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+
+
+class GvisorRuntime:
+    name: RuntimeName = "gvisor"
+    isolation_levels: tuple[IsolationLevel, ...] = ("standard", "strong")
+    capabilities = RuntimeCapabilities(snapshot=True, exec=True, streaming=True, network=False)
+
+    def __init__(self, search_paths: list[str], data_dir: Path, cgroups: SandboxCgroups) -> None:
+        self.search_paths = search_paths
+        self.state_root = data_dir / "runsc"
+        self.sandboxes_dir = data_dir / "sandboxes"
+        self.cgroups = cgroups
+        self.binary: str | None = None
+
+    # ------------------------------------------------------------------ detection
+
+    async def detect(self) -> Detection:
+        found = next((p for p in self.search_paths if _is_executable(p)), None)
+        if found is None:
+            return Detection(False, None, None, "not found at " + ", ".join(self.search_paths))
+        found = os.path.abspath(found)
+        try:
+            result = await trio.run_process(
+                [found, "--version"], capture_stdout=True, capture_stderr=True, env=RUNSC_ENV
+            )
+        except OSError as exc:
+            return Detection(False, found, None, f"{found} cannot be run: {exc}")
+        first = result.stdout.decode(errors="replace").splitlines()[:1]
+        version = first[0].removeprefix("runsc version ").strip() if first else "unknown"
+        if os.geteuid() != 0:
+            return Detection(False, found, version, "runsc needs root to create sandboxes")
+        self.binary = found
+        self.state_root.mkdir(parents=True, exist_ok=True)
+        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        return Detection(True, found, version, None)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _bundle_dir(self, sandbox_id: str) -> Path:
+        return self.sandboxes_dir / sandbox_id
+
+    def _global_flags(self, log: Path) -> list[str]:
+        assert self.binary is not None, "detect() first"
+        return [
+            self.binary,
+            "--root", str(self.state_root),
+            "--network=none",
+            "--overlay2=root:memory",
+            "--log", str(log),
+        ]  # fmt: skip
+
+    def _write_bundle(self, spec: SandboxSpec) -> Path:
+        bundle = self._bundle_dir(spec.sandbox_id)
+        # The id is fresh random; an existing directory means a bug or an attack: refuse.
+        bundle.mkdir(mode=0o700)
+        config = oci_config(spec, self.cgroups.runtime_path(spec.sandbox_id))
+        with open(bundle / "config.json", "wb") as f:
+            f.write(msgspec.json.encode(config))
+        return bundle
+
+    async def _spawn(self, spec: SandboxSpec, argv_tail: list[str]) -> GvisorInstance:
+        bundle = self._bundle_dir(spec.sandbox_id)
+        log = bundle / "runsc.log"
+        stderr = open(log, "ab")  # noqa: SIM115 - handed to the child, closed right after spawn
+        try:
+            process = await trio.lowlevel.open_process(
+                [*self._global_flags(log), *argv_tail],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=RUNSC_ENV,
+                # Its own session: a terminal's Ctrl-C reaches the gateway, which then tears
+                # sandboxes down deliberately, instead of killing every runsc at once.
+                start_new_session=True,
+            )
+        finally:
+            stderr.close()
+        return GvisorInstance(process, log)
+
+    async def start(self, spec: SandboxSpec) -> GvisorInstance:
+        try:
+            self.cgroups.create(
+                spec.sandbox_id, Limits(spec.cpu_limit, spec.memory_limit, spec.pids_limit)
+            )
+            bundle = self._write_bundle(spec)
+            return await self._spawn(spec, ["run", "--bundle", str(bundle), spec.sandbox_id])
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.destroy(spec.sandbox_id)
+            raise
+
+    async def checkpoint(self, spec: SandboxSpec, image_dir: Path) -> None:
+        log = self._bundle_dir(spec.sandbox_id) / "runsc.log"
+        await self._control(log, "checkpoint", "--image-path", str(image_dir), spec.sandbox_id)
+        # The checkpointed container is stopped; its name must be free for a restore.
+        await self._control(log, "delete", "--force", spec.sandbox_id, check=False)
+
+    async def restore(self, spec: SandboxSpec, image_dir: Path) -> GvisorInstance:
+        bundle = self._bundle_dir(spec.sandbox_id)
+        fresh = not bundle.exists()
+        try:
+            if fresh:
+                self.cgroups.create(
+                    spec.sandbox_id, Limits(spec.cpu_limit, spec.memory_limit, spec.pids_limit)
+                )
+                bundle = self._write_bundle(spec)
+            return await self._spawn(
+                spec,
+                ["restore", "--image-path", str(image_dir), "--bundle", str(bundle),
+                 spec.sandbox_id],
+            )  # fmt: skip
+        except BaseException:
+            if fresh:
+                with trio.CancelScope(shield=True):
+                    await self.destroy(spec.sandbox_id)
+            raise
+
+    async def destroy(self, sandbox_id: str) -> list[str]:
+        released: list[str] = []
+        bundle = self._bundle_dir(sandbox_id)
+        log = bundle / "runsc.log" if bundle.exists() else self.state_root / "runsc.log"
+        if self.binary is not None and self._has_state(sandbox_id):
+            await self._control(log, "kill", "--all", sandbox_id, "KILL", check=False)
+            await self._control(log, "delete", "--force", sandbox_id, check=False)
+            released.append(f"runsc container {sandbox_id}")
+        for attempt in range(20):
+            try:
+                if self.cgroups.remove(sandbox_id):
+                    released.append(f"cgroup /{self.cgroups.parent}/{sandbox_id}")
+                break
+            except OSError:
+                if attempt == 19:
+                    raise
+                await trio.sleep(0.05)
+        if bundle.exists():
+            await trio.to_thread.run_sync(shutil.rmtree, bundle)
+            released.append(f"bundle directory {bundle}")
+        return released
+
+    def _has_state(self, sandbox_id: str) -> bool:
+        # runsc keeps "<id>_sandbox:<sandbox id>.state" under --root while a container exists;
+        # checking the file costs nothing, asking "runsc list" costs a process.
+        return any(self.state_root.glob(f"{sandbox_id}_sandbox:*.state"))
+
+    async def list_containers(self) -> set[str]:
+        if self.binary is None:
+            return set()
+        result = await self._control(
+            self.state_root / "runsc.log", "list", "--format", "json", check=False
+        )
+        try:
+            entries = json.loads(result or b"null") or []
+        except ValueError:
+            return set()
+        return {str(e.get("id")) for e in entries if isinstance(e, dict)}
+
+    async def _control(self, log: Path, *args: str, check: bool = True) -> bytes:
+        """Run a short runsc subcommand; bounded in time, output captured."""
+        assert self.binary is not None
+        with trio.move_on_after(CONTROL_TIMEOUT_S) as scope:
+            result = await trio.run_process(
+                [*self._global_flags(log), *args],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=RUNSC_ENV,
+            )
+        if scope.cancelled_caught:
+            raise RunscError(f"runsc {args[0]} timed out after {CONTROL_TIMEOUT_S:.0f}s")
+        if check and result.returncode != 0:
+            tail = result.stderr.decode(errors="replace").strip()[-500:]
+            raise RunscError(f"runsc {args[0]} failed ({result.returncode}): {tail}")
+        return bytes(result.stdout)
+
+    # ------------------------------------------------------------------ observation
+
+    def usage(self, sandbox_id: str) -> ResourceUsage:
+        return ResourceUsage(
+            self.cgroups.memory_bytes(sandbox_id), self.cgroups.cpu_time_ms(sandbox_id)
+        )
+
+    def out_of_memory(self, sandbox_id: str) -> bool:
+        return self.cgroups.out_of_memory(sandbox_id)
+
+    async def list_orphans(self, live: set[str]) -> list[str]:
+        held: set[str] = set()
+        held |= await self.list_containers()
+        with contextlib.suppress(OSError):
+            held |= {p.name for p in self.sandboxes_dir.iterdir()}
+        held |= self.cgroups.list_ids()
+        return sorted(i for i in held - live if i.startswith("sbx_"))
+
+
+def oci_config(spec: SandboxSpec, cgroups_path: str) -> dict[str, object]:
+    """The OCI runtime spec for one sandbox (gVisor reads it from ``config.json``)."""
+    mounts: list[dict[str, object]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {
+            "destination": AGENT_MOUNT_POINT,
+            "type": "bind",
+            "source": str(AGENT_SOURCE_PATH.parent),
+            "options": ["rbind", "ro", "nosuid", "nodev"],
+        },
+    ]
+    for m in spec.mounts:
+        mounts.append(
+            {
+                "destination": m.destination,
+                "type": "bind",
+                "source": str(m.source),
+                "options": ["rbind", "ro" if m.read_only else "rw", "nosuid", "nodev"],
+            }
+        )
+    no_caps: list[str] = []
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": SANDBOX_UID, "gid": SANDBOX_UID, "additionalGids": []},
+            "args": list(AGENT_COMMAND),
+            "env": AGENT_ENV,
+            "cwd": "/workspace",
+            "noNewPrivileges": True,
+            "capabilities": {
+                k: no_caps for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}],
+        },
+        "root": {"path": str(spec.rootfs), "readonly": True},
+        "hostname": "sandbox",
+        "mounts": mounts,
+        "linux": {
+            # Limits are set on the gateway-owned parent group (see cgroups.py), not here.
+            "cgroupsPath": cgroups_path,
+            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")],
+        },
+    }
+
+
+def _is_executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)

@@ -1,0 +1,169 @@
+"""Checks that msgspec's types cannot express: cross-field rules, configured maxima, paths.
+
+Everything here runs before anything is created, so a refused request leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from sandstorm.config import Config
+from sandstorm.errors import InvalidRequest, MountNotAllowed
+from sandstorm.protocol import ExecRequest, Language, Mount, RunRequest
+from sandstorm.runtimes.base import MountSpec
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_ENV_ENTRIES = 128
+MAX_ENV_BYTES = 64 * 1024
+# Paths inside the sandbox that belong to the kernel or the gateway, never to a request.
+RESERVED_PREFIXES = ("/proc", "/sys", "/dev", "/.sandstorm")
+# Host paths never mounted, whatever the allow-list says.
+FORBIDDEN_SOURCES = ("/", "/proc", "/sys", "/dev", "/boot", "/etc", "/run", "/var/run")
+
+
+def check_code_or_command(req: RunRequest | ExecRequest) -> None:
+    if req.code is not None and req.command is not None:
+        raise InvalidRequest(
+            "give either code (with language) or command, not both", field="command"
+        )
+    if req.code is None and req.command is None:
+        raise InvalidRequest("give code (with language) or command", field="code")
+    if req.code is not None:
+        if req.language is None:
+            raise InvalidRequest("language is required with code", field="language")
+        if "\x00" in req.code:
+            raise InvalidRequest("code must not contain NUL", field="code")
+    if req.command is not None:
+        if req.language is not None:
+            raise InvalidRequest("language goes with code, not with command", field="language")
+        for i, arg in enumerate(req.command):
+            if "\x00" in arg:
+                raise InvalidRequest(
+                    "command arguments must not contain NUL", field=f"command[{i}]"
+                )
+        if not req.command[0]:
+            raise InvalidRequest("command[0] must not be empty", field="command[0]")
+    if req.stdin is not None and len(req.stdin.encode()) > 8 * 1024 * 1024:
+        raise InvalidRequest("stdin is larger than 8 MiB", field="stdin")
+
+
+def check_environment(env: Mapping[str, str]) -> None:
+    if len(env) > MAX_ENV_ENTRIES:
+        raise InvalidRequest(f"at most {MAX_ENV_ENTRIES} variables", field="environment")
+    total = 0
+    for name, value in env.items():
+        field = f"environment.{name}" if ENV_NAME.fullmatch(name) else "environment"
+        if not ENV_NAME.fullmatch(name):
+            raise InvalidRequest(
+                f"variable name {name!r} is not an identifier ([A-Za-z_][A-Za-z0-9_]*)", field=field
+            )
+        if "\x00" in value:
+            raise InvalidRequest(f"value of {name} contains NUL", field=field)
+        total += len(name.encode()) + len(value.encode()) + 2
+    if total > MAX_ENV_BYTES:
+        raise InvalidRequest("environment is larger than 64 KiB", field="environment")
+
+
+def check_sandbox_path(path: str, field: str, *, allow_root: bool = False) -> str:
+    """An absolute, normalised path inside the sandbox, outside the reserved trees."""
+    if "\x00" in path or "\n" in path or "\r" in path:
+        raise InvalidRequest("path must not contain NUL or newlines", field=field)
+    if not path.startswith("/"):
+        raise InvalidRequest(f"{path!r} is not an absolute path", field=field)
+    if posixpath.normpath(path) != path or "//" in path or "/../" in path + "/":
+        raise InvalidRequest(f"{path!r} is not normalised (no '..', '.', '//')", field=field)
+    if path == "/" and not allow_root:
+        raise InvalidRequest("'/' cannot be used here", field=field)
+    for prefix in RESERVED_PREFIXES:
+        if path == prefix or path.startswith(prefix + "/"):
+            raise InvalidRequest(f"{path!r} is under reserved {prefix}", field=field)
+    return path
+
+
+def resolve_mount(mount: Mount, index: int, config: Config) -> MountSpec:
+    check_sandbox_path(mount.destination, f"mounts[{index}].destination")
+    field = f"mounts[{index}].source"
+    if "\x00" in mount.source or "\n" in mount.source:
+        raise InvalidRequest("path must not contain NUL or newlines", field=field)
+    if not mount.source.startswith("/"):
+        raise InvalidRequest(f"{mount.source!r} is not an absolute path", field=field)
+    # Resolve symlinks first: the check is on where the path really leads.
+    real = os.path.realpath(mount.source)
+    data_dir = os.path.realpath(config.data_dir)
+    refused = (
+        real in FORBIDDEN_SOURCES
+        or _under(real, data_dir)
+        or _under(data_dir, real)
+        or any(_under(real, p) for p in ("/proc", "/sys", "/dev"))
+        or not any(_under(real, root) for root in config.mount_allow_list)
+    )
+    if refused:
+        raise MountNotAllowed(
+            f"mount source {mount.source!r} (resolves to {real!r}) is not under an allowed root",
+            field=field,
+            allowed_roots=list(config.mount_allow_list),
+        )
+    if not os.path.exists(real):
+        raise InvalidRequest(f"mount source {mount.source!r} does not exist", field=field)
+    return MountSpec(Path(real), mount.destination, mount.read_only)
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def check_run(req: RunRequest, config: Config) -> tuple[MountSpec, ...]:
+    """Validate a run request fully; returns the resolved mounts."""
+    check_code_or_command(req)
+    check_environment(req.environment)
+    cpus = os.cpu_count() or 1
+    if req.cpu_limit > cpus:
+        raise InvalidRequest(f"cpu_limit is above the host's {cpus} CPUs", field="cpu_limit")
+    if req.memory_limit > config.max_memory_limit:
+        raise InvalidRequest(
+            f"memory_limit is above the maximum {config.max_memory_limit}", field="memory_limit"
+        )
+    if req.timeout > config.max_timeout_ms:
+        raise InvalidRequest(
+            f"timeout is above the maximum {config.max_timeout_ms}", field="timeout"
+        )
+    if req.keep_alive > config.max_keep_alive_s:
+        raise InvalidRequest(
+            f"keep_alive is above the maximum {config.max_keep_alive_s}", field="keep_alive"
+        )
+    for path in req.files:
+        check_sandbox_path(path, f"files.{path}")
+    destinations = [m.destination for m in req.mounts]
+    if len(set(destinations)) != len(destinations):
+        raise InvalidRequest("two mounts share a destination", field="mounts")
+    return tuple(resolve_mount(m, i, config) for i, m in enumerate(req.mounts))
+
+
+def check_exec(req: ExecRequest, config: Config) -> None:
+    check_code_or_command(req)
+    check_environment(req.environment)
+    if req.cwd is not None:
+        check_sandbox_path(req.cwd, "cwd", allow_root=True)
+    if req.timeout is not None and req.timeout > config.max_timeout_ms:
+        raise InvalidRequest(
+            f"timeout is above the maximum {config.max_timeout_ms}", field="timeout"
+        )
+
+
+# Code up to this size travels in argv (one round trip); larger code is written to a file first,
+# because Linux caps one argument at 128 KiB.
+INLINE_CODE_LIMIT = 64 * 1024
+
+
+def code_argv(language: Language, code_or_path: str, *, is_file: bool) -> list[str]:
+    if language == "python":
+        return ["python3", code_or_path] if is_file else ["python3", "-c", code_or_path]
+    if language == "javascript":
+        return ["node", code_or_path] if is_file else ["node", "-e", code_or_path]
+    if language == "bash":
+        return ["bash", code_or_path] if is_file else ["bash", "-c", code_or_path]
+    return ["sh", code_or_path] if is_file else ["sh", "-c", code_or_path]

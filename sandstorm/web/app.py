@@ -1,0 +1,70 @@
+"""The Quart-Trio application: thin wiring of routes and error translation.
+
+It owns no tasks: every request becomes a call on the gateway's actors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from quart import Response
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from sandstorm.errors import AtCapacity, GatewayError, QuotaExceeded
+from sandstorm.protocol import JSON_ENCODER, ErrorDetail, ErrorResponse
+
+if TYPE_CHECKING:
+    from sandstorm.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+def error_response(status: int, code: str, message: str, details: dict[str, object]) -> Response:
+    body = ErrorResponse(error=ErrorDetail(code=code, message=message, details=details))
+    return Response(JSON_ENCODER.encode(body), status=status, content_type="application/json")
+
+
+def create_app(gateway: Gateway) -> QuartTrio:
+    from sandstorm.web.rest import blueprint
+
+    app = QuartTrio("sandstorm")
+    app.config["SANDSTORM_GATEWAY"] = gateway
+    # Quart refuses bodies above this from Content-Length, or while streaming, before reading
+    # them whole (413).
+    app.config["MAX_CONTENT_LENGTH"] = gateway.config.max_body_bytes
+    app.config["BODY_TIMEOUT"] = 60
+    app.register_blueprint(blueprint)
+
+    @app.errorhandler(GatewayError)
+    async def gateway_error(exc: GatewayError) -> Response:
+        response = error_response(exc.status, exc.code, exc.message, exc.details)
+        if isinstance(exc, (QuotaExceeded, AtCapacity)):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code = _HTTP_CODES.get(status, "http_error")
+        message = exc.description or exc.name
+        if status == 413:
+            message = f"request body is larger than {gateway.config.max_body_bytes} bytes"
+        details: dict[str, object] = {"field": "body"} if status in (400, 413) else {}
+        return error_response(status, code, message, details)
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(500, "internal", "internal error; see the gateway log", {})
+
+    return app

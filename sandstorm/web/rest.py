@@ -1,0 +1,186 @@
+"""REST routes of SPEC §3: decode with msgspec, call the actors, encode with msgspec."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar, cast
+
+import msgspec
+from quart import Blueprint, Response, current_app, request
+
+from sandstorm.actors.router import Router
+from sandstorm.actors.sandbox import SandboxActor
+from sandstorm.errors import NotFound, SandboxNotRunning, invalid_from_msgspec
+from sandstorm.gateway import Gateway
+from sandstorm.protocol import (
+    JSON_ENCODER,
+    DeleteResponse,
+    ExecRequest,
+    ExecResponse,
+    Health,
+    ResumeRequest,
+    RunRequest,
+    RunResponse,
+    SandboxList,
+    SnapshotDeleted,
+    SnapshotList,
+    SnapshotRequest,
+)
+from sandstorm.timestamps import rfc3339_from_epoch
+
+blueprint = Blueprint("rest", __name__)
+T = TypeVar("T")
+_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {
+    t: msgspec.json.Decoder(t) for t in (RunRequest, ExecRequest, SnapshotRequest, ResumeRequest)
+}
+
+
+def _gateway() -> Gateway:
+    return cast(Gateway, current_app.config["SANDSTORM_GATEWAY"])
+
+
+def _router() -> Router:
+    router = _gateway().router
+    if router is None:
+        raise SandboxNotRunning("the gateway is shutting down")
+    return router
+
+
+def _json(obj: object, status: int = 200) -> Response:
+    return Response(JSON_ENCODER.encode(obj), status=status, content_type="application/json")
+
+
+async def _body(kind: type[T], *, optional: bool = False) -> T:
+    raw = await request.get_data(cache=False, as_text=False)
+    if optional and not raw.strip():
+        return kind()
+    try:
+        return cast(T, _DECODERS[kind].decode(raw))
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise invalid_from_msgspec(exc) from None
+
+
+def _expires(actor: SandboxActor) -> str | None:
+    expires = actor.expires_at()
+    return rfc3339_from_epoch(expires) if expires is not None else None
+
+
+# ---------------------------------------------------------------------------- sandboxes
+
+
+@blueprint.post("/v1/sandboxes/run")
+async def run_sandbox() -> Response:
+    req = await _body(RunRequest)
+    created = await _router().create(req)
+    actor = created.actor
+    record = actor.execs[created.exec_id]
+    if req.wait:
+        await record.done.wait()
+    body = RunResponse(
+        id=actor.id,
+        state=actor.state,
+        runtime=actor.params.runtime_name,
+        isolation_level=actor.params.isolation_level,
+        selection=actor.params.selection,
+        created_at=rfc3339_from_epoch(actor.created_at),
+        expires_at=_expires(actor),
+        exec_id=record.exec_id,
+        result=record.result if req.wait else None,
+    )
+    return _json(body, 201 if req.wait else 202)
+
+
+@blueprint.post("/v1/sandboxes/<sandbox_id>/exec")
+async def exec_in_sandbox(sandbox_id: str) -> Response:
+    router = _router()
+    router.get(sandbox_id)  # 404 before 400: an unknown sandbox is the first thing to say
+    req = await _body(ExecRequest)
+    actor, exec_id = await router.exec(sandbox_id, req)
+    record = actor.execs[exec_id]
+    if req.wait:
+        await record.done.wait()
+    body = ExecResponse(id=actor.id, exec_id=exec_id, result=record.result if req.wait else None)
+    return _json(body, 201 if req.wait else 202)
+
+
+@blueprint.get("/v1/sandboxes/<sandbox_id>/status")
+async def sandbox_status(sandbox_id: str) -> Response:
+    return _json(_router().get(sandbox_id).status())
+
+
+@blueprint.get("/v1/sandboxes/<sandbox_id>/execs/<exec_id>")
+async def exec_status(sandbox_id: str, exec_id: str) -> Response:
+    actor = _router().get(sandbox_id)
+    record = actor.execs.get(exec_id)
+    if record is None:
+        raise NotFound(f"exec {exec_id!r} not found in {sandbox_id}", exec_id=exec_id)
+    return _json(record.summary())
+
+
+@blueprint.delete("/v1/sandboxes/<sandbox_id>")
+async def delete_sandbox(sandbox_id: str) -> Response:
+    actor = _router().get(sandbox_id)
+    released = await actor.destroy()
+    return _json(DeleteResponse(id=actor.id, state="destroyed", released=released))
+
+
+@blueprint.get("/v1/sandboxes")
+async def list_sandboxes() -> Response:
+    router = _router()
+    state = request.args.get("state")
+    statuses = [a.status() for a in router.sandboxes.values()]
+    if state is not None:
+        statuses = [s for s in statuses if s.state == state]
+    return _json(SandboxList(sandboxes=statuses))
+
+
+# ---------------------------------------------------------------------------- snapshots
+
+
+@blueprint.post("/v1/sandboxes/<sandbox_id>/snapshot")
+async def snapshot_sandbox(sandbox_id: str) -> Response:
+    actor = _router().get(sandbox_id)
+    req = await _body(SnapshotRequest, optional=True)
+    meta = await actor.snapshot(req.leave_running)
+    return _json(meta.info, 201)
+
+
+@blueprint.post("/v1/sandboxes/resume")
+async def resume_sandbox() -> Response:
+    req = await _body(ResumeRequest)
+    actor = await _router().resume(req.snapshot_id, req.keep_alive)
+    return _json(actor.status(), 201)
+
+
+@blueprint.get("/v1/snapshots")
+async def list_snapshots() -> Response:
+    return _json(SnapshotList(snapshots=_gateway().catalog.list()))
+
+
+@blueprint.delete("/v1/snapshots/<snapshot_id>")
+async def delete_snapshot(snapshot_id: str) -> Response:
+    await _gateway().catalog.delete(snapshot_id)
+    return _json(SnapshotDeleted(snapshot_id=snapshot_id, deleted=True))
+
+
+# ---------------------------------------------------------------------------- catalogue
+
+
+@blueprint.get("/v1/runtimes")
+async def list_runtimes() -> Response:
+    return _json(_gateway().registry.infos())
+
+
+@blueprint.get("/v1/languages")
+async def list_languages() -> Response:
+    return _json(_gateway().languages())
+
+
+@blueprint.get("/health")
+async def health() -> Response:
+    return _json(Health(status="ok", version=_gateway().version))
+
+
+@blueprint.get("/ready")
+async def ready() -> Response:
+    state = _gateway().ready()
+    return _json(state, 200 if state.ready else 503)
