@@ -69,6 +69,8 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     max_execs_per_sandbox: Positive = 32
     # How long a sandbox may take to boot before its create fails.
     boot_timeout_s: Annotated[float, Meta(gt=0)] = 20.0
+    # The cgroup (under each hierarchy) that holds one child group per sandbox.
+    cgroup_parent: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]+$")] = "sandstorm"
     # Network inside sandboxes: "none" (loopback only) is the only mode offered so far.
     network: str = "none"
 
@@ -91,6 +93,8 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: object)
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid config: {exc}") from exc
+    for name, paths in DEFAULT_RUNTIME_PATHS.items():
+        config.runtime_paths.setdefault(name, list(paths))
     config.data_dir = str(Path(config.data_dir).resolve())
     config.mount_allow_list = [os.path.realpath(p) for p in config.mount_allow_list]
     if config.network != "none":

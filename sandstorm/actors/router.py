@@ -161,6 +161,8 @@ class Router:
             with trio.CancelScope(shield=True):
                 await actor.destroy()
             raise
+        finally:
+            actor.release_hold()
         return Created(actor, record.exec_id)
 
     async def resume(self, snapshot_id: str, keep_alive: int) -> SandboxActor:
@@ -196,7 +198,9 @@ class Router:
             restored_from=snapshot_id,
             first_channel=meta.next_channel,
         )
-        return await self._spawn(params, self.catalog.path(snapshot_id))
+        actor = await self._spawn(params, self.catalog.path(snapshot_id))
+        actor.release_hold()
+        return actor
 
     def _snapshot_mounts(self, meta: SnapshotMeta) -> tuple[MountSpec, ...]:
         # The allow-list may have changed since the snapshot: check the mounts again.

@@ -8,6 +8,7 @@ interleave; reads (status, results) look at the state directly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -136,6 +137,9 @@ class SandboxActor:
         self._file_waiters: dict[int, trio.MemorySendChannel[tuple[bool, str | None]]] = {}
         self.released: list[str] = []
         self.finished = trio.Event()
+        # The creating request holds the sandbox until its first exec is in, so that keep_alive
+        # (0 included) only ever counts idle time after real work.
+        self._held = True
 
     # ------------------------------------------------------------------ public (any task)
 
@@ -192,6 +196,10 @@ class SandboxActor:
         except SandboxNotRunning:
             await self.finished.wait()
             return []
+
+    def release_hold(self) -> None:
+        self._held = False
+        self._touch()
 
     async def send_stdin(self, exec_id: str, data: bytes, close: bool) -> None:
         rec = self.execs.get(exec_id)
@@ -266,6 +274,7 @@ class SandboxActor:
             self._on_startup((trio.current_time() - started) * 1000)
         self.state = "idle"
         self._emit_status()
+        crashed = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -277,10 +286,16 @@ class SandboxActor:
         except Exception:
             # A bug in this actor must fail this sandbox only, never the gateway.
             log.exception("sandbox %s crashed", self.id)
-            with trio.CancelScope(shield=True):
-                await self._teardown("failed", "internal error in the sandbox actor")
+            crashed = True
         finally:
             self._mailbox_send.close()
+            # Cancelled (gateway shutdown) or crashed: the sandbox still goes down fully.
+            if self.alive:
+                with trio.CancelScope(shield=True):
+                    if crashed:
+                        await self._teardown("failed", "internal error in the sandbox actor")
+                    else:
+                        await self._teardown("destroyed", None, note="gateway shutting down")
             self.finished.set()
 
     async def _await_ready(self, instance: RuntimeInstance, *, restored: bool) -> None:
@@ -513,30 +528,20 @@ class SandboxActor:
             await self._kill_exec(rec)
 
     async def _lifetime_timer(self) -> None:
+        """Destroy the sandbox after keep_alive idle seconds, or at max_lifetime, busy or not."""
+        lifetime_end = self.created_at + self.config.max_lifetime_s
         while self.alive:
-            expires = self.expires_at()
-            if expires is None:
-                return
-            delay = max(0.0, expires - time.time())
-            with trio.move_on_after(delay):
-                await self._activity.wait()
-                self._activity = trio.Event()
+            activity = self._activity = trio.Event()
+            busy = self._held or bool(self._by_channel)
+            idle_end = self.last_active + self.params.keep_alive_s
+            deadline = lifetime_end if busy else min(lifetime_end, idle_end)
+            with trio.move_on_after(max(0.0, deadline - time.time())):
+                await activity.wait()
                 continue
-            if self._by_channel and time.time() < self.created_at + self.config.max_lifetime_s:
-                # Still busy: the keep_alive clock runs from the last activity, which is now.
-                self._touch()
-                await trio.sleep(min(1.0, self.params.keep_alive_s or 1.0))
-                continue
-            reason = (
-                "max_lifetime reached"
-                if time.time() >= self.created_at + self.config.max_lifetime_s
-                else "keep_alive expired"
-            )
+            reason = "max_lifetime reached" if time.time() >= lifetime_end else "keep_alive expired"
             log.info("sandbox %s: %s", self.id, reason)
-            try:
+            with contextlib.suppress(GatewayError):
                 await self._call(lambda: self._teardown("destroyed", None, note=reason))
-            except GatewayError:
-                pass
             return
 
     def _touch(self) -> None:

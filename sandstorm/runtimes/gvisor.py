@@ -293,7 +293,9 @@ def oci_config(spec: SandboxSpec, cgroups_path: str) -> dict[str, object]:
             },
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}],
         },
-        "root": {"path": str(spec.rootfs), "readonly": True},
+        # Writable, but every write lands in the memory overlay (--overlay2=root:memory); the
+        # shared image directory on the host is never written.
+        "root": {"path": str(spec.rootfs), "readonly": False},
         "hostname": "sandbox",
         "mounts": mounts,
         "linux": {

@@ -111,7 +111,9 @@ class RuntimeRegistry:
 def build_registry(config: Config, cgroups: SandboxCgroups | None = None) -> RuntimeRegistry:
     paths = config.runtime_paths
     data_dir = Path(config.data_dir)
-    gvisor = GvisorRuntime(paths["gvisor"], data_dir, cgroups or SandboxCgroups())
+    gvisor = GvisorRuntime(
+        paths["gvisor"], data_dir, cgroups or SandboxCgroups(config.cgroup_parent)
+    )
     return RuntimeRegistry(
         drivers={"gvisor": gvisor},
         detectors={

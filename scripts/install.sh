@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Set up Sandstorm on a Debian/Ubuntu machine: system packages, the Python environment and the
+# default sandbox image. Idempotent: a second run checks everything and changes nothing.
+#
+#   scripts/install.sh [--no-image]
+#
+# Environment: SANDSTORM_DATA_DIR (default /var/lib/sandstorm) is where the image is built.
+# Must run as root (it re-executes itself with sudo when it is not).
+set -euo pipefail
+
+usage() {
+    sed -n '2,8s/^# \{0,1\}//p' "$0"
+}
+
+build_image=1
+for arg in "$@"; do
+    case "$arg" in
+        --no-image) build_image=0 ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "install.sh: unknown option: $arg" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
+if [[ $EUID -ne 0 ]]; then
+    if command -v sudo >/dev/null 2>&1; then
+        exec sudo --preserve-env=SANDSTORM_DATA_DIR,PIP_INDEX_URL,http_proxy,https_proxy \
+            bash "$0" "$@"
+    fi
+    echo "install.sh: must run as root (and sudo is not available)" >&2
+    exit 1
+fi
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+data_dir="${SANDSTORM_DATA_DIR:-/var/lib/sandstorm}"
+say() { printf '==> %s\n' "$*"; }
+
+# --- system packages --------------------------------------------------------------------------
+# debian-archive-keyring lets mmdebstrap verify Debian's archive on Ubuntu hosts too.
+packages=(python3 python3-venv python3-pip runsc mmdebstrap ca-certificates curl
+    debian-archive-keyring)
+missing=()
+for pkg in "${packages[@]}"; do
+    status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
+    [[ "$status" == "install ok installed" ]] || missing+=("$pkg")
+done
+
+lists_fresh() {
+    # Any Packages index younger than a day counts as fresh.
+    find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -1440 2>/dev/null | grep -q .
+}
+
+if ((${#missing[@]})); then
+    export DEBIAN_FRONTEND=noninteractive
+    if ! lists_fresh; then
+        say "apt-get update (package lists are missing or older than a day)"
+        apt-get update -qq
+    fi
+    say "installing ${missing[*]}"
+    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+        # Fresh-looking lists can still be stale for a package that moved; retry once.
+        say "install failed; apt-get update and retrying"
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+else
+    say "system packages already installed"
+fi
+
+# --- Python environment -----------------------------------------------------------------------
+if [[ ! -x .venv/bin/python ]]; then
+    say "creating .venv"
+    python3 -m venv .venv
+fi
+say "pip install -e '.[dev]'"
+# The build backend is chatty even with --quiet; show its output only when the install fails.
+pip_log="$(mktemp)"
+if ! .venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev]' >"$pip_log" 2>&1; then
+    cat "$pip_log" >&2
+    rm -f "$pip_log"
+    echo "install.sh: pip install failed" >&2
+    exit 1
+fi
+rm -f "$pip_log"
+
+# --- default sandbox image --------------------------------------------------------------------
+if ((build_image)); then
+    say "default sandbox image in $data_dir (built once with mmdebstrap, ~30 s, ~300 MB)"
+    .venv/bin/sandstorm image build --data-dir "$data_dir"
+else
+    say "skipping the sandbox image (--no-image)"
+fi
+say "done"

@@ -1,0 +1,110 @@
+"""Shared fixtures: a real gateway (real Hypercorn on port 0, real runsc sandboxes) per test.
+
+The default image is built once by the set-up script into ``SANDSTORM_TEST_DATA_DIR`` (default
+``/var/lib/sandstorm``); each test gets a fresh data directory that links to that image, its own
+runsc state root and its own cgroup parent, so tests never see each other's sandboxes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from sandstorm.config import Config, load_config
+from sandstorm.gateway import serve
+from sandstorm.images.builder import load_manifest
+from sandstorm.runtimes.cgroups import SandboxCgroups
+from tests.harness import RunningGateway
+
+IMAGE_DATA_DIR = Path(os.environ.get("SANDSTORM_TEST_DATA_DIR", "/var/lib/sandstorm"))
+
+
+def runsc_usable() -> str | None:
+    """Why real-sandbox tests cannot run here, or None when they can."""
+    if shutil.which("runsc") is None:
+        return "runsc is not installed (run scripts/install.sh)"
+    if os.geteuid() != 0:
+        return "runsc sandboxes need root"
+    if load_manifest(IMAGE_DATA_DIR) is None:
+        return f"no default image in {IMAGE_DATA_DIR} (run `sandstorm image build`)"
+    return None
+
+
+@pytest.fixture
+def runsc_required() -> None:
+    reason = runsc_usable()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    # Share the one built image; everything else (runsc root, bundles, snapshots) is per test.
+    (d / "images").symlink_to(IMAGE_DATA_DIR / "images")
+    return d
+
+
+@pytest.fixture
+def cgroup_parent() -> Iterator[str]:
+    name = f"sandstorm-test-{secrets.token_hex(4)}"
+    yield name
+    cg = SandboxCgroups(name)
+    for sid in cg.list_ids():
+        cg.remove(sid)
+    for d in cg._dirs("", ("memory", "cpu", "cpuacct", "cpuset", "pids", "devices", "freezer",
+                           "blkio", "net_cls", "net_prio", "perf_event", "hugetlb", "systemd")):  # fmt: skip
+        if d.is_dir():
+            os.rmdir(d)
+
+
+GatewayFactory = Callable[..., Any]
+
+
+@pytest.fixture
+def start_gateway(
+    runsc_required: None, data_dir: Path, cgroup_parent: str
+) -> Callable[..., Any]:
+    """``async with start_gateway(**config_overrides) as gw:`` — a real server on port 0."""
+
+    @asynccontextmanager
+    async def factory(**overrides: Any) -> AsyncIterator[RunningGateway]:
+        config = load_config(
+            None,
+            host="127.0.0.1",
+            port=0,
+            data_dir=str(data_dir),
+            cgroup_parent=cgroup_parent,
+            **overrides,
+        )
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(_serve_quietly, config)
+            url = binds[0]
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                yield RunningGateway(url, client, config, data_dir)
+            nursery.cancel_scope.cancel()
+
+    return factory
+
+
+async def _serve_quietly(config: Config, *, task_status: trio.TaskStatus[list[str]]) -> None:
+    await serve(config, task_status=task_status, handle_signals=False)
+
+
+@pytest.fixture
+async def gw(start_gateway: Callable[..., Any]) -> AsyncIterator[RunningGateway]:
+    async with start_gateway() as running:
+        yield running

@@ -1,0 +1,28 @@
+"""Helpers the tests share (kept out of conftest.py so test modules can import them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sandstorm.config import Config
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    client: httpx.AsyncClient
+    config: Config
+    data_dir: Path
+
+    async def run(self, **body: Any) -> httpx.Response:
+        return await self.client.post("/v1/sandboxes/run", json=body)
+
+    async def run_ok(self, **body: Any) -> dict[str, Any]:
+        response = await self.run(**body)
+        assert response.status_code in (201, 202), response.text
+        data: dict[str, Any] = response.json()
+        return data

@@ -1,0 +1,227 @@
+"""Pure parts of the image builder: apt sources, dpkg status, the manifest format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from sandstorm.images import DEFAULT_MIRROR, ImageError, ImageManifest, LanguageInfo
+from sandstorm.images import builder as b
+
+DEB822 = """\
+Types: deb
+# http://snapshot.debian.org/archive/debian/20250520T000000Z
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+# http://snapshot.debian.org/archive/debian-security/20250520T000000Z
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+
+
+def test_deb822_picks_the_exact_suite() -> None:
+    assert b.parse_deb822_sources(DEB822, "bookworm") == ["http://deb.debian.org/debian"]
+    assert b.parse_deb822_sources(DEB822, "bookworm-security") == [
+        "http://deb.debian.org/debian-security"
+    ]
+    assert b.parse_deb822_sources(DEB822, "trixie") == []
+
+
+def test_deb822_skips_disabled_source_only_and_foreign_entries() -> None:
+    text = """\
+Types: deb
+URIs: http://disabled.example/debian
+Suites: bookworm
+Components: main
+Enabled: no
+
+Types: deb-src
+URIs: http://src.example/debian
+Suites: bookworm
+Components: main
+
+Types: deb
+URIs: https://download.docker.com/linux/debian
+Suites: bookworm
+Components: stable
+
+Types: deb deb-src
+URIs: cdrom:[Debian 12]/ http://mirror.example/debian
+  https://second.example/debian
+Suites: bookworm
+Components: main contrib
+"""
+    assert b.parse_deb822_sources(text, "bookworm") == [
+        "http://mirror.example/debian",
+        "https://second.example/debian",
+    ]
+
+
+def test_deb822_field_names_are_case_insensitive_and_tabs_continue() -> None:
+    text = "types: deb\nuris: http://a.example/debian\n\thttp://b.example/debian\n"
+    text += "suites: bookworm\ncomponents: main\n"
+    assert b.parse_deb822_sources(text) == ["http://a.example/debian", "http://b.example/debian"]
+
+
+def test_one_line_sources() -> None:
+    text = """\
+# a comment
+deb http://ftp.example.org/debian bookworm main contrib non-free-firmware
+deb http://ftp.example.org/debian bookworm-updates main
+deb-src http://src.example.org/debian bookworm main
+deb [arch=amd64 signed-by=/usr/share/keyrings/docker.gpg] https://download.docker.com/linux/debian bookworm stable
+deb [ signed-by=/k.gpg ] https://mirror.example/debian bookworm main  # trailing comment
+deb cdrom:[Debian]/ bookworm main
+deb http://ftp.example.org/debian bookworm main
+"""  # noqa: E501
+    assert b.parse_one_line_sources(text, "bookworm") == [
+        "http://ftp.example.org/debian",
+        "https://mirror.example/debian",
+    ]
+    assert b.parse_one_line_sources(text, "bookworm-updates") == ["http://ftp.example.org/debian"]
+    assert b.parse_one_line_sources("", "bookworm") == []
+
+
+def test_find_apt_mirror_order_and_fallback(tmp_path: Path) -> None:
+    apt = tmp_path / "apt"
+    (apt / "sources.list.d").mkdir(parents=True)
+    assert b.find_apt_mirror(apt_dir=apt) == DEFAULT_MIRROR
+
+    (apt / "sources.list").write_text("deb http://one-line.example/debian bookworm main\n")
+    assert b.find_apt_mirror(apt_dir=apt) == "http://one-line.example/debian"
+
+    (apt / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://deb822.example/debian\nSuites: bookworm\nComponents: main\n"
+    )
+    assert b.find_apt_mirror(apt_dir=apt) == "http://deb822.example/debian"
+
+    # Third-party .sources files are not Debian mirrors.
+    (apt / "sources.list.d" / "debian.sources").unlink()
+    (apt / "sources.list").unlink()
+    (apt / "sources.list.d" / "docker.sources").write_text(
+        "Types: deb\nURIs: https://download.docker.com/linux/debian\nSuites: bookworm\n"
+        "Components: main\n"
+    )
+    assert b.find_apt_mirror(apt_dir=apt) == DEFAULT_MIRROR
+
+
+DPKG_STATUS = """\
+Package: bash
+Essential: yes
+Status: install ok installed
+Priority: required
+Version: 5.2.15-2+b2
+Description: GNU Bourne Again SHell
+ Bash is an sh-compatible command language interpreter.
+ .
+ Package: dash
+ Version: 9.9
+
+Package: dash
+Essential: yes
+Status: install ok installed
+Version: 0.5.12-2
+Description: POSIX-compliant shell
+
+Package: zsh
+Status: deinstall ok config-files
+Version: 5.9-4
+"""
+
+
+def test_parse_dpkg_status() -> None:
+    assert b.parse_dpkg_status(DPKG_STATUS, "dash") == "0.5.12-2"
+    assert b.parse_dpkg_status(DPKG_STATUS, "bash") == "5.2.15-2+b2"
+    assert b.parse_dpkg_status(DPKG_STATUS, "zsh") is None  # removed, only config left
+    assert b.parse_dpkg_status(DPKG_STATUS, "python3") is None
+    assert b.parse_dpkg_status("", "dash") is None
+
+
+@pytest.mark.parametrize(
+    ("debian", "upstream"),
+    [("0.5.12-2", "0.5.12"), ("1:2.38-4+b1", "2.38"), ("3.0", "3.0"), ("1.2-3-4", "1.2-3")],
+)
+def test_upstream_version(debian: str, upstream: str) -> None:
+    assert b.upstream_version(debian) == upstream
+
+
+def test_version_normalisation() -> None:
+    assert b._bash_version("5.2.15(1)-release\n") == "5.2.15"
+    assert b._node_version("v18.19.0\n") == "18.19.0"
+
+
+def _manifest() -> ImageManifest:
+    return ImageManifest(
+        name="default",
+        created_at="2026-11-26T07:03:00Z",
+        debian_suite="bookworm",
+        packages=("python3", "nodejs", "bash", "coreutils"),
+        languages=(
+            LanguageInfo(name="python", version="3.11.2", argv_prefix=("/usr/bin/python3", "-c")),
+            LanguageInfo(name="sh", version="0.5.12", argv_prefix=("/bin/sh", "-c")),
+        ),
+        size_bytes=296_000_000,
+    )
+
+
+def test_manifest_round_trip() -> None:
+    manifest = _manifest()
+    data = b.encode_manifest(manifest)
+    assert b.decode_manifest(data) == manifest
+    as_json = msgspec.json.decode(data)
+    assert as_json["languages"][0] == {
+        "name": "python",
+        "version": "3.11.2",
+        "argv_prefix": ["/usr/bin/python3", "-c"],
+    }
+    assert manifest.language("sh") == manifest.languages[1]
+    assert manifest.language("cobol") is None
+
+
+def test_manifest_rejects_garbage() -> None:
+    with pytest.raises(ImageError):
+        b.decode_manifest(b"{not json")
+    with pytest.raises(ImageError):
+        b.decode_manifest(b'{"name": "default"}')
+
+
+def test_load_manifest(tmp_path: Path) -> None:
+    assert b.load_manifest(tmp_path) is None
+    directory = b.image_dir(tmp_path, "default")
+    directory.mkdir(parents=True)
+    (directory / "image.json").write_bytes(b.encode_manifest(_manifest()))
+    assert b.load_manifest(tmp_path) is None  # no rootfs yet: not a built image
+    (directory / "rootfs").mkdir()
+    assert b.load_manifest(tmp_path) == _manifest()
+    assert b.image_rootfs(tmp_path, "default") == directory / "rootfs"
+    (directory / "image.json").write_bytes(b"[]")
+    with pytest.raises(ImageError):
+        b.load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "UPPER", "x" * 64])
+def test_image_names_are_checked(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError):
+        b.image_dir(tmp_path, name)
+
+
+def test_mmdebstrap_command() -> None:
+    argv = b.mmdebstrap_command(Path("/d/images/.tmp-x/rootfs"), "http://m.example/debian")
+    assert argv[0] == "mmdebstrap"
+    assert "--variant=apt" in argv
+    assert "--mode=root" in argv
+    assert "--include=python3,nodejs,bash,coreutils" in argv
+    assert argv[-3:] == ["bookworm", "/d/images/.tmp-x/rootfs", "http://m.example/debian"]
+    hooks = " ".join(a for a in argv if a.startswith("--customize-hook="))
+    assert "-perm /6000" in hooks
+    assert "chown 1000:1000" in hooks
+    assert "/.sandstorm" in hooks
+    assert "var/lib/apt/lists" in hooks
