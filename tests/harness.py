@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import trio
 
 from sandstorm.config import Config
 
@@ -26,3 +27,17 @@ class RunningGateway:
         assert response.status_code in (201, 202), response.text
         data: dict[str, Any] = response.json()
         return data
+
+    async def status(self, sandbox_id: str) -> dict[str, Any]:
+        response = await self.client.get(f"/v1/sandboxes/{sandbox_id}/status")
+        assert response.status_code == 200, response.text
+        data: dict[str, Any] = response.json()
+        return data
+
+    async def wait_state(self, sandbox_id: str, *states: str) -> dict[str, Any]:
+        """Poll status until the sandbox is in one of ``states`` (callers bound the time)."""
+        while True:
+            status = await self.status(sandbox_id)
+            if status["state"] in states:
+                return status
+            await trio.sleep(0.05)

@@ -9,6 +9,10 @@ An image lives at ``<data_dir>/images/<name>/`` as two entries:
     An :class:`ImageManifest`: what was built, when, and the language versions *read from the
     image's own binaries*, which ``GET /v1/languages`` reports.
 
+The rootfs also carries compatibility shims (:data:`IMAGE_COMPAT`) that the image needs under
+the gVisor this project runs on; the manifest lists them, and an image built without one of
+them counts as out of date.
+
 Building is atomic: everything is made inside a temporary directory next to the final one and
 renamed into place, so a crash or a cancellation never leaves a half-built image under its final
 name. A build holds an exclusive lock on ``<data_dir>/images/.lock`` so two builders (say the
@@ -40,9 +44,12 @@ __all__ = [
     "DEBIAN_SUITE",
     "DEFAULT_IMAGE",
     "DEFAULT_MIRROR",
+    "IMAGE_COMPAT",
     "IMAGE_PACKAGES",
     "SANDBOX_GID",
     "SANDBOX_UID",
+    "STATX_SHIM",
+    "STATX_SHIM_PATH",
     "ImageBuildError",
     "ImageError",
     "ImageManifest",
@@ -65,6 +72,14 @@ IMAGE_PACKAGES: Final[tuple[str, ...]] = ("python3", "nodejs", "bash", "coreutil
 SANDBOX_UID: Final = 1000
 SANDBOX_GID: Final = 1000
 
+#: An LD_PRELOAD library (``statx_shim.c``, next to this file) that strips AT_NO_AUTOMOUNT from
+#: statx(2): Debian's runsc 0.0~20221219 rejects that flag with EINVAL, which breaks bookworm's
+#: ``ls``, ``stat``, ... inside a sandbox. Compiled on the host and named in ``/etc/ld.so.preload``.
+STATX_SHIM: Final = "statx-shim"
+STATX_SHIM_PATH: Final = "/usr/lib/sandstorm/statx-shim.so"
+#: The compatibility shims every current image has; recorded in the manifest's ``compat``.
+IMAGE_COMPAT: Final[tuple[str, ...]] = (STATX_SHIM,)
+
 MANIFEST_NAME: Final = "image.json"
 ROOTFS_NAME: Final = "rootfs"
 
@@ -76,6 +91,9 @@ _NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _STDERR_TAIL_LINES: Final = 40
 # Bound on each "read a version from the image" command; they take milliseconds.
 _PROBE_TIMEOUT_S: Final = 60.0
+# Bound on compiling the statx shim (a one-function C file; well under a second).
+_COMPILE_TIMEOUT_S: Final = 120.0
+_STATX_SHIM_SOURCE: Final = Path(__file__).with_name("statx_shim.c")
 # Cleanup of a failed or replaced image may take a while (a rootfs is ~15k files) but must not
 # hang a shutdown forever.
 _CLEANUP_GRACE_S: Final = 120.0
@@ -119,6 +137,13 @@ class ImageManifest(msgspec.Struct, frozen=True, kw_only=True):
     languages: tuple[LanguageInfo, ...]
     size_bytes: int
     """Bytes of the rootfs (regular files, each hard link counted once)."""
+    compat: tuple[str, ...] = ()
+    """Compatibility shims built into the rootfs (:data:`IMAGE_COMPAT`); empty in manifests
+    written before there were any."""
+
+    def is_current(self) -> bool:
+        """Whether the image has every shim this version of the builder installs."""
+        return set(IMAGE_COMPAT) <= set(self.compat)
 
     def language(self, name: str) -> LanguageInfo | None:
         """The language called *name*, or None."""
@@ -374,7 +399,9 @@ async def build_image(
     """Build the image *name* under *data_dir* and return its manifest.
 
     Idempotent: when the image is already there (manifest and rootfs) and *force* is false this
-    returns its manifest and does nothing else. Otherwise it runs mmdebstrap (as root; about
+    returns its manifest and does nothing else, unless the image lacks one of the compatibility
+    shims in :data:`IMAGE_COMPAT` (it was built by an older version), which counts as missing.
+    Otherwise it runs mmdebstrap (as root; about
     15-30 s and ~300 MB with a nearby mirror) into a temporary directory inside
     ``<data_dir>/images``, reads the language versions from the new image's own binaries, writes
     ``image.json`` and renames the directory into place. With *force*, an existing image is
@@ -388,20 +415,25 @@ async def build_image(
     data_dir = Path(data_dir)
     final = image_dir(data_dir, name)
     if not force:
-        existing = _load_quietly(data_dir, name)
+        existing = _load_current(data_dir, name, log)
         if existing is not None:
             return existing
     if os.geteuid() != 0:
         raise ImageBuildError("building an image needs root (mmdebstrap --mode=root and chroot)")
     if shutil.which("mmdebstrap") is None:
         raise ImageBuildError("mmdebstrap not found on PATH (apt-get install mmdebstrap)")
+    if shutil.which("gcc") is None:
+        raise ImageBuildError(
+            "gcc not found on PATH: it compiles the image's statx shim"
+            " (apt-get install gcc libc6-dev)"
+        )
 
     root = images_root(data_dir)
     await trio.Path(root).mkdir(parents=True, exist_ok=True)
     async with _build_lock(root / ".lock", log):
         # Someone else may have built it while we waited for the lock.
         if not force:
-            existing = _load_quietly(data_dir, name)
+            existing = _load_current(data_dir, name, log)
             if existing is not None:
                 return existing
         await _remove_leftovers(root, name, log)
@@ -429,6 +461,16 @@ def _load_quietly(data_dir: Path, name: str) -> ImageManifest | None:
         return None
 
 
+def _load_current(data_dir: Path, name: str, log: Callable[[str], object]) -> ImageManifest | None:
+    """Like _load_quietly, but an image that lacks a compatibility shim means "not built"."""
+    existing = _load_quietly(data_dir, name)
+    if existing is None or existing.is_current():
+        return existing
+    missing = ", ".join(c for c in IMAGE_COMPAT if c not in existing.compat)
+    log(f"image {name!r} lacks {missing}; rebuilding it")
+    return None
+
+
 async def _build_into(
     tmp: Path, *, name: str, mirror: str | None, log: Callable[[str], object]
 ) -> ImageManifest:
@@ -440,6 +482,8 @@ async def _build_into(
     await _run_mmdebstrap(mmdebstrap_command(rootfs, mirror), log)
     log(f"mmdebstrap finished in {trio.current_time() - started:.1f} s; reading versions")
 
+    # Before the probes, so that they (run with the shim preloaded) also check that it loads.
+    await _install_statx_shim(rootfs)
     languages = await _probe_languages(rootfs)
     size = await trio.to_thread.run_sync(_tree_size, rootfs)
     manifest = ImageManifest(
@@ -449,6 +493,7 @@ async def _build_into(
         packages=IMAGE_PACKAGES,
         languages=languages,
         size_bytes=size,
+        compat=IMAGE_COMPAT,
     )
     await trio.Path(tmp / MANIFEST_NAME).write_bytes(encode_manifest(manifest))
     return manifest
@@ -479,6 +524,40 @@ async def _run_mmdebstrap(argv: list[str], log: Callable[[str], object]) -> None
         raise ImageBuildError(
             f"mmdebstrap exited with status {proc.returncode}:\n" + "\n".join(tail)
         )
+
+
+async def _install_statx_shim(rootfs: Path) -> None:
+    """Compile the statx shim into the rootfs and name it in the rootfs's /etc/ld.so.preload.
+
+    Compiled with the host's gcc: the host and the image are both Debian 12 (glibc 2.36,
+    x86_64), so the ABI matches and the image needs no compiler of its own.
+    """
+    if not _STATX_SHIM_SOURCE.is_file():
+        raise ImageBuildError(f"the statx shim's source {_STATX_SHIM_SOURCE} is missing")
+    target = rootfs / STATX_SHIM_PATH.lstrip("/")
+    await trio.Path(target.parent).mkdir(mode=0o755, parents=True, exist_ok=True)
+    argv = ["gcc", "-O2", "-shared", "-fPIC", "-o", str(target), str(_STATX_SHIM_SOURCE)]
+    try:
+        with trio.fail_after(_COMPILE_TIMEOUT_S):
+            result = await trio.run_process(
+                argv,
+                capture_stdout=True,
+                capture_stderr=True,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+    except trio.TooSlowError:
+        raise ImageBuildError("compiling the statx shim did not finish") from None
+    except OSError as exc:
+        raise ImageBuildError(f"cannot run gcc (apt-get install gcc libc6-dev): {exc}") from exc
+    if result.returncode != 0:
+        err = result.stderr.decode("utf-8", "replace").strip()
+        raise ImageBuildError(
+            f"compiling the statx shim failed (status {result.returncode};"
+            f" apt-get install gcc libc6-dev):\n{err[-2000:]}"
+        )
+    await trio.Path(target).chmod(0o644)
+    await trio.Path(rootfs / "etc/ld.so.preload").write_text(STATX_SHIM_PATH + "\n")
 
 
 async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[str]:

@@ -23,6 +23,7 @@ V1_ALL = (
     "net_cls", "net_prio", "perf_event", "hugetlb", "rdma", "systemd",
 )  # fmt: skip
 CPU_PERIOD_US = 100_000
+OOM_SLACK_BYTES = 1 << 20
 
 
 def _write(path: Path, value: str) -> None:
@@ -119,8 +120,7 @@ class SandboxCgroups:
     def out_of_memory(self, sandbox_id: str) -> bool:
         """True once the group hit its memory limit hard enough for the kernel to OOM-kill.
 
-        v1 counts the kill in the leaf that died (which the runtime removes), so on v1 the
-        gateway's group is read for reclaim failures at the limit instead.
+        Only meaningful for a sandbox that died: a live one near its limit is just busy.
         """
         try:
             if self.v2:
@@ -136,10 +136,11 @@ class SandboxCgroups:
                 name, _, value = line.partition(" ")
                 if name == "oom_kill" and int(value) > 0:
                     return True
+            # The kill is charged to the runtime's leaf, which is gone; what stays in ours is
+            # the peak: a sandbox that died with its peak at the limit died of it.
             limit = int(_read(mem / "memory.limit_in_bytes"))
             peak = int(_read(mem / "memory.max_usage_in_bytes"))
-            failures = int(_read(mem / "memory.failcnt"))
-            return failures > 0 and peak >= limit - 4096 * 16
+            return peak >= limit - OOM_SLACK_BYTES
         except (OSError, ValueError):
             return False
 

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from sandstorm.images import DEFAULT_IMAGE, build_image, image_rootfs, load_manifest
+from sandstorm.images import (
+    DEFAULT_IMAGE,
+    STATX_SHIM,
+    STATX_SHIM_PATH,
+    build_image,
+    image_rootfs,
+    load_manifest,
+)
 
 _DATA_DIR = os.environ.get("SANDSTORM_TEST_DATA_DIR")
 
@@ -92,3 +99,17 @@ async def test_rootfs_layout_and_no_setuid(data_dir: Path) -> None:
     with trio.fail_after(60):
         found = await trio.to_thread.run_sync(privileged_files)
     assert found == []
+
+
+async def test_statx_shim_is_preloaded(data_dir: Path) -> None:
+    # Debian's runsc rejects statx(AT_NO_AUTOMOUNT), which bookworm's ls/stat pass; the image
+    # preloads a shim that drops the flag (sandstorm/images/statx_shim.c).
+    manifest = load_manifest(data_dir)
+    assert manifest is not None
+    assert STATX_SHIM in manifest.compat
+    rootfs = image_rootfs(data_dir, DEFAULT_IMAGE)
+    shim = rootfs / STATX_SHIM_PATH.lstrip("/")
+    assert shim.is_file()
+    assert shim.read_bytes()[:4] == b"\x7fELF"
+    preload = (rootfs / "etc/ld.so.preload").read_text().split()
+    assert preload == [STATX_SHIM_PATH]

@@ -1,0 +1,134 @@
+"""Snapshot and resume on real runsc: files and in-memory process state both continue."""
+
+from __future__ import annotations
+
+import trio
+
+from tests.harness import RunningGateway
+
+# A process that counts in memory and publishes its count (atomically) ten times a second.
+COUNTER = """
+import os, time
+c = 0
+while True:
+    c += 1
+    with open('/tmp/count.tmp', 'w') as f:
+        f.write(str(c))
+    os.rename('/tmp/count.tmp', '/tmp/count')
+    time.sleep(0.1)
+"""
+
+
+async def _exec(gw: RunningGateway, sid: str, script: str) -> str:
+    response = await gw.client.post(
+        f"/v1/sandboxes/{sid}/exec", json={"command": ["sh", "-c", script]}
+    )
+    assert response.status_code == 201, response.text
+    result = response.json()["result"]
+    assert result["verdict"] == "ok", result
+    out: str = result["stdout"]
+    return out
+
+
+async def _start_counter(gw: RunningGateway) -> str:
+    body = await gw.run_ok(
+        command=["sh", "-c", "python3 -c \"$PROG\" >/dev/null 2>&1 & echo started"],
+        environment={"PROG": COUNTER},
+    )
+    sid: str = body["id"]
+    await _exec(gw, sid, "echo kept > /workspace/note")
+    while not (await _exec(gw, sid, "cat /tmp/count 2>/dev/null || true")).strip():
+        await trio.sleep(0.1)
+    return sid
+
+
+async def test_snapshot_then_resume_continues_files_and_memory(gw: RunningGateway) -> None:
+    with trio.fail_after(60):
+        sid = await _start_counter(gw)
+        response = await gw.client.post(f"/v1/sandboxes/{sid}/snapshot", json={"leave_running": False})
+        assert response.status_code == 201, response.text
+        snap = response.json()
+        assert snap["snapshot_id"].startswith("snp_") and snap["sandbox_id"] == sid
+        assert snap["runtime"] == "gvisor" and snap["size_bytes"] > 0 and len(snap["sha256"]) == 64
+        # leave_running false: the source sandbox is gone.
+        status = await gw.wait_state(sid, "destroyed")
+        assert status["state"] == "destroyed"
+        at_snapshot = int((await _pid_and_count_from_snapshot(gw, snap["snapshot_id"]))[1])
+        assert at_snapshot >= 1
+
+        listed = (await gw.client.get("/v1/snapshots")).json()["snapshots"]
+        assert [s["snapshot_id"] for s in listed] == [snap["snapshot_id"]]
+
+
+async def _pid_and_count_from_snapshot(gw: RunningGateway, snapshot_id: str) -> tuple[str, str]:
+    """Resume a snapshot twice; each resumed sandbox has the file and a counter that continues."""
+    counts = []
+    for _ in range(2):
+        response = await gw.client.post("/v1/sandboxes/resume", json={"snapshot_id": snapshot_id})
+        assert response.status_code == 201, response.text
+        resumed = response.json()
+        assert resumed["restored_from"] == snapshot_id
+        assert resumed["state"] == "idle"
+        rid = resumed["id"]
+        assert (await _exec(gw, rid, "cat /workspace/note")) == "kept\n"
+        first = int(await _exec(gw, rid, "cat /tmp/count"))
+        await trio.sleep(0.5)
+        second = int(await _exec(gw, rid, "cat /tmp/count"))
+        # The same process goes on counting from where it was: no restart from 1.
+        assert second > first >= 1
+        assert (await _exec(gw, rid, "grep -l 'count[.]tmp' /proc/[0-9]*/cmdline | wc -l")).strip() == "1"
+        counts.append(first)
+        await gw.client.delete(f"/v1/sandboxes/{rid}")
+    # Both resumes start from the same snapshot, so both see about the same count at first.
+    assert abs(counts[0] - counts[1]) <= 10
+    return "", str(counts[0])
+
+
+async def test_snapshot_leave_running_keeps_the_sandbox(gw: RunningGateway) -> None:
+    with trio.fail_after(60):
+        sid = await _start_counter(gw)
+        before = int(await _exec(gw, sid, "cat /tmp/count"))
+        response = await gw.client.post(f"/v1/sandboxes/{sid}/snapshot")
+        assert response.status_code == 201, response.text
+        status = await gw.status(sid)
+        assert status["state"] in ("idle", "running")
+        await trio.sleep(0.4)
+        after = int(await _exec(gw, sid, "cat /tmp/count"))
+        assert after > before
+        assert (await _exec(gw, sid, "cat /workspace/note")) == "kept\n"
+
+
+async def test_snapshot_delete_and_list(gw: RunningGateway) -> None:
+    with trio.fail_after(60):
+        sid = (await gw.run_ok(command=["true"]))["id"]
+        ids = []
+        for _ in range(2):
+            response = await gw.client.post(f"/v1/sandboxes/{sid}/snapshot", json={})
+            assert response.status_code == 201, response.text
+            ids.append(response.json()["snapshot_id"])
+        listed = [s["snapshot_id"] for s in (await gw.client.get("/v1/snapshots")).json()["snapshots"]]
+        assert sorted(listed) == sorted(ids)
+        deleted = await gw.client.delete(f"/v1/snapshots/{ids[0]}")
+        assert deleted.status_code == 200
+        assert deleted.json() == {"snapshot_id": ids[0], "deleted": True}
+        again = await gw.client.delete(f"/v1/snapshots/{ids[0]}")
+        assert again.status_code == 404
+        assert again.json()["error"]["code"] == "not_found"
+        resumed = await gw.client.post("/v1/sandboxes/resume", json={"snapshot_id": ids[0]})
+        assert resumed.status_code == 404
+        listed = [s["snapshot_id"] for s in (await gw.client.get("/v1/snapshots")).json()["snapshots"]]
+        assert listed == [ids[1]]
+
+
+async def test_a_corrupted_snapshot_is_refused(gw: RunningGateway) -> None:
+    with trio.fail_after(60):
+        sid = (await gw.run_ok(command=["true"]))["id"]
+        snap = (await gw.client.post(f"/v1/sandboxes/{sid}/snapshot")).json()
+        image = gw.data_dir / "snapshots" / snap["snapshot_id"] / "checkpoint.img"
+        with open(image, "r+b") as f:
+            f.seek(100)
+            f.write(b"\xff\xfe\xfd")
+        response = await gw.client.post("/v1/sandboxes/resume", json={"snapshot_id": snap["snapshot_id"]})
+        assert response.status_code == 400
+        assert response.json()["error"]["details"]["field"] == "snapshot_id"
+        assert "sha256" in response.json()["error"]["message"]
