@@ -8,7 +8,7 @@ clients keep working.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -45,7 +45,7 @@ AbsPath = Annotated[str, Meta(min_length=1, max_length=4096)]
 
 
 class _Wire(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Base for request bodies: immutable, keyword-only, unknown fields rejected (typos fail loudly)."""
+    """Base for request bodies: immutable, keyword-only, unknown fields refused (typos fail)."""
 
 
 class _Out(Struct, frozen=True, kw_only=True):
@@ -55,13 +55,13 @@ class _Out(Struct, frozen=True, kw_only=True):
 # --------------------------------------------------------------------------- requests
 
 
-class Mount(_Wire):
+class Mount(_Wire, frozen=True):
     source: AbsPath
     destination: AbsPath
     read_only: bool = True
 
 
-class RunRequest(_Wire):
+class RunRequest(_Wire, frozen=True):
     code: Code | None = None
     language: Language | None = None
     command: Argv | None = None
@@ -78,7 +78,7 @@ class RunRequest(_Wire):
     keep_alive: KeepAliveS = 300
 
 
-class ExecRequest(_Wire):
+class ExecRequest(_Wire, frozen=True):
     code: Code | None = None
     language: Language | None = None
     command: Argv | None = None
@@ -89,11 +89,11 @@ class ExecRequest(_Wire):
     wait: bool = True
 
 
-class SnapshotRequest(_Wire):
+class SnapshotRequest(_Wire, frozen=True):
     leave_running: bool = True
 
 
-class ResumeRequest(_Wire):
+class ResumeRequest(_Wire, frozen=True):
     snapshot_id: Annotated[str, Meta(min_length=1, max_length=64)]
     keep_alive: KeepAliveS = 300
 
@@ -101,7 +101,7 @@ class ResumeRequest(_Wire):
 # --------------------------------------------------------------------------- responses
 
 
-class ExecResult(_Out):
+class ExecResult(_Out, frozen=True):
     exec_id: str
     exit_code: int | None
     signal: int | None
@@ -115,7 +115,7 @@ class ExecResult(_Out):
     max_rss_bytes: int
 
 
-class RunResponse(_Out):
+class RunResponse(_Out, frozen=True):
     id: str
     state: SandboxState
     runtime: RuntimeName
@@ -127,13 +127,13 @@ class RunResponse(_Out):
     result: ExecResult | None = None
 
 
-class ExecResponse(_Out):
+class ExecResponse(_Out, frozen=True):
     id: str
     exec_id: str
     result: ExecResult | None = None
 
 
-class ExecSummary(_Out):
+class ExecSummary(_Out, frozen=True):
     exec_id: str
     state: ExecState
     started_at: str
@@ -141,23 +141,23 @@ class ExecSummary(_Out):
     result: ExecResult | None = None
 
 
-class Limits(_Out):
+class Limits(_Out, frozen=True):
     cpu_limit: float
     memory_limit: int
     timeout: int
 
 
-class Usage(_Out):
+class Usage(_Out, frozen=True):
     memory_bytes: int
     cpu_time_ms: float
 
 
-class Failure(_Out):
+class Failure(_Out, frozen=True):
     reason: str
     at: str
 
 
-class SandboxStatus(_Out):
+class SandboxStatus(_Out, frozen=True):
     id: str
     state: SandboxState
     runtime: RuntimeName
@@ -172,17 +172,17 @@ class SandboxStatus(_Out):
     failure: Failure | None = None
 
 
-class SandboxList(_Out):
+class SandboxList(_Out, frozen=True):
     sandboxes: list[SandboxStatus]
 
 
-class DeleteResponse(_Out):
+class DeleteResponse(_Out, frozen=True):
     id: str
     state: SandboxState
     released: list[str]
 
 
-class SnapshotInfo(_Out):
+class SnapshotInfo(_Out, frozen=True):
     snapshot_id: str
     sandbox_id: str
     runtime: RuntimeName
@@ -191,23 +191,23 @@ class SnapshotInfo(_Out):
     created_at: str
 
 
-class SnapshotList(_Out):
+class SnapshotList(_Out, frozen=True):
     snapshots: list[SnapshotInfo]
 
 
-class SnapshotDeleted(_Out):
+class SnapshotDeleted(_Out, frozen=True):
     snapshot_id: str
     deleted: bool
 
 
-class RuntimeCapabilities(_Out):
+class RuntimeCapabilities(_Out, frozen=True):
     snapshot: bool
     exec: bool
     streaming: bool
     network: bool
 
 
-class RuntimeInfo(_Out):
+class RuntimeInfo(_Out, frozen=True):
     name: RuntimeName
     available: bool
     binary: str | None
@@ -219,18 +219,18 @@ class RuntimeInfo(_Out):
     startup_ms_p50: float | None
 
 
-class LanguageInfo(_Out):
+class LanguageInfo(_Out, frozen=True):
     name: Language
     version: str
     command: list[str]
 
 
-class Health(_Out):
+class Health(_Out, frozen=True):
     status: Literal["ok"]
     version: str
 
 
-class Ready(_Out):
+class Ready(_Out, frozen=True):
     ready: bool
     store: bool
     runtimes_detected: bool
@@ -238,13 +238,13 @@ class Ready(_Out):
     available_runtimes: list[RuntimeName]
 
 
-class ErrorDetail(_Out):
+class ErrorDetail(_Out, frozen=True):
     code: str
     message: str
-    details: dict[str, object] = {}
+    details: dict[str, Any] = {}
 
 
-class ErrorResponse(_Out):
+class ErrorResponse(_Out, frozen=True):
     error: ErrorDetail
 
 
@@ -257,29 +257,29 @@ class _Event(Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=
     ts: str
 
 
-class StatusEvent(_Event, tag="status"):
+class StatusEvent(_Event, frozen=True, tag="status"):
     state: SandboxState
     reason: str | None = None
 
 
-class ExecStartedEvent(_Event, tag="exec_started"):
+class ExecStartedEvent(_Event, frozen=True, tag="exec_started"):
     exec_id: str
     argv: list[str]
 
 
-class StdoutEvent(_Event, tag="stdout"):
+class StdoutEvent(_Event, frozen=True, tag="stdout"):
     exec_id: str
     data: str | None = None
     data_b64: str | None = None
 
 
-class StderrEvent(_Event, tag="stderr"):
+class StderrEvent(_Event, frozen=True, tag="stderr"):
     exec_id: str
     data: str | None = None
     data_b64: str | None = None
 
 
-class ExitEvent(_Event, tag="exit"):
+class ExitEvent(_Event, frozen=True, tag="exit"):
     exec_id: str
     result: ExecResult
 

@@ -19,7 +19,7 @@ import trio
 
 from sandstorm.errors import NotFound
 from sandstorm.ids import is_id
-from sandstorm.protocol import IsolationLevel, RuntimeName, SnapshotInfo
+from sandstorm.protocol import IsolationLevel, SnapshotInfo
 
 META = "meta.json"
 TMP_PREFIX = ".tmp-"
@@ -134,7 +134,8 @@ class SnapshotCatalog:
         digest, _ = await trio.to_thread.run_sync(_digest, directory, limiter=_IO_LIMIT)
         if digest != meta.info.sha256:
             raise SnapshotCorrupt(
-                f"snapshot {meta.info.snapshot_id} is corrupt: sha256 {digest} != {meta.info.sha256}"
+                f"snapshot {meta.info.snapshot_id} is corrupt: "
+                f"sha256 {digest} != {meta.info.sha256}"
             )
 
     def list(self) -> list[SnapshotInfo]:
@@ -154,7 +155,3 @@ class SnapshotCatalog:
         doomed = self.root / f"{TMP_PREFIX}deleted-{snapshot_id}"
         os.rename(path, doomed)
         await trio.to_thread.run_sync(shutil.rmtree, doomed, True, limiter=_IO_LIMIT)
-
-
-def runtime_of(meta: SnapshotMeta) -> RuntimeName:
-    return meta.info.runtime

@@ -12,7 +12,6 @@ import secrets
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import trio
 from sandstorm.config import Config, load_config
 from sandstorm.gateway import serve
 from sandstorm.images.builder import load_manifest
-from sandstorm.runtimes.cgroups import SandboxCgroups
+from sandstorm.runtimes.cgroups import V1_ALL, SandboxCgroups
 from tests.harness import RunningGateway
 
 IMAGE_DATA_DIR = Path(os.environ.get("SANDSTORM_TEST_DATA_DIR", "/var/lib/sandstorm"))
@@ -65,8 +64,7 @@ def cgroup_parent() -> Iterator[str]:
     cg = SandboxCgroups(name)
     for sid in cg.list_ids():
         cg.remove(sid)
-    for d in cg._dirs("", ("memory", "cpu", "cpuacct", "cpuset", "pids", "devices", "freezer",
-                           "blkio", "net_cls", "net_prio", "perf_event", "hugetlb", "systemd")):  # fmt: skip
+    for d in cg._dirs("", V1_ALL):
         if d.is_dir():
             os.rmdir(d)
 
@@ -75,9 +73,7 @@ GatewayFactory = Callable[..., Any]
 
 
 @pytest.fixture
-def start_gateway(
-    runsc_required: None, data_dir: Path, cgroup_parent: str
-) -> Callable[..., Any]:
+def start_gateway(runsc_required: None, data_dir: Path, cgroup_parent: str) -> Callable[..., Any]:
     """``async with start_gateway(**config_overrides) as gw:`` — a real server on port 0."""
 
     @asynccontextmanager

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from sandstorm.agent.client import ExitInfo
+from sandstorm.agent.client import ExitInfo, FrameKind
 from sandstorm.protocol import ExecResult, ExecSummary, StderrEvent, StdoutEvent, Verdict
 from sandstorm.timestamps import rfc3339
 
@@ -68,8 +68,6 @@ class ExecRecord:
         return self.result is None
 
     def output_event(self, kind: int, chunk: bytes, seq: int, ts: str) -> StdoutEvent | StderrEvent:
-        from sandstorm.agent.client import FrameKind
-
         if kind == FrameKind.STDOUT:
             return StdoutEvent(
                 seq=seq, ts=ts, exec_id=self.exec_id, **self.stdout.stream_fields(chunk)

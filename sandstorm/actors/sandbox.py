@@ -9,8 +9,8 @@ interleave; reads (status, results) look at the state directly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import math
 import signal
 import time
 from collections import OrderedDict
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import msgspec
 import outcome
 import trio
 
@@ -70,8 +69,8 @@ MAX_EXEC_HISTORY = 100
 # After a kill, how long the agent gets to report the exit before the gateway gives up on it.
 KILL_GRACE_S = 1.0
 STOP_GRACE_S = 0.5
-SIGNALS = {name: int(getattr(signal, name)) for name in ("SIGINT", "SIGTERM", "SIGKILL", "SIGHUP",
-                                                          "SIGQUIT", "SIGUSR1", "SIGUSR2")}  # fmt: skip
+SIGNAL_NAMES = ("SIGINT", "SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+SIGNALS = {name: int(getattr(signal, name)) for name in SIGNAL_NAMES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,10 +313,8 @@ class SandboxActor:
     async def _serve_mailbox(self) -> None:
         async for op, reply in self._mailbox:
             result = await outcome.acapture(op)
-            try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.WouldBlock):
                 reply.send_nowait(result)
-            except (trio.BrokenResourceError, trio.WouldBlock):
-                pass
             if not self.alive:
                 # Refuse whatever is still queued, then stop.
                 self._mailbox_send.close()
@@ -368,26 +365,16 @@ class SandboxActor:
                     rec.kill_verdict = "oom" if verdict == "oom" else (rec.kill_verdict or "killed")
             return await self._teardown("failed", reason)
 
-        try:
+        with contextlib.suppress(GatewayError):
             await self._call(fail)
-        except GatewayError:
-            pass
 
     def _dispatch(self, kind: int, channel: int, payload: bytes) -> None:
         """Apply one frame from the (untrusted) agent. Raises AgentProtocolError on nonsense."""
         if kind in (FrameKind.STDOUT, FrameKind.STDERR):
-            rec = self._by_channel.get(channel)
-            if rec is None or not rec.running:
+            found = self._by_channel.get(channel)
+            if found is None or not found.running:
                 return  # output of an exec from before a restore, or after its result
-            buf = rec.stdout if kind == FrameKind.STDOUT else rec.stderr
-            buf.add(payload)
-            self.events.append(lambda seq, ts: rec.output_event(kind, payload, seq, ts))
-            if (
-                rec.stdout.total + rec.stderr.total > self.config.exec_output_limit
-                and rec.kill_verdict is None
-            ):
-                rec.kill_verdict = "output_limit"
-                self._kill_soon(rec)
+            self._output(found, kind, payload)
         elif kind == FrameKind.STARTED:
             rec = self._by_channel.get(channel)
             if rec is not None:
@@ -418,6 +405,14 @@ class SandboxActor:
         else:
             raise AgentProtocolError(f"unexpected frame kind {kind} from the agent")
 
+    def _output(self, rec: ExecRecord, kind: int, chunk: bytes) -> None:
+        (rec.stdout if kind == FrameKind.STDOUT else rec.stderr).add(chunk)
+        self.events.append(lambda seq, ts: rec.output_event(kind, chunk, seq, ts))
+        total = rec.stdout.total + rec.stderr.total
+        if total > self.config.exec_output_limit and rec.kill_verdict is None:
+            rec.kill_verdict = "output_limit"
+            self._kill_soon(rec)
+
     def _finish(self, rec: ExecRecord, info: ExitInfo | None) -> None:
         result = rec.finish(info)
         self._by_channel.pop(rec.channel, None)
@@ -437,10 +432,8 @@ class SandboxActor:
         """SIGKILL the exec's process group; if the agent never reports, finish it ourselves."""
         if self._instance is None:
             return
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._instance.channel.send_signal(rec.channel, signal.SIGKILL)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
         with trio.move_on_after(KILL_GRACE_S):
             await rec.done.wait()
         if rec.running:
@@ -541,7 +534,7 @@ class SandboxActor:
             reason = "max_lifetime reached" if time.time() >= lifetime_end else "keep_alive expired"
             log.info("sandbox %s: %s", self.id, reason)
             with contextlib.suppress(GatewayError):
-                await self._call(lambda: self._teardown("destroyed", None, note=reason))
+                await self._call(functools.partial(self._teardown, "destroyed", None, note=reason))
             return
 
     def _touch(self) -> None:
@@ -639,6 +632,7 @@ class SandboxActor:
         """Stop everything and free every resource. Shielded: it always runs to the end."""
         if self.state in ("destroyed", "failed"):
             return []
+        released: list[str] = []
         with trio.CancelScope(shield=True):
             self.state = "stopping"
             self._emit_status()
@@ -650,9 +644,10 @@ class SandboxActor:
                     await instance.wait()
             oom = final == "failed" and self.runtime.out_of_memory(self.id)
             for rec in list(self._by_channel.values()):
-                if rec.running:
-                    self._finish(rec, None) if rec.kill_verdict else self._finish_killed(rec, oom)
-            released = await self._release_runtime()
+                if rec.running and rec.kill_verdict is None:
+                    rec.kill_verdict = "oom" if oom else "killed"
+                self._finish(rec, None)
+            released += await self._release_runtime()
             if instance is not None:
                 with trio.move_on_after(5):
                     await instance.wait()
@@ -664,11 +659,7 @@ class SandboxActor:
             )
             self.events.close()
             self.released.extend(released)
-            return released
-
-    def _finish_killed(self, rec: ExecRecord, oom: bool) -> None:
-        rec.kill_verdict = "oom" if oom else "killed"
-        self._finish(rec, None)
+        return released
 
     async def _release_runtime(self) -> list[str]:
         try:
@@ -680,11 +671,3 @@ class SandboxActor:
     def _emit_status(self) -> None:
         state = self.state
         self.events.append(lambda seq, ts: StatusEvent(seq=seq, ts=ts, state=state))
-
-
-def time_left(deadline: float) -> float:
-    return max(0.0, deadline - trio.current_time()) if math.isfinite(deadline) else math.inf
-
-
-def encode_meta(meta: SnapshotMeta) -> bytes:
-    return msgspec.json.encode(meta)

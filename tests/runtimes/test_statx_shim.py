@@ -8,6 +8,7 @@ checks the image and runsc only, not the gateway.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -72,13 +73,12 @@ def sandbox_id() -> Iterator[str]:
     sid = f"statx-{secrets.token_hex(4)}"
     yield sid
     # cgroup v1 has one hierarchy per controller, v2 a single one; remove ours from all.
-    for parent in [Path("/sys/fs/cgroup") / _CGROUP_PARENT,
-                   *Path("/sys/fs/cgroup").glob(f"*/{_CGROUP_PARENT}")]:  # fmt: skip
+    cgroup_root = Path("/sys/fs/cgroup")
+    for parent in [cgroup_root / _CGROUP_PARENT, *cgroup_root.glob(f"*/{_CGROUP_PARENT}")]:
         for d in (parent / sid, parent):
-            try:
+            # Absent, or the parent still holds another test's sandbox.
+            with contextlib.suppress(OSError):
                 d.rmdir()
-            except OSError:
-                pass  # absent, or the parent still holds another test's sandbox
 
 
 async def test_coreutils_stat_files_in_a_sandbox(tmp_path: Path, sandbox_id: str) -> None:

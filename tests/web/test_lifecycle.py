@@ -15,7 +15,11 @@ async def test_status_reports_limits_usage_and_execs(gw: RunningGateway) -> None
     assert status["id"] == body["id"]
     assert status["state"] == "idle"
     assert status["runtime"] == "gvisor" and status["isolation_level"] == "standard"
-    assert status["limits"] == {"cpu_limit": 0.5, "memory_limit": 128 * 1024 * 1024, "timeout": 5000}
+    assert status["limits"] == {
+        "cpu_limit": 0.5,
+        "memory_limit": 128 * 1024 * 1024,
+        "timeout": 5000,
+    }
     assert status["usage"]["memory_bytes"] > 0
     assert status["usage"]["cpu_time_ms"] > 0
     assert status["restored_from"] is None and status["failure"] is None

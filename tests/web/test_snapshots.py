@@ -32,20 +32,22 @@ async def _exec(gw: RunningGateway, sid: str, script: str) -> str:
 
 async def _start_counter(gw: RunningGateway) -> str:
     body = await gw.run_ok(
-        command=["sh", "-c", "python3 -c \"$PROG\" >/dev/null 2>&1 & echo started"],
+        command=["sh", "-c", 'python3 -c "$PROG" >/dev/null 2>&1 & echo started'],
         environment={"PROG": COUNTER},
     )
     sid: str = body["id"]
     await _exec(gw, sid, "echo kept > /workspace/note")
-    while not (await _exec(gw, sid, "cat /tmp/count 2>/dev/null || true")).strip():
-        await trio.sleep(0.1)
+    # Wait inside the sandbox for the counter's first write.
+    await _exec(gw, sid, "while [ ! -s /tmp/count ]; do sleep 0.05; done")
     return sid
 
 
 async def test_snapshot_then_resume_continues_files_and_memory(gw: RunningGateway) -> None:
     with trio.fail_after(60):
         sid = await _start_counter(gw)
-        response = await gw.client.post(f"/v1/sandboxes/{sid}/snapshot", json={"leave_running": False})
+        response = await gw.client.post(
+            f"/v1/sandboxes/{sid}/snapshot", json={"leave_running": False}
+        )
         assert response.status_code == 201, response.text
         snap = response.json()
         assert snap["snapshot_id"].startswith("snp_") and snap["sandbox_id"] == sid
@@ -76,7 +78,9 @@ async def _pid_and_count_from_snapshot(gw: RunningGateway, snapshot_id: str) -> 
         second = int(await _exec(gw, rid, "cat /tmp/count"))
         # The same process goes on counting from where it was: no restart from 1.
         assert second > first >= 1
-        assert (await _exec(gw, rid, "grep -l 'count[.]tmp' /proc/[0-9]*/cmdline | wc -l")).strip() == "1"
+        assert (
+            await _exec(gw, rid, "grep -l 'count[.]tmp' /proc/[0-9]*/cmdline | wc -l")
+        ).strip() == "1"
         counts.append(first)
         await gw.client.delete(f"/v1/sandboxes/{rid}")
     # Both resumes start from the same snapshot, so both see about the same count at first.
@@ -106,7 +110,9 @@ async def test_snapshot_delete_and_list(gw: RunningGateway) -> None:
             response = await gw.client.post(f"/v1/sandboxes/{sid}/snapshot", json={})
             assert response.status_code == 201, response.text
             ids.append(response.json()["snapshot_id"])
-        listed = [s["snapshot_id"] for s in (await gw.client.get("/v1/snapshots")).json()["snapshots"]]
+        listed = [
+            s["snapshot_id"] for s in (await gw.client.get("/v1/snapshots")).json()["snapshots"]
+        ]
         assert sorted(listed) == sorted(ids)
         deleted = await gw.client.delete(f"/v1/snapshots/{ids[0]}")
         assert deleted.status_code == 200
@@ -116,7 +122,9 @@ async def test_snapshot_delete_and_list(gw: RunningGateway) -> None:
         assert again.json()["error"]["code"] == "not_found"
         resumed = await gw.client.post("/v1/sandboxes/resume", json={"snapshot_id": ids[0]})
         assert resumed.status_code == 404
-        listed = [s["snapshot_id"] for s in (await gw.client.get("/v1/snapshots")).json()["snapshots"]]
+        listed = [
+            s["snapshot_id"] for s in (await gw.client.get("/v1/snapshots")).json()["snapshots"]
+        ]
         assert listed == [ids[1]]
 
 
@@ -125,10 +133,12 @@ async def test_a_corrupted_snapshot_is_refused(gw: RunningGateway) -> None:
         sid = (await gw.run_ok(command=["true"]))["id"]
         snap = (await gw.client.post(f"/v1/sandboxes/{sid}/snapshot")).json()
         image = gw.data_dir / "snapshots" / snap["snapshot_id"] / "checkpoint.img"
-        with open(image, "r+b") as f:
-            f.seek(100)
-            f.write(b"\xff\xfe\xfd")
-        response = await gw.client.post("/v1/sandboxes/resume", json={"snapshot_id": snap["snapshot_id"]})
+        data = bytearray(await trio.Path(image).read_bytes())
+        data[100:103] = b"\xff\xfe\xfd"
+        await trio.Path(image).write_bytes(bytes(data))
+        response = await gw.client.post(
+            "/v1/sandboxes/resume", json={"snapshot_id": snap["snapshot_id"]}
+        )
         assert response.status_code == 400
         assert response.json()["error"]["details"]["field"] == "snapshot_id"
         assert "sha256" in response.json()["error"]["message"]

@@ -81,8 +81,8 @@ async def test_output_limit_kills_and_truncates(start_gateway) -> None:  # type:
 async def test_result_cap_truncates_without_killing(start_gateway) -> None:  # type: ignore[no-untyped-def]
     async with start_gateway(result_output_cap=1000) as gw:
         with trio.fail_after(30):
-            body = await gw.run_ok(code="print('x' * 5000); print('e' * 10, end='', file=__import__('sys').stderr)",
-                                   language="python")  # fmt: skip
+            code = "import sys; print('x' * 5000); print('e' * 10, end='', file=sys.stderr)"
+            body = await gw.run_ok(code=code, language="python")
     result = body["result"]
     assert result["verdict"] == "ok"
     assert result["stdout"] == "x" * 1000 and result["stdout_truncated"] is True

@@ -1,0 +1,210 @@
+"""Generate ``protocol/openapi.json`` and ``protocol/stream.schema.json`` from the msgspec types.
+
+``python -m sandstorm.schema`` rewrites them; ``python -m sandstorm.schema --check`` (and the test
+``tests/unit/test_protocol_files.py``) fails when they are stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from sandstorm import __version__
+from sandstorm.protocol import (
+    DeleteResponse,
+    ErrorResponse,
+    ExecRequest,
+    ExecResponse,
+    ExecSummary,
+    Health,
+    LanguageInfo,
+    Ready,
+    ResumeRequest,
+    RunRequest,
+    RunResponse,
+    RuntimeInfo,
+    SandboxList,
+    SandboxStatus,
+    ServerFrame,
+    SnapshotDeleted,
+    SnapshotInfo,
+    SnapshotList,
+    SnapshotRequest,
+)
+
+PROTOCOL_DIR = Path(__file__).resolve().parent.parent / "protocol"
+REF = "#/components/schemas/"
+
+_ERRORS = {
+    "400": "invalid_request: malformed JSON, wrong type or out-of-range value (details.field)",
+    "403": "mount_not_allowed",
+    "404": "not_found",
+    "409": "sandbox_not_running",
+    "413": "payload_too_large",
+    "422": "snapshot_unsupported",
+    "429": "quota_exceeded (Retry-After)",
+    "503": "runtime_unavailable or at_capacity (Retry-After)",
+}
+
+
+def _ref(t: type[Any]) -> dict[str, str]:
+    return {"$ref": REF + t.__name__}
+
+
+def _op(
+    summary: str,
+    responses: dict[str, tuple[str, Any]],
+    *,
+    body: type[Any] | None = None,
+    body_required: bool = True,
+    errors: tuple[str, ...] = (),
+    params: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {}}
+    if params:
+        op["parameters"] = [
+            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+            for p in params
+        ]
+    if body is not None:
+        op["requestBody"] = {
+            "required": body_required,
+            "content": {"application/json": {"schema": _ref(body)}},
+        }
+    for status, (description, schema) in responses.items():
+        op["responses"][status] = {
+            "description": description,
+            "content": {"application/json": {"schema": schema}},
+        }
+    for status in errors:
+        op["responses"][status] = {
+            "description": _ERRORS[status],
+            "content": {"application/json": {"schema": _ref(ErrorResponse)}},
+        }
+    return op
+
+
+def openapi() -> dict[str, Any]:
+    types: list[Any] = [
+        RunRequest, ExecRequest, SnapshotRequest, ResumeRequest, RunResponse, ExecResponse,
+        ExecSummary, SandboxStatus, SandboxList, DeleteResponse, SnapshotInfo, SnapshotList,
+        SnapshotDeleted, RuntimeInfo, LanguageInfo, Health, Ready, ErrorResponse,
+    ]  # fmt: skip
+    _, components = msgspec.json.schema_components(types, ref_template=REF + "{name}")
+    sid = ("sandbox_id",)
+    create_errors = ("400", "403", "413", "429", "503")
+    paths = {
+        "/v1/sandboxes/run": {
+            "post": _op(
+                "Create a sandbox and run code in it",
+                {"201": ("finished (wait true)", _ref(RunResponse)),
+                 "202": ("started (wait false)", _ref(RunResponse))},
+                body=RunRequest, errors=create_errors,
+            )
+        },
+        "/v1/sandboxes/{sandbox_id}/exec": {
+            "post": _op(
+                "Run another command in a sandbox",
+                {"201": ("finished", _ref(ExecResponse)), "202": ("started", _ref(ExecResponse))},
+                body=ExecRequest, errors=("400", "404", "409", "413", "429"), params=sid,
+            )
+        },
+        "/v1/sandboxes/{sandbox_id}/status": {
+            "get": _op("A sandbox's state", {"200": ("status", _ref(SandboxStatus))},
+                       errors=("404",), params=sid)
+        },
+        "/v1/sandboxes/{sandbox_id}/execs/{exec_id}": {
+            "get": _op("One exec and its result", {"200": ("exec", _ref(ExecSummary))},
+                       errors=("404",), params=("sandbox_id", "exec_id"))
+        },
+        "/v1/sandboxes/{sandbox_id}": {
+            "delete": _op("Destroy a sandbox (idempotent)",
+                          {"200": ("destroyed", _ref(DeleteResponse))},
+                          errors=("404",), params=sid)
+        },
+        "/v1/sandboxes": {
+            "get": _op("The caller's sandboxes", {"200": ("list", _ref(SandboxList))})
+        },
+        "/v1/sandboxes/{sandbox_id}/snapshot": {
+            "post": _op(
+                "Snapshot a sandbox", {"201": ("written", _ref(SnapshotInfo))},
+                body=SnapshotRequest, body_required=False,
+                errors=("400", "404", "409", "422"), params=sid,
+            )
+        },
+        "/v1/sandboxes/resume": {
+            "post": _op("Resume a snapshot as a new sandbox",
+                        {"201": ("resumed", _ref(SandboxStatus))},
+                        body=ResumeRequest, errors=("400", "403", "404", "429", "503"))
+        },
+        "/v1/snapshots": {
+            "get": _op("Snapshots", {"200": ("list", _ref(SnapshotList))})
+        },
+        "/v1/snapshots/{snapshot_id}": {
+            "delete": _op("Delete a snapshot", {"200": ("deleted", _ref(SnapshotDeleted))},
+                          errors=("404",), params=("snapshot_id",))
+        },
+        "/v1/runtimes": {
+            "get": _op("Runtimes and why each is (un)available",
+                       {"200": ("list", {"type": "array", "items": _ref(RuntimeInfo)})})
+        },
+        "/v1/languages": {
+            "get": _op("Languages of the image",
+                       {"200": ("list", {"type": "array", "items": _ref(LanguageInfo)})})
+        },
+        "/health": {"get": _op("Liveness", {"200": ("alive", _ref(Health))})},
+        "/ready": {
+            "get": _op("Readiness",
+                       {"200": ("ready", _ref(Ready)), "503": ("not ready", _ref(Ready))})
+        },
+    }  # fmt: skip
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Sandstorm Gateway", "version": __version__},
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+def stream_schema() -> dict[str, Any]:
+    schema = msgspec.json.schema(ServerFrame)
+    schema["title"] = "Sandstorm stream frame (server to client)"
+    return schema
+
+
+def render(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+def generated() -> dict[str, str]:
+    return {"openapi.json": render(openapi()), "stream.schema.json": render(stream_schema())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="fail if the files are stale")
+    args = parser.parse_args(argv)
+    stale = []
+    for name, text in generated().items():
+        path = PROTOCOL_DIR / name
+        current = path.read_text() if path.exists() else None
+        if current == text:
+            continue
+        if args.check:
+            stale.append(name)
+        else:
+            path.write_text(text)
+            print(f"wrote {path}")
+    if stale:
+        print(f"stale: {', '.join(stale)}; run python -m sandstorm.schema", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
