@@ -44,7 +44,7 @@ class Series:
         s = sorted(self.samples_ms)
 
         def pct(p: float) -> float:
-            return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+            return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
         return {
             "n": len(s),

@@ -10,6 +10,7 @@ from pathlib import Path
 import trio
 
 from sandstorm.config import DEFAULT_DATA_DIR, ConfigError, load_config
+from sandstorm.images.builder import ImageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sandstorm: {exc}", file=sys.stderr)
         return 2
+    except ImageError as exc:
+        print(f"sandstorm: image build failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 1

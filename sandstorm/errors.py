@@ -7,8 +7,11 @@ Actors and runtimes raise these; the web layer turns them into
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 import msgspec
+
+T = TypeVar("T")
 
 
 class GatewayError(Exception):
@@ -90,7 +93,8 @@ class SandboxFailed(GatewayError):
     code = "sandbox_not_running"
 
 
-_PATH_RE = re.compile(r"at `\$((?:\.[A-Za-z_][A-Za-z0-9_]*|\[[^\]]*\])+)`")
+# "... - at `$.mounts[0].source`", or for a bad mapping key "... - at `key` in `$.files`".
+_PATH_RE = re.compile(r"(?:at|in) `\$((?:\.[A-Za-z_][A-Za-z0-9_]*|\[[^\]]*\])+)`")
 
 
 def field_from_validation(err: msgspec.ValidationError | msgspec.DecodeError) -> str | None:
@@ -101,15 +105,24 @@ def field_from_validation(err: msgspec.ValidationError | msgspec.DecodeError) ->
     return match.group(1).lstrip(".")
 
 
+def decode_json(decoder: msgspec.json.Decoder[T], raw: bytes) -> T:
+    """Decode a request body; every way it can be wrong becomes a 400 naming the field."""
+    try:
+        return decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise invalid_from_msgspec(exc) from None
+    except UnicodeDecodeError as exc:
+        # msgspec reports bytes that are not UTF-8 this way; the field cannot be known.
+        raise InvalidRequest(f"body is not valid UTF-8: {exc.reason}", field="body") from None
+
+
 def invalid_from_msgspec(err: msgspec.ValidationError | msgspec.DecodeError) -> InvalidRequest:
     field = field_from_validation(err)
     message = str(err)
     if isinstance(err, msgspec.ValidationError):
-        # An unknown top-level key names itself in the message, not in the path.
-        unknown = re.search(r"Object contains unknown field `([^`]*)`", message)
-        if unknown is not None:
-            name = unknown.group(1)
+        # An unknown or missing key names itself in the message, not in the path.
+        named = re.search(r"Object (?:contains unknown|missing required) field `([^`]*)`", message)
+        if named is not None:
+            name = named.group(1)
             field = f"{field}.{name}" if field else name
-    elif field is None:
-        field = "body"
-    return InvalidRequest(message, field=field)
+    return InvalidRequest(message, field=field or "body")

@@ -17,9 +17,11 @@ import msgspec
 from sandstorm import __version__
 from sandstorm.protocol import (
     DeleteResponse,
+    ErrorDetail,
     ErrorResponse,
     ExecRequest,
     ExecResponse,
+    ExecResult,
     ExecSummary,
     Health,
     LanguageInfo,
@@ -35,6 +37,7 @@ from sandstorm.protocol import (
     SnapshotInfo,
     SnapshotList,
     SnapshotRequest,
+    StdoutEvent,
 )
 
 PROTOCOL_DIR = Path(__file__).resolve().parent.parent / "protocol"
@@ -181,8 +184,40 @@ def render(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
+def examples() -> dict[str, Any]:
+    """Canonical bodies, built from the Structs so that a renamed field breaks them here."""
+    result = ExecResult(
+        exec_id="exe_01HZY3C4V9Q8W7E6R5T4Y3U2I1", exit_code=0, signal=None, verdict="ok",
+        stdout="Hello, World!\n", stderr="", stdout_truncated=False, stderr_truncated=False,
+        duration_ms=36.7, cpu_time_ms=20.0, max_rss_bytes=15667200,
+    )  # fmt: skip
+    sid = "sbx_0V9M9BNCSGHEGBTKRSB644D5RK"
+    return {
+        "run-request": RunRequest(
+            code="print('Hello, World!')", language="python", cpu_limit=1.0,
+            memory_limit=536870912, timeout=30000, environment={"PYTHONPATH": "/workspace"},
+            files={"/workspace/input.txt": "text content"}, keep_alive=300,
+        ),
+        "run-response": RunResponse(
+            id=sid, state="idle", runtime="gvisor", isolation_level="standard",
+            selection="default", created_at="2026-11-26T07:11:22.907Z",
+            expires_at="2026-11-26T07:16:23.192Z", exec_id=result.exec_id, result=result,
+        ),
+        "exec-request": ExecRequest(command=["ls", "-la"], cwd="/workspace", timeout=5000),
+        "error-invalid-request": ErrorResponse(
+            error=ErrorDetail(code="invalid_request", message="Expected `int` >= 1",
+                              details={"field": "timeout"})
+        ),
+        "stream-stdout": StdoutEvent(seq=3, ts="2026-11-26T07:11:23.001Z",
+                                     exec_id=result.exec_id, data="Hello, World!\n"),
+    }  # fmt: skip
+
+
 def generated() -> dict[str, str]:
-    return {"openapi.json": render(openapi()), "stream.schema.json": render(stream_schema())}
+    files = {"openapi.json": render(openapi()), "stream.schema.json": render(stream_schema())}
+    for name, value in examples().items():
+        files[f"examples/{name}.json"] = render(msgspec.to_builtins(value))
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             stale.append(name)
         else:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             print(f"wrote {path}")
     if stale:

@@ -9,7 +9,7 @@ from quart import Blueprint, Response, current_app, request
 
 from sandstorm.actors.router import Router
 from sandstorm.actors.sandbox import SandboxActor
-from sandstorm.errors import NotFound, SandboxNotRunning, invalid_from_msgspec
+from sandstorm.errors import NotFound, SandboxNotRunning, decode_json
 from sandstorm.gateway import Gateway
 from sandstorm.protocol import (
     JSON_ENCODER,
@@ -51,12 +51,10 @@ def _json(obj: object, status: int = 200) -> Response:
 
 async def _body(kind: type[T], *, optional: bool = False) -> T:
     raw = await request.get_data(cache=False, as_text=False)
+    assert isinstance(raw, bytes)
     if optional and not raw.strip():
         return kind()
-    try:
-        return cast(T, _DECODERS[kind].decode(raw))
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise invalid_from_msgspec(exc) from None
+    return cast(T, decode_json(_DECODERS[kind], raw))
 
 
 def _expires(actor: SandboxActor) -> str | None:

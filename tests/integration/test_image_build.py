@@ -24,7 +24,7 @@ from sandstorm.images import (
     load_manifest,
 )
 
-_DATA_DIR = os.environ.get("SANDSTORM_TEST_DATA_DIR")
+_DATA_DIR = os.environ.get("SANDSTORM_TEST_DATA_DIR", "/var/lib/sandstorm")
 
 pytestmark = pytest.mark.skipif(
     not _DATA_DIR or load_manifest(Path(_DATA_DIR)) is None,
