@@ -2,7 +2,10 @@
 # Set up Sandstorm on a Debian/Ubuntu machine: system packages, the Python environment and the
 # default sandbox image. Idempotent: a second run checks everything and changes nothing.
 #
-#   scripts/install.sh [--no-image]
+#   scripts/install.sh [--no-image] [serve [ARGS…] | test [PYTEST ARGS…]]
+#
+# With "serve" it then starts the gateway on http://localhost:3000; with "test" it runs the
+# linters, the type checker and the whole test suite.
 #
 # Environment: SANDSTORM_DATA_DIR (default /var/lib/sandstorm) is where the image is built.
 # Must run as root (it re-executes itself with sudo when it is not).
@@ -13,17 +16,21 @@ usage() {
 }
 
 build_image=1
-for arg in "$@"; do
-    case "$arg" in
-        --no-image) build_image=0 ;;
+mode=install
+original_args=("$@")
+while (($#)); do
+    case "$1" in
+        --no-image) build_image=0; shift ;;
         -h | --help) usage; exit 0 ;;
-        *) echo "install.sh: unknown option: $arg" >&2; usage >&2; exit 2 ;;
+        serve | test) mode="$1"; shift; break ;;
+        *) echo "install.sh: unknown option: $1" >&2; usage >&2; exit 2 ;;
     esac
 done
+set -- "${original_args[@]}"
 
 if [[ $EUID -ne 0 ]]; then
     if command -v sudo >/dev/null 2>&1; then
-        exec sudo --preserve-env=SANDSTORM_DATA_DIR,PIP_INDEX_URL,http_proxy,https_proxy \
+        exec sudo --preserve-env=SANDSTORM_DATA_DIR,PIP_INDEX_URL,http_proxy,https_proxy,CI \
             bash "$0" "$@"
     fi
     echo "install.sh: must run as root (and sudo is not available)" >&2
@@ -92,3 +99,21 @@ else
     say "skipping the sandbox image (--no-image)"
 fi
 say "done"
+
+# --- what to do next ------------------------------------------------------------------------
+# Drop everything up to and including the mode word; the rest goes to the command.
+while (($#)) && [[ "$1" != "$mode" ]]; do shift; done
+(($#)) && shift
+case "$mode" in
+    serve)
+        say "starting the gateway on http://localhost:3000 (Ctrl-C stops it and its sandboxes)"
+        exec .venv/bin/sandstorm serve --data-dir "$data_dir" "$@"
+        ;;
+    test)
+        say "ruff, mypy, pytest"
+        .venv/bin/ruff check .
+        .venv/bin/ruff format --check .
+        .venv/bin/mypy
+        SANDSTORM_TEST_DATA_DIR="$data_dir" exec .venv/bin/pytest "$@"
+        ;;
+esac
