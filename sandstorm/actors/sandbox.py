@@ -25,6 +25,7 @@ import trio
 from sandstorm.actors.events import EventLog
 from sandstorm.actors.execs import ExecRecord, OutputBuffer
 from sandstorm.agent.client import (
+    WRITE_FILE_CHUNK,
     AgentChannel,
     AgentProtocolError,
     ExitInfo,
@@ -38,6 +39,7 @@ from sandstorm.config import Config
 from sandstorm.errors import (
     AtCapacity,
     GatewayError,
+    InvalidRequest,
     QuotaExceeded,
     RuntimeUnavailable,
     SandboxNotRunning,
@@ -494,22 +496,25 @@ class SandboxActor:
             self.execs.popitem(last=False)
 
     async def _write_file(self, channel: AgentChannel, path: str, content: bytes) -> None:
-        num = self._next_channel
-        self._next_channel += 1
-        send, recv = trio.open_memory_channel[tuple[bool, str | None]](1)
-        self._file_waiters[num] = send
-        try:
-            await channel.send_write_file(num, path, content, 0o644)
-            with trio.fail_after(10):
-                ok, error = await recv.receive()
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-            raise SandboxNotRunning(f"sandbox {self.id} did not write {path}") from None
-        finally:
-            self._file_waiters.pop(num, None)
-        if not ok:
-            from sandstorm.errors import InvalidRequest
-
-            raise InvalidRequest(f"cannot write {path}: {error}", field=f"files.{path}")
+        """Write one file through the agent, in chunks that each fit a frame."""
+        chunks = [
+            content[i : i + WRITE_FILE_CHUNK] for i in range(0, len(content), WRITE_FILE_CHUNK)
+        ] or [b""]
+        for index, chunk in enumerate(chunks):
+            num = self._next_channel
+            self._next_channel += 1
+            send, recv = trio.open_memory_channel[tuple[bool, str | None]](1)
+            self._file_waiters[num] = send
+            try:
+                await channel.send_write_file(num, path, chunk, 0o644, append=index > 0)
+                with trio.fail_after(10):
+                    ok, error = await recv.receive()
+            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+                raise SandboxNotRunning(f"sandbox {self.id} did not write {path}") from None
+            finally:
+                self._file_waiters.pop(num, None)
+            if not ok:
+                raise InvalidRequest(f"cannot write {path}: {error}", field=f"files.{path}")
 
     async def _watch_exec(self, rec: ExecRecord) -> None:
         with trio.move_on_after(rec.timeout_s):

@@ -49,7 +49,7 @@ MAX_GATEWAY_FRAME = 1024 * 1024  # largest payload accepted from the gateway
 MAX_PING_PAYLOAD = 64
 READ_CHUNK = 64 * 1024  # child output is forwarded in chunks of at most this size
 INPUT_CHUNK = 256 * 1024  # one read from fd 0
-MAX_STDIN_PENDING = 1024 * 1024  # per exec
+MAX_STDIN_PENDING = 16 * 1024 * 1024  # per exec; REST stdin is at most 8 MiB
 # After the leader is reaped its pipes are drained without waiting for EOF (a background
 # grandchild may hold them open forever); this bounds the drain when one keeps writing.
 MAX_FINAL_DRAIN = 4 * 1024 * 1024
@@ -761,6 +761,9 @@ class Agent(object):
         path = request.get("path")
         data_b64 = request.get("data_b64")
         mode = request.get("mode", 0o644)
+        append = request.get("append", False)
+        if not isinstance(append, bool):
+            raise ValueError("append must be a boolean")
         if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
             raise ValueError("path must be an absolute path")
         if not isinstance(data_b64, str):
@@ -774,7 +777,9 @@ class Agent(object):
         parent = os.path.dirname(path)
         if parent:
             os.makedirs(parent, 0o755, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        # Large files arrive as a first frame then appended chunks (one frame is at most 1 MiB).
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags |= os.O_APPEND if append else os.O_TRUNC
         fd = os.open(path, flags, mode)
         try:
             os.fchmod(fd, mode)  # O_CREAT's mode is masked by the umask and ignored if it exists

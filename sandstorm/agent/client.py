@@ -26,6 +26,7 @@ __all__ = [
     "MAX_PING_PAYLOAD",
     "MAX_STDIN_BUFFER",
     "PROTOCOL_VERSION",
+    "WRITE_FILE_CHUNK",
     "AgentChannel",
     "AgentChannelStatistics",
     "AgentProtocolError",
@@ -54,8 +55,10 @@ MAX_GATEWAY_FRAME: Final = 1024 * 1024
 #: Largest PING payload the agent echoes.
 MAX_PING_PAYLOAD: Final = 64
 #: Stdin the agent buffers per exec before it answers ``stdin buffer full`` and drops the rest.
-MAX_STDIN_BUFFER: Final = 1024 * 1024
+MAX_STDIN_BUFFER: Final = 16 * 1024 * 1024
 MAX_CHANNEL: Final = 2**32 - 1
+#: File data per WRITE_FILE frame that always fits MAX_GATEWAY_FRAME once base64-encoded.
+WRITE_FILE_CHUNK: Final = 512 * 1024
 _RECEIVE_SIZE: Final = 65536
 
 
@@ -167,6 +170,7 @@ class _WriteFileRequest(msgspec.Struct, frozen=True, kw_only=True):
     path: str
     data_b64: str
     mode: int
+    append: bool = False
 
 
 _encoder: Final = msgspec.json.Encoder()
@@ -423,18 +427,22 @@ class AgentChannel:
             FrameKind.SIGNAL, channel, _encoder.encode(_SignalRequest(signal=signum))
         )
 
-    async def send_write_file(self, channel: int, path: str, data: bytes, mode: int) -> None:
+    async def send_write_file(
+        self, channel: int, path: str, data: bytes, mode: int, *, append: bool = False
+    ) -> None:
         """Ask the agent to write ``data`` to the absolute ``path``; it answers FILE_WRITTEN.
 
-        The base64 request must fit :data:`MAX_GATEWAY_FRAME` (about 767 KiB of data), otherwise
-        :class:`ValueError` is raised before anything is sent.
+        ``append`` adds to the file instead of replacing it: larger files are sent as chunks of
+        at most :data:`WRITE_FILE_CHUNK` bytes. The base64 request must fit
+        :data:`MAX_GATEWAY_FRAME` (about 767 KiB of data), otherwise :class:`ValueError` is
+        raised before anything is sent.
         """
         if not path.startswith("/"):
             raise ValueError(f"path must be absolute: {path!r}")
         if not 0 <= mode <= 0o7777:
             raise ValueError(f"mode {mode:#o} out of range")
         request = _WriteFileRequest(
-            path=path, data_b64=base64.b64encode(data).decode("ascii"), mode=mode
+            path=path, data_b64=base64.b64encode(data).decode("ascii"), mode=mode, append=append
         )
         await self.send_frame(FrameKind.WRITE_FILE, channel, _encoder.encode(request))
 

@@ -25,6 +25,7 @@ from sandstorm.agent import (
     AGENT_SOURCE_PATH,
     HEADER,
     MAX_GATEWAY_FRAME,
+    MAX_STDIN_BUFFER,
     AgentChannel,
     ExitInfo,
     Frame,
@@ -441,7 +442,7 @@ async def test_stdin_buffer_full(tmp_path: Path) -> None:
         async with running_agent(tmp_path) as agent:
             number = await agent.start(["sleep", "30"])  # never reads its stdin
             await agent.wait_started(number)
-            await agent.channel.send_stdin(number, bytes(2 * MAX_GATEWAY_FRAME))
+            await agent.channel.send_stdin(number, bytes(MAX_STDIN_BUFFER + MAX_GATEWAY_FRAME))
             frame = await agent.next(number)
             assert frame.kind is FrameKind.ERROR
             assert decode_error(frame.payload).message == "stdin buffer full"

@@ -294,7 +294,7 @@ async def test_send_helpers_encode_requests() -> None:
     assert frames[2].payload == b""
     assert json.loads(frames[3].payload) == {"signal": 15}
     request = json.loads(frames[4].payload)
-    assert request == {"path": "/workspace/a.txt", "data_b64": "AP8=", "mode": 420}
+    assert request == {"path": "/workspace/a.txt", "data_b64": "AP8=", "mode": 420, "append": False}
     assert base64.b64decode(request["data_b64"]) == b"\x00\xff"
     assert frames[5].payload == b"p"
     assert channel.statistics().frames_sent == 6

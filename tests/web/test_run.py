@@ -135,3 +135,19 @@ async def test_invalid_utf8_output_is_replaced(gw: RunningGateway) -> None:
     with trio.fail_after(30):
         body = await gw.run_ok(command=["sh", "-c", "printf 'a\\377b'"])
     assert body["result"]["stdout"] == "a\ufffdb"
+
+
+async def test_large_files_and_stdin_arrive_whole(gw: RunningGateway) -> None:
+    blob = "0123456789abcdef" * (3 * 1024 * 1024 // 16)  # 3 MiB: several WRITE_FILE chunks
+    with trio.fail_after(60):
+        body = await gw.run_ok(
+            command=["sh", "-c", "wc -c < /workspace/blob; md5sum < /workspace/blob; wc -c"],
+            files={"/workspace/blob": blob},
+            stdin=blob + "tail",
+        )
+    import hashlib
+
+    lines = body["result"]["stdout"].split("\n")
+    assert lines[0] == str(len(blob))
+    assert lines[1].split()[0] == hashlib.md5(blob.encode()).hexdigest()
+    assert lines[2] == str(len(blob) + 4)
