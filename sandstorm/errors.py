@@ -102,7 +102,8 @@ def field_from_validation(err: msgspec.ValidationError | msgspec.DecodeError) ->
     match = _PATH_RE.search(str(err))
     if match is None:
         return None
-    return match.group(1).lstrip(".")
+    # A value inside a mapping is reported as "environment[...]": the mapping is the field.
+    return match.group(1).lstrip(".").replace("[...]", "")
 
 
 def decode_json(decoder: msgspec.json.Decoder[T], raw: bytes) -> T:

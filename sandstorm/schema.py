@@ -149,6 +149,8 @@ def openapi() -> dict[str, Any]:
             "get": _op("Snapshots", {"200": ("list", _ref(SnapshotList))})
         },
         "/v1/snapshots/{snapshot_id}": {
+            "get": _op("One snapshot", {"200": ("snapshot", _ref(SnapshotInfo))},
+                       errors=("404",), params=("snapshot_id",)),
             "delete": _op("Delete a snapshot", {"200": ("deleted", _ref(SnapshotDeleted))},
                           errors=("404",), params=("snapshot_id",))
         },

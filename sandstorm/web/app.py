@@ -60,7 +60,11 @@ def create_app(gateway: Gateway) -> QuartTrio:
         if status == 413:
             message = f"request body is larger than {gateway.config.max_body_bytes} bytes"
         details: dict[str, object] = {"field": "body"} if status in (400, 413) else {}
-        return error_response(status, code, message, details)
+        response = error_response(status, code, message, details)
+        if status == 413:
+            # The body was refused unread: the connection cannot carry another request.
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:

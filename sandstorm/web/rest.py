@@ -154,6 +154,11 @@ async def list_snapshots() -> Response:
     return _json(SnapshotList(snapshots=_gateway().catalog.list()))
 
 
+@blueprint.get("/v1/snapshots/<snapshot_id>")
+async def get_snapshot(snapshot_id: str) -> Response:
+    return _json(_gateway().catalog.load(snapshot_id).info)
+
+
 @blueprint.delete("/v1/snapshots/<snapshot_id>")
 async def delete_snapshot(snapshot_id: str) -> Response:
     await _gateway().catalog.delete(snapshot_id)

@@ -207,7 +207,7 @@ def is_dead(pid: int) -> bool:
 
 
 async def wait_dead(pid: int) -> None:
-    while not is_dead(pid):  # noqa: ASYNC110 - nothing to wait on but /proc
+    while not is_dead(pid):
         await trio.sleep(0.01)
 
 

@@ -26,6 +26,7 @@ def test_openapi_names_every_route_of_the_spec() -> None:
         ("post", "/v1/sandboxes/{sandbox_id}/snapshot"),
         ("post", "/v1/sandboxes/resume"),
         ("get", "/v1/snapshots"),
+        ("get", "/v1/snapshots/{snapshot_id}"),
         ("delete", "/v1/snapshots/{snapshot_id}"),
         ("get", "/v1/runtimes"),
         ("get", "/v1/languages"),

@@ -1,0 +1,263 @@
+"""SPEC §3/§5: "Bad input never yields a 500, and never leaves anything behind".
+
+What a sandbox can leave on the host, observed from outside the gateway: (a) runsc containers
+under the gateway's state root, (b) bundle directories, (c) cgroup directories under the
+gateway's cgroup parent, (d) runsc processes whose command line names the data directory.
+Every check here runs well inside the reaper's 30 s interval, so the reaper cannot hide a leak.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from tests.harness import RunningGateway
+
+MIB = 1024 * 1024
+CONTROLLERS = ("memory", "cpu", "pids")
+
+
+@dataclass(frozen=True)
+class HostState:
+    containers: frozenset[str]
+    bundles: frozenset[str]
+    cgroups: frozenset[str]
+    processes: frozenset[str]
+
+    def mentioning(self, sandbox_id: str) -> list[str]:
+        found = [f"container {c}" for c in self.containers if sandbox_id in c]
+        found += [f"bundle {b}" for b in self.bundles if sandbox_id in b]
+        found += [f"cgroup {c}" for c in self.cgroups if sandbox_id in c]
+        found += [f"process {p}" for p in self.processes if sandbox_id in p]
+        return found
+
+    def is_empty(self) -> bool:
+        return not (self.containers or self.bundles or self.cgroups or self.processes)
+
+
+async def host_state(data_dir: Path, cgroup_parent: str) -> HostState:
+    runsc = shutil.which("runsc")
+    assert runsc is not None
+    containers: set[str] = set()
+    root = data_dir / "runsc"
+    if root.is_dir():
+        result = await trio.run_process(
+            [runsc, "--root", str(root), "list", "-quiet"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        containers = {line.strip() for line in result.stdout.decode().splitlines() if line.strip()}
+    sandboxes = data_dir / "sandboxes"
+    bundles = {p.name for p in sandboxes.iterdir()} if sandboxes.is_dir() else set()
+    cgroups: set[str] = set()
+    for controller in CONTROLLERS:
+        parent = Path("/sys/fs/cgroup") / controller / cgroup_parent
+        if parent.is_dir():
+            cgroups |= {f"{controller}/{p.name}" for p in parent.iterdir() if p.is_dir()}
+    v2_parent = Path("/sys/fs/cgroup") / cgroup_parent
+    if (Path("/sys/fs/cgroup") / "cgroup.controllers").exists() and v2_parent.is_dir():
+        cgroups |= {p.name for p in v2_parent.iterdir() if p.is_dir()}
+    return HostState(
+        frozenset(containers), frozenset(bundles), frozenset(cgroups), runsc_processes(data_dir)
+    )
+
+
+def runsc_processes(data_dir: Path) -> frozenset[str]:
+    found: set[str] = set()
+    needle = str(data_dir).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue  # gone meanwhile, or a kernel thread
+        if needle in cmdline and b"runsc" in cmdline:
+            text = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            found.add(f"{entry}: {text[:300]}")
+    return frozenset(found)
+
+
+async def settled_state(
+    data_dir: Path, cgroup_parent: str, want: Callable[[HostState], bool], seconds: float = 5.0
+) -> HostState:
+    """The host state once ``want`` holds, or the last one seen after ``seconds``.
+
+    Teardown is done before DELETE answers, but a runsc process may take a moment to be reaped.
+    """
+    deadline = trio.current_time() + seconds
+    while True:
+        state = await host_state(data_dir, cgroup_parent)
+        if want(state) or trio.current_time() > deadline:
+            return state
+        await trio.sleep(0.1)
+
+
+def never_500(gw: RunningGateway) -> None:
+    async def hook(response: httpx.Response) -> None:
+        if response.status_code >= 500 and response.status_code != 503:
+            await response.aread()
+            raise AssertionError(
+                f"{response.status_code} for {response.request.method} "
+                f"{response.request.url.path}: {response.text}"
+            )
+
+    gw.client.event_hooks["response"].append(hook)
+
+
+def assert_error_shape(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"code", "message", "details"}, body
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+async def test_failed_creates_leave_nothing_behind(
+    start_gateway: Callable[..., Any], tmp_path: Path, cgroup_parent: str
+) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "data.txt").write_text("x\n")
+    (tmp_path / "outside").mkdir()
+    (allowed / "escape").symlink_to(tmp_path / "outside")
+    with trio.fail_after(90):
+        async with start_gateway(mount_allow_list=[str(allowed)], max_sandboxes=2) as gw:
+            never_500(gw)
+            assert gw.config.cgroup_parent == cgroup_parent
+            # One sandbox alive throughout, so "before" is not trivially empty.
+            keeper = await gw.run_ok(command=["true"])
+            before = await host_state(gw.data_dir, cgroup_parent)
+            assert before.mentioning(keeper["id"]), before
+            assert keeper["id"] in before.containers and keeper["id"] in before.bundles
+
+            def mount(source: str, destination: str = "/workspace/data") -> dict[str, Any]:
+                return {"command": ["true"], "mounts": [{"source": source,
+                                                         "destination": destination}]}  # fmt: skip
+
+            failing: list[tuple[dict[str, Any], int, str]] = [
+                ({"code": "x", "language": "cobol"}, 400, "invalid_request"),
+                ({"command": ["true"], "runtime_preference": "docker"}, 400, "invalid_request"),
+                ({"command": ["true"], "timeout": "5"}, 400, "invalid_request"),
+                ({"command": ["true"], "memory_limit": True}, 400, "invalid_request"),
+                ({"command": ["true"], "memory_limit": 32 * MIB - 1}, 400, "invalid_request"),
+                ({"command": ["true"], "memory_limit": 1 << 40}, 400, "invalid_request"),
+                ({"command": ["true"], "cpu_limit": 1000}, 400, "invalid_request"),
+                ({"command": ["true"], "timeout": 1e308}, 400, "invalid_request"),
+                ({"command": ["true"], "keep_alive": -1}, 400, "invalid_request"),
+                ({"code": "1", "language": "python", "command": ["true"]}, 400, "invalid_request"),
+                ({"code": "print(1)"}, 400, "invalid_request"),
+                ({"command": ["true"], "environment": {"1BAD": "x"}}, 400, "invalid_request"),
+                ({"command": ["true"], "environment": {"A": "\x00"}}, 400, "invalid_request"),
+                ({"command": ["echo", "\x00"]}, 400, "invalid_request"),
+                ({"command": ["true"], "timout": 1}, 400, "invalid_request"),
+                ({"command": ["true"], "files": {"rel.txt": "x"}}, 400, "invalid_request"),
+                (mount(str(allowed), "/proc/x"), 400, "invalid_request"),
+                (mount(str(allowed), "/.sandstorm"), 400, "invalid_request"),
+                (mount(str(allowed / "missing")), 400, "invalid_request"),
+                (mount(str(tmp_path / "outside")), 403, "mount_not_allowed"),
+                (mount(str(allowed / "escape")), 403, "mount_not_allowed"),
+                (mount("/"), 403, "mount_not_allowed"),
+                (mount(str(gw.data_dir)), 403, "mount_not_allowed"),
+                ({"command": ["true"], "isolation_level": "maximum"}, 503, "runtime_unavailable"),
+            ]
+            for body, status, code in failing:
+                response = await gw.run(**body)
+                assert response.status_code == status, (body, response.text)
+                assert assert_error_shape(response)["code"] == code
+
+            raw_bodies = [b"", b"[]", b"{", b'{"code": "\\ud800", "language": "sh"}']
+            for raw in raw_bodies:
+                response = await gw.client.post(
+                    "/v1/sandboxes/run",
+                    content=raw,
+                    headers={"content-type": "application/json"},
+                )
+                assert response.status_code == 400, (raw, response.text)
+
+            # Failures after boot: the sandbox existed, so it must be torn down again.
+            for files in (
+                {"/etc/passwd": "root::0:0::/root:/bin/sh\n"},
+                {"/workspace/ok.txt": "fine", "/proc/1/x": "no"},
+                {"/workspace/ok.txt": "fine", "/usr/bin/python3": "no"},
+            ):
+                response = await gw.run(command=["true"], files=files)
+                error = assert_error_shape(response)
+                assert response.status_code == 400, response.text
+                assert error["code"] == "invalid_request"
+                assert error["details"]["field"].startswith("files."), error
+            response = await gw.run(
+                command=["true"],
+                mounts=[{"source": str(allowed), "destination": "/workspace/ro"}],
+                files={"/workspace/ro/new.txt": "into a read-only mount"},
+            )
+            assert response.status_code == 400, response.text
+            assert not (allowed / "new.txt").exists()
+
+            # At capacity: fill the second slot, be refused, free it again.
+            second = await gw.run_ok(command=["true"])
+            response = await gw.run(command=["true"])
+            assert response.status_code == 503 and response.headers.get("retry-after")
+            assert assert_error_shape(response)["code"] == "at_capacity"
+            deleted = await gw.client.delete(f"/v1/sandboxes/{second['id']}")
+            assert deleted.status_code == 200
+
+            after = await settled_state(gw.data_dir, cgroup_parent, lambda s: s == before)
+            assert after == before
+            # The keeper is untouched by all that.
+            response = await gw.client.post(
+                f"/v1/sandboxes/{keeper['id']}/exec", json={"command": ["echo", "alive"]}
+            )
+            assert response.json()["result"]["stdout"] == "alive\n"
+
+
+async def test_delete_frees_everything_of_the_sandbox(
+    start_gateway: Callable[..., Any], cgroup_parent: str
+) -> None:
+    with trio.fail_after(60):
+        async with start_gateway() as gw:
+            never_500(gw)
+            body = await gw.run_ok(command=["sh", "-c", "sleep 30 & echo started"])
+            sid = body["id"]
+            running = await host_state(gw.data_dir, cgroup_parent)
+            held = running.mentioning(sid)
+            assert any(h.startswith("container") for h in held), held
+            assert any(h.startswith("bundle") for h in held), held
+            assert {f"{c}/{sid}" for c in CONTROLLERS} <= running.cgroups, running.cgroups
+            assert any(h.startswith("process") for h in held), held
+
+            response = await gw.client.delete(f"/v1/sandboxes/{sid}")
+            assert response.status_code == 200, response.text
+            after = await settled_state(gw.data_dir, cgroup_parent, lambda s: not s.mentioning(sid))
+            assert after.mentioning(sid) == []
+            assert after.is_empty(), after
+
+
+async def test_shutdown_leaves_nothing_behind(
+    start_gateway: Callable[..., Any], data_dir: Path, cgroup_parent: str
+) -> None:
+    ids: list[str] = []
+    with trio.fail_after(90):
+        async with start_gateway() as gw:
+            never_500(gw)
+            for i in range(3):
+                body = await gw.run_ok(
+                    command=["sh", "-c", "sleep 60"] if i == 0 else ["true"], wait=i != 0
+                )
+                ids.append(body["id"])
+            running = await host_state(gw.data_dir, cgroup_parent)
+            for sid in ids:
+                assert running.mentioning(sid), (sid, running)
+        # The gateway is gone: leaving the block cancelled it, and it tore its sandboxes down.
+        after = await settled_state(data_dir, cgroup_parent, HostState.is_empty)
+    assert after.is_empty(), after
