@@ -62,7 +62,15 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     # Total bytes an exec may write (stdout + stderr) before it is killed: verdict output_limit.
     exec_output_limit: Positive = 256 * MIB
     replay_buffer_bytes: Positive = 4 * MIB
+    # Live streams (WebSockets): caps, and how far one client may fall behind before it is cut
+    # off with "lagged" and close code 1013.
+    max_streams: Positive = 1024
+    max_streams_per_sandbox: Positive = 16
+    stream_outbox_events: Annotated[int, Meta(ge=4)] = 256
+    max_client_frame_bytes: Annotated[int, Meta(ge=1024)] = 2 * MIB
     max_body_bytes: Positive = 16 * MIB
+    # A client that takes none of a response for this long is disconnected.
+    write_timeout_s: Annotated[float, Meta(gt=0)] = 15.0
     # Admission control: refuse new sandboxes beyond these with 503 at_capacity.
     max_sandboxes: Positive = 64
     memory_budget: Annotated[int, Meta(ge=64 * MIB)] = 16 * 1024 * MIB

@@ -53,6 +53,13 @@ class SandboxNotRunning(GatewayError):
     code = "sandbox_not_running"
 
 
+class ExecNotRunning(GatewayError):
+    """Stdin or a signal for an exec that has finished (or whose stdin is already closed)."""
+
+    status = 409
+    code = "exec_not_running"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"

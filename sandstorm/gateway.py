@@ -16,7 +16,6 @@ from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from sandstorm import __version__
 from sandstorm.actors.router import Router
@@ -146,6 +145,7 @@ async def serve(
 ) -> None:
     """Run the gateway until SIGINT/SIGTERM (or cancellation); reports the bound URLs."""
     from sandstorm.web.app import create_app
+    from sandstorm.web.server import serve_http
 
     gateway = Gateway(config)
     async with gateway.running(), trio.open_nursery() as nursery:
@@ -154,22 +154,16 @@ async def serve(
         if handle_signals:
             nursery.start_soon(_wait_for_signal, shutdown)
         binds = await nursery.start(
-            _serve_http, app, hypercorn_config(config.host, config.port), shutdown
+            serve_http,
+            app,
+            hypercorn_config(config.host, config.port),
+            shutdown,
+            config.write_timeout_s,
         )
         log.info("sandstorm %s serving on %s", __version__, ", ".join(binds))
         task_status.started(binds)
         await shutdown.wait()
         nursery.cancel_scope.cancel()
-
-
-async def _serve_http(
-    app: object,
-    hc: HypercornConfig,
-    shutdown: trio.Event,
-    *,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    await hypercorn_serve(app, hc, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
 
 
 async def _wait_for_signal(shutdown: trio.Event) -> None:

@@ -76,6 +76,8 @@ class RunRequest(_Wire, frozen=True):
     files: Annotated[dict[AbsPath, Code], Meta(max_length=1024)] = {}
     wait: bool = True
     keep_alive: KeepAliveS = 300
+    # Keep the program's stdin open (after ``stdin``, if any) for ``stdin`` frames on the stream.
+    stdin_open: bool = False
 
 
 class ExecRequest(_Wire, frozen=True):
@@ -87,6 +89,7 @@ class ExecRequest(_Wire, frozen=True):
     stdin: Code | None = None
     timeout: TimeoutMs | None = None
     wait: bool = True
+    stdin_open: bool = False
 
 
 class SnapshotRequest(_Wire, frozen=True):
@@ -294,7 +297,53 @@ class ErrorEvent(Struct, frozen=True, kw_only=True, tag_field="type", tag="error
     message: str
 
 
+class ExecAcceptedEvent(Struct, frozen=True, kw_only=True, tag_field="type", tag="exec_accepted"):
+    """Direct reply to a client ``exec`` frame (not in the seq-numbered log): its exec id."""
+
+    id: str | None
+    exec_id: str
+
+
 StreamEvent = StatusEvent | ExecStartedEvent | StdoutEvent | StderrEvent | ExitEvent
-ServerFrame = StreamEvent | LaggedEvent | ErrorEvent
+ServerFrame = StreamEvent | LaggedEvent | ErrorEvent | ExecAcceptedEvent
+
+
+# Client → server frames on the stream.
+
+
+class _ClientFrame(Struct, frozen=True, kw_only=True, tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+class StdinFrame(_ClientFrame, frozen=True, tag="stdin"):
+    exec_id: str
+    data: Annotated[str, Meta(max_length=MIB)] | None = None
+    data_b64: Annotated[str, Meta(max_length=2 * MIB)] | None = None
+
+
+class StdinCloseFrame(_ClientFrame, frozen=True, tag="stdin_close"):
+    exec_id: str
+
+
+class SignalFrame(_ClientFrame, frozen=True, tag="signal"):
+    exec_id: str
+    signal: SignalName
+
+
+class ExecFrame(_ClientFrame, frozen=True, tag="exec"):
+    """Start a command whose output streams on this socket; its stdin stays open for
+    ``stdin`` frames until ``stdin_close``. ``id`` is echoed in the ``exec_accepted`` reply."""
+
+    id: Annotated[str, Meta(max_length=128)] | None = None
+    code: Code | None = None
+    language: Language | None = None
+    command: Argv | None = None
+    environment: dict[str, str] = {}
+    cwd: AbsPath | None = None
+    stdin: Code | None = None
+    timeout: TimeoutMs | None = None
+
+
+ClientFrame = StdinFrame | StdinCloseFrame | SignalFrame | ExecFrame
 
 JSON_ENCODER = msgspec.json.Encoder()

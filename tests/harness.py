@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import httpx
 import trio
 
+from sandstorm.client import AsyncClient
 from sandstorm.config import Config
 
 
@@ -41,3 +43,12 @@ class RunningGateway:
             if status["state"] in states:
                 return status
             await trio.sleep(0.05)
+
+    @asynccontextmanager
+    async def stream(self, sandbox_id: str, since: int | None = None, **options: Any) -> Any:
+        """A real WebSocket on the sandbox's stream (``.ws`` gives raw frames)."""
+        async with (
+            AsyncClient(self.url) as client,
+            client.stream(sandbox_id, since or 0, **options) as stream,
+        ):
+            yield stream.ws

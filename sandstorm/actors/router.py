@@ -66,6 +66,7 @@ class Router:
         self._reserved_memory = 0
         self._reserved_count = 0
         self._nursery: trio.Nursery | None = None
+        self.open_streams = 0
         # Ids whose actor is booting: not in the table yet, but the reaper must not touch them.
         self._booting: set[str] = set()
 
@@ -288,12 +289,15 @@ class Router:
             timeout_ms=timeout_ms,
             files=files,
             stdin=stdin,
-            close_stdin=not interactive,
+            close_stdin=not (interactive or req.stdin_open),
         )
 
-    async def exec(self, sandbox_id: str, req: ExecRequest) -> tuple[SandboxActor, str]:
+    async def exec(
+        self, sandbox_id: str, req: ExecRequest, *, interactive: bool = False
+    ) -> tuple[SandboxActor, str]:
+        """Start an exec. ``interactive`` keeps its stdin open (stream clients feed it)."""
         actor = self.get(sandbox_id)
         check_exec(req, self.config)
-        plan = self.plan(req, req.timeout or actor.params.timeout_ms)
+        plan = self.plan(req, req.timeout or actor.params.timeout_ms, interactive=interactive)
         record = await actor.exec(plan)
         return actor, record.exec_id

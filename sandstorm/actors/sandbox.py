@@ -38,8 +38,10 @@ from sandstorm.agent.client import (
 from sandstorm.config import Config
 from sandstorm.errors import (
     AtCapacity,
+    ExecNotRunning,
     GatewayError,
     InvalidRequest,
+    NotFound,
     QuotaExceeded,
     RuntimeUnavailable,
     SandboxNotRunning,
@@ -141,6 +143,7 @@ class SandboxActor:
         # The creating request holds the sandbox until its first exec is in, so that keep_alive
         # (0 included) only ever counts idle time after real work.
         self._held = True
+        self.open_streams = 0
 
     # ------------------------------------------------------------------ public (any task)
 
@@ -202,24 +205,39 @@ class SandboxActor:
         self._held = False
         self._touch()
 
-    async def send_stdin(self, exec_id: str, data: bytes, close: bool) -> None:
+    def _running_exec(self, exec_id: str) -> ExecRecord:
         rec = self.execs.get(exec_id)
-        if rec is None or not rec.running or rec.stdin_closed or self._instance is None:
-            raise SandboxNotRunning(f"exec {exec_id} is not running or its stdin is closed")
+        if rec is None:
+            raise NotFound(f"exec {exec_id!r} not found in {self.id}", exec_id=exec_id)
+        if not rec.running or self._instance is None:
+            raise ExecNotRunning(f"exec {exec_id} has finished", exec_id=exec_id)
+        return rec
+
+    async def send_stdin(self, exec_id: str, data: bytes, close: bool) -> None:
+        """Feed an interactive exec's stdin (and close it when ``close``)."""
+        rec = self._running_exec(exec_id)
+        if rec.stdin_closed:
+            raise ExecNotRunning(f"the stdin of exec {exec_id} is closed", exec_id=exec_id)
+        assert self._instance is not None
         channel = self._instance.channel
-        if data:
-            await channel.send_stdin(rec.channel, data)
-        if close:
-            rec.stdin_closed = True
-            await channel.send_stdin_close(rec.channel)
+        try:
+            if data:
+                await channel.send_stdin(rec.channel, data)
+            if close:
+                rec.stdin_closed = True
+                await channel.send_stdin_close(rec.channel)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise SandboxNotRunning(f"sandbox {self.id} is {self.state}") from None
 
     async def send_signal(self, exec_id: str, name: str) -> None:
-        rec = self.execs.get(exec_id)
-        if rec is None or not rec.running or self._instance is None:
-            raise SandboxNotRunning(f"exec {exec_id} is not running")
+        rec = self._running_exec(exec_id)
         if name == "SIGKILL" and rec.kill_verdict is None:
             rec.kill_verdict = "killed"
-        await self._instance.channel.send_signal(rec.channel, SIGNALS[name])
+        assert self._instance is not None
+        try:
+            await self._instance.channel.send_signal(rec.channel, SIGNALS[name])
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise SandboxNotRunning(f"sandbox {self.id} is {self.state}") from None
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         reply_send, reply_recv = trio.open_memory_channel[outcome.Outcome[T]](1)

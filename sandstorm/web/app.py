@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from quart import Response
+from quart import Response, has_websocket_context
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -36,6 +36,7 @@ def error_response(status: int, code: str, message: str, details: dict[str, obje
 
 def create_app(gateway: Gateway) -> QuartTrio:
     from sandstorm.web.rest import blueprint
+    from sandstorm.web.stream import blueprint as stream_blueprint
 
     app = QuartTrio("sandstorm")
     app.config["SANDSTORM_GATEWAY"] = gateway
@@ -44,10 +45,14 @@ def create_app(gateway: Gateway) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = gateway.config.max_body_bytes
     app.config["BODY_TIMEOUT"] = 60
     app.register_blueprint(blueprint)
+    app.register_blueprint(stream_blueprint)
 
     @app.errorhandler(GatewayError)
     async def gateway_error(exc: GatewayError) -> Response:
         response = error_response(exc.status, exc.code, exc.message, exc.details)
+        if has_websocket_context():
+            # A refused upgrade ends the connection; nothing may follow on it.
+            response.headers["Connection"] = "close"
         if isinstance(exc, (QuotaExceeded, AtCapacity)):
             response.headers["Retry-After"] = str(exc.retry_after)
         return response

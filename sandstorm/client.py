@@ -1,0 +1,386 @@
+"""Python client for the Sandstorm gateway: REST on httpx, the live stream on trio-websocket.
+
+Async (Trio)::
+
+    async with AsyncClient("http://localhost:3000") as client:
+        result = await client.run(code="print('hi')", language="python")
+        print(result.result.stdout)
+
+        created = await client.run(command=["python3", "-i"], wait=False, stdin_open=True)
+        async with client.stream(created.id) as stream:
+            await stream.send_stdin(created.exec_id, "print(6 * 7)\\n")
+            async for event in stream:
+                ...
+
+Sync::
+
+    with Client() as client:
+        print(client.run(code="print('hi')", language="python").result.stdout)
+        for event in client.iter_events(sandbox_id):
+            ...
+
+The gateway URL defaults to ``$SANDSTORM_URL`` or http://localhost:3000. Every error answer
+raises :class:`SandstormError` with the SPEC's code, message and details.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+import msgspec
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+
+from sandstorm.protocol import (
+    DeleteResponse,
+    ExecAcceptedEvent,
+    ExecResponse,
+    ExecSummary,
+    LanguageInfo,
+    RunResponse,
+    RuntimeInfo,
+    SandboxList,
+    SandboxStatus,
+    ServerFrame,
+    SnapshotInfo,
+    SnapshotList,
+)
+
+DEFAULT_URL = "http://localhost:3000"
+T = TypeVar("T")
+_FRAMES = msgspec.json.Decoder(ServerFrame)
+# The exit frame carries the capped result (up to 1 MiB per stream, JSON-escaped).
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+
+def default_url() -> str:
+    return os.environ.get("SANDSTORM_URL") or DEFAULT_URL
+
+
+class SandstormError(Exception):
+    """An error answer from the gateway (or a stream ``error`` frame)."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any]) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json()["error"]
+        raise SandstormError(
+            response.status_code, error["code"], error["message"], error.get("details", {})
+        )
+    except (ValueError, KeyError, TypeError):
+        raise SandstormError(response.status_code, "http_error", response.text, {}) from None
+
+
+def _decode(response: httpx.Response, kind: type[T]) -> T:
+    _raise_for(response)
+    return msgspec.json.decode(response.content, type=kind)
+
+
+def _body(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+class _Requests:
+    """The REST surface shared by the sync and async clients: how to build each request."""
+
+    @staticmethod
+    def run(**fields: Any) -> tuple[str, str, dict[str, Any]]:
+        return "POST", "/v1/sandboxes/run", _body(**fields)
+
+    @staticmethod
+    def exec(sandbox_id: str, **fields: Any) -> tuple[str, str, dict[str, Any]]:
+        return "POST", f"/v1/sandboxes/{sandbox_id}/exec", _body(**fields)
+
+
+class AsyncClient:
+    def __init__(self, url: str | None = None, *, timeout: float = 120.0) -> None:
+        self.url = (url or default_url()).rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, kind: type[T], body: Any = None) -> T:
+        response = await self._http.request(method, path, json=body)
+        return _decode(response, kind)
+
+    # -- sandboxes
+    async def run(self, **fields: Any) -> RunResponse:
+        """POST /v1/sandboxes/run; fields as in the SPEC (code, language, command, …)."""
+        method, path, body = _Requests.run(**fields)
+        return await self._call(method, path, RunResponse, body)
+
+    async def exec(self, sandbox_id: str, **fields: Any) -> ExecResponse:
+        method, path, body = _Requests.exec(sandbox_id, **fields)
+        return await self._call(method, path, ExecResponse, body)
+
+    async def exec_result(self, sandbox_id: str, exec_id: str) -> ExecSummary:
+        return await self._call("GET", f"/v1/sandboxes/{sandbox_id}/execs/{exec_id}", ExecSummary)
+
+    async def status(self, sandbox_id: str) -> SandboxStatus:
+        return await self._call("GET", f"/v1/sandboxes/{sandbox_id}/status", SandboxStatus)
+
+    async def sandboxes(self) -> list[SandboxStatus]:
+        return (await self._call("GET", "/v1/sandboxes", SandboxList)).sandboxes
+
+    async def delete(self, sandbox_id: str) -> DeleteResponse:
+        return await self._call("DELETE", f"/v1/sandboxes/{sandbox_id}", DeleteResponse)
+
+    # -- snapshots
+    async def snapshot(self, sandbox_id: str, *, leave_running: bool = True) -> SnapshotInfo:
+        body = {"leave_running": leave_running}
+        return await self._call("POST", f"/v1/sandboxes/{sandbox_id}/snapshot", SnapshotInfo, body)
+
+    async def resume(self, snapshot_id: str, *, keep_alive: int = 300) -> SandboxStatus:
+        body = {"snapshot_id": snapshot_id, "keep_alive": keep_alive}
+        return await self._call("POST", "/v1/sandboxes/resume", SandboxStatus, body)
+
+    async def snapshots(self) -> list[SnapshotInfo]:
+        return (await self._call("GET", "/v1/snapshots", SnapshotList)).snapshots
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        _raise_for(await self._http.delete(f"/v1/snapshots/{snapshot_id}"))
+
+    # -- catalogue
+    async def runtimes(self) -> list[RuntimeInfo]:
+        return await self._call("GET", "/v1/runtimes", list[RuntimeInfo])
+
+    async def languages(self) -> list[LanguageInfo]:
+        return await self._call("GET", "/v1/languages", list[LanguageInfo])
+
+    # -- the live stream
+    @asynccontextmanager
+    async def stream(
+        self,
+        sandbox_id: str,
+        since: int = 0,
+        *,
+        message_queue_size: int = 64,
+        max_message_size: int = MAX_FRAME_BYTES,
+    ) -> AsyncIterator[Stream]:
+        """Open ``GET /v1/sandboxes/{id}/stream``; iterate the stream for events.
+
+        ``message_queue_size`` frames are read ahead at most; past that the client stops
+        reading the socket (and the gateway cuts a client that lags too far). Raises
+        :class:`SandstormError` when the gateway refuses the stream (404, 503) before upgrading.
+        """
+        parts = urlsplit(self.url)
+        host = parts.hostname or "localhost"
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        resource = f"{parts.path}/v1/sandboxes/{sandbox_id}/stream?since={since}"
+        tcp: trio.abc.Stream
+        if parts.scheme == "https":
+            import ssl
+
+            raw = await trio.open_tcp_stream(host, port)
+            tcp = trio.SSLStream(raw, ssl.create_default_context(), server_hostname=host)
+        else:
+            tcp = await trio.open_tcp_stream(host, port)
+        # We own the TCP stream and close it ourselves: trio-websocket 0.12 leaves a client's
+        # socket open when the server closes first.
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    ws = await wrap_client_stream(
+                        nursery, tcp, host, resource,
+                        max_message_size=max_message_size,
+                        message_queue_size=message_queue_size,
+                    )  # fmt: skip
+                except Exception as exc:  # ConnectionRejected carries the HTTP answer
+                    status = getattr(exc, "status_code", None)
+                    if status is None:
+                        raise
+                    body = getattr(exc, "body", b"") or b"{}"
+                    raise _rejected(status, body) from None
+                stream = Stream(ws)
+                try:
+                    yield stream
+                finally:
+                    await ws.aclose()
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await tcp.aclose()
+
+
+def _rejected(status: int, body: bytes) -> SandstormError:
+    try:
+        error = json.loads(body)["error"]
+        return SandstormError(status, error["code"], error["message"], error.get("details", {}))
+    except (ValueError, KeyError, TypeError):
+        return SandstormError(status, "http_error", body.decode(errors="replace"), {})
+
+
+class Stream:
+    """One WebSocket on a sandbox: iterate for events; send stdin, signals and execs."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.close_code: int | None = None
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        """The next server frame as a protocol Struct; ends when the gateway closes the socket."""
+        try:
+            message = await self.ws.get_message()
+        except ConnectionClosed as closed:
+            self.close_code = closed.reason.code if closed.reason else None
+            raise StopAsyncIteration from None
+        return _FRAMES.decode(message)
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send_message(json.dumps(frame))
+
+    async def send_stdin(self, exec_id: str, data: str | bytes) -> None:
+        if isinstance(data, bytes):
+            try:
+                await self._send({"type": "stdin", "exec_id": exec_id, "data": data.decode()})
+            except UnicodeDecodeError:
+                encoded = base64.b64encode(data).decode()
+                await self._send({"type": "stdin", "exec_id": exec_id, "data_b64": encoded})
+        else:
+            await self._send({"type": "stdin", "exec_id": exec_id, "data": data})
+
+    async def close_stdin(self, exec_id: str) -> None:
+        await self._send({"type": "stdin_close", "exec_id": exec_id})
+
+    async def signal(self, exec_id: str, name: str = "SIGINT") -> None:
+        await self._send({"type": "signal", "exec_id": exec_id, "signal": name})
+
+    async def exec(self, request_id: str | None = None, **fields: Any) -> None:
+        """Start an interactive exec; its ``exec_accepted`` reply (with ``request_id``) and its
+        events arrive on the stream."""
+        await self._send({"type": "exec", "id": request_id, **_body(**fields)})
+
+
+def is_accepted(event: Any, request_id: str) -> bool:
+    return isinstance(event, ExecAcceptedEvent) and event.id == request_id
+
+
+class Client:
+    """The synchronous client: the same REST calls, blocking; streams through a worker thread."""
+
+    def __init__(self, url: str | None = None, *, timeout: float = 120.0) -> None:
+        self.url = (url or default_url()).rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, kind: type[T], body: Any = None) -> T:
+        return _decode(self._http.request(method, path, json=body), kind)
+
+    def run(self, **fields: Any) -> RunResponse:
+        method, path, body = _Requests.run(**fields)
+        return self._call(method, path, RunResponse, body)
+
+    def exec(self, sandbox_id: str, **fields: Any) -> ExecResponse:
+        method, path, body = _Requests.exec(sandbox_id, **fields)
+        return self._call(method, path, ExecResponse, body)
+
+    def exec_result(self, sandbox_id: str, exec_id: str) -> ExecSummary:
+        return self._call("GET", f"/v1/sandboxes/{sandbox_id}/execs/{exec_id}", ExecSummary)
+
+    def status(self, sandbox_id: str) -> SandboxStatus:
+        return self._call("GET", f"/v1/sandboxes/{sandbox_id}/status", SandboxStatus)
+
+    def sandboxes(self) -> list[SandboxStatus]:
+        return self._call("GET", "/v1/sandboxes", SandboxList).sandboxes
+
+    def delete(self, sandbox_id: str) -> DeleteResponse:
+        return self._call("DELETE", f"/v1/sandboxes/{sandbox_id}", DeleteResponse)
+
+    def snapshot(self, sandbox_id: str, *, leave_running: bool = True) -> SnapshotInfo:
+        body = {"leave_running": leave_running}
+        return self._call("POST", f"/v1/sandboxes/{sandbox_id}/snapshot", SnapshotInfo, body)
+
+    def resume(self, snapshot_id: str, *, keep_alive: int = 300) -> SandboxStatus:
+        body = {"snapshot_id": snapshot_id, "keep_alive": keep_alive}
+        return self._call("POST", "/v1/sandboxes/resume", SandboxStatus, body)
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        return self._call("GET", "/v1/snapshots", SnapshotList).snapshots
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        _raise_for(self._http.delete(f"/v1/snapshots/{snapshot_id}"))
+
+    def runtimes(self) -> list[RuntimeInfo]:
+        return self._call("GET", "/v1/runtimes", list[RuntimeInfo])
+
+    def languages(self) -> list[LanguageInfo]:
+        return self._call("GET", "/v1/languages", list[LanguageInfo])
+
+    def iter_events(self, sandbox_id: str, since: int = 0) -> Iterator[Any]:
+        """Yield the sandbox's stream events until the gateway closes the stream.
+
+        A worker thread runs the async stream; a bounded queue hands events over, so a caller
+        that stops iterating stops the reading too (and the gateway cuts it off if it lags).
+        """
+        events: queue.Queue[Any] = queue.Queue(maxsize=256)
+        done = object()
+        stop = threading.Event()
+
+        async def pump() -> None:
+            async with AsyncClient(self.url) as client, client.stream(sandbox_id, since) as s:
+                async for event in s:
+                    while not stop.is_set():
+                        try:
+                            events.put(event, timeout=0.1)
+                            break
+                        except queue.Full:
+                            await trio.lowlevel.checkpoint()
+                    if stop.is_set():
+                        return
+
+        def worker() -> None:
+            try:
+                trio.run(pump)
+                events.put(done)
+            except BaseException as exc:  # handed to the caller's thread
+                events.put(exc)
+
+        thread = threading.Thread(target=worker, name="sandstorm-stream", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = events.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join(timeout=5)

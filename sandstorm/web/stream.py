@@ -1,0 +1,173 @@
+"""``GET /v1/sandboxes/{id}/stream``: the sandbox's event log over a WebSocket (SPEC §4).
+
+One nursery per connection: a writer that forwards the log (replay from ``since``, then live
+events) and a reader that applies client frames. The writer's outbox is the connection's own
+bounded subscription to the log: a client that stops reading fills it, is sent ``lagged`` and is
+closed with 1013, while the sandbox and every other client go on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+from typing import Any, cast
+
+import msgspec
+import trio
+from quart import Blueprint, current_app, websocket
+
+from sandstorm.actors.events import Subscriber
+from sandstorm.actors.sandbox import SandboxActor
+from sandstorm.config import Config
+from sandstorm.errors import AtCapacity, GatewayError, InvalidRequest, SandboxNotRunning
+from sandstorm.gateway import Gateway
+from sandstorm.protocol import (
+    JSON_ENCODER,
+    ClientFrame,
+    ErrorEvent,
+    ExecAcceptedEvent,
+    ExecFrame,
+    ExecRequest,
+    LaggedEvent,
+    SignalFrame,
+    StdinCloseFrame,
+    StdinFrame,
+)
+
+log = logging.getLogger(__name__)
+blueprint = Blueprint("stream", __name__)
+_CLIENT_FRAMES = msgspec.json.Decoder(ClientFrame)
+CLOSE_NORMAL = 1000
+CLOSE_TRY_AGAIN_LATER = 1013
+# How long a lagged client gets to take its "lagged" frame before the socket is dropped.
+LAGGED_SEND_TIMEOUT_S = 1.0
+
+
+def _gateway() -> Gateway:
+    return cast(Gateway, current_app.config["SANDSTORM_GATEWAY"])
+
+
+@blueprint.websocket("/v1/sandboxes/<sandbox_id>/stream")
+async def stream(sandbox_id: str) -> None:
+    gateway = _gateway()
+    router = gateway.router
+    if router is None:
+        raise SandboxNotRunning("the gateway is shutting down")
+    # Everything that can refuse the stream happens before the upgrade, so the client gets the
+    # SPEC's HTTP error (404 for an unknown sandbox) instead of a socket that closes at once.
+    actor = router.get(sandbox_id)
+    since = _since(websocket.args.get("since"))
+    config = gateway.config
+    if router.open_streams >= config.max_streams:
+        raise AtCapacity(f"the gateway already serves {router.open_streams} streams")
+    if actor.open_streams >= config.max_streams_per_sandbox:
+        raise AtCapacity(f"sandbox {sandbox_id} already has {actor.open_streams} streams")
+    router.open_streams += 1
+    actor.open_streams += 1
+    subscriber, replay, missed = actor.events.subscribe(since, config.stream_outbox_events)
+    try:
+        await websocket.accept()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_client, actor, config, nursery.cancel_scope)
+            code = await _write_events(subscriber, replay, missed)
+            nursery.cancel_scope.cancel()
+        with contextlib.suppress(Exception), trio.move_on_after(LAGGED_SEND_TIMEOUT_S):
+            await websocket.close(code)
+    finally:
+        subscriber.close()
+        router.open_streams -= 1
+        actor.open_streams -= 1
+
+
+def _since(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest("since must be a non-negative integer", field="since") from None
+    if value < 0:
+        raise InvalidRequest("since must be a non-negative integer", field="since")
+    return value
+
+
+async def _write_events(
+    subscriber: Subscriber, replay: list[Any], missed: tuple[int, int] | None
+) -> int:
+    """Send the replay, then live events; returns the close code."""
+    if missed is not None:
+        await websocket.send(
+            JSON_ENCODER.encode(LaggedEvent(missed_from=missed[0], missed_to=missed[1])).decode()
+        )
+    for event in replay:
+        await websocket.send(event.data.decode())
+    async for event in subscriber.outbox:
+        await websocket.send(event.data.decode())
+    if not subscriber.lagged:
+        return CLOSE_NORMAL  # the sandbox ended: its log is closed and fully delivered
+    assert subscriber.missed_from is not None
+    lagged = LaggedEvent(missed_from=subscriber.missed_from, missed_to=subscriber.missed_from)
+    with trio.move_on_after(LAGGED_SEND_TIMEOUT_S):
+        await websocket.send(JSON_ENCODER.encode(lagged).decode())
+    return CLOSE_TRY_AGAIN_LATER
+
+
+async def _send_error(code: str, message: str) -> None:
+    await websocket.send(JSON_ENCODER.encode(ErrorEvent(code=code, message=message)).decode())
+
+
+async def _read_client(actor: SandboxActor, config: Config, scope: trio.CancelScope) -> None:
+    """Apply client frames; a bad frame gets an ``error`` frame and the socket stays usable."""
+    while True:
+        message = await websocket.receive()
+        if isinstance(message, bytes):
+            await _send_error("invalid_frame", "binary frames are not accepted; send JSON text")
+            continue
+        if len(message) > config.max_client_frame_bytes:
+            await _send_error(
+                "invalid_frame",
+                f"frame of {len(message)} bytes exceeds {config.max_client_frame_bytes}",
+            )
+            continue
+        try:
+            frame = _CLIENT_FRAMES.decode(message)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            await _send_error("invalid_frame", str(exc))
+            continue
+        except UnicodeDecodeError:
+            await _send_error("invalid_frame", "frame is not valid UTF-8")
+            continue
+        try:
+            await _apply(actor, frame)
+        except GatewayError as exc:
+            await _send_error(exc.code, exc.message)
+
+
+async def _apply(actor: SandboxActor, frame: ClientFrame) -> None:
+    if isinstance(frame, StdinFrame):
+        if frame.data is not None and frame.data_b64 is not None:
+            raise InvalidRequest("give data or data_b64, not both", field="data")
+        try:
+            data = (
+                base64.b64decode(frame.data_b64, validate=True)
+                if frame.data_b64 is not None
+                else (frame.data or "").encode()
+            )
+        except (binascii.Error, ValueError):
+            raise InvalidRequest("data_b64 is not valid base64", field="data_b64") from None
+        await actor.send_stdin(frame.exec_id, data, close=False)
+    elif isinstance(frame, StdinCloseFrame):
+        await actor.send_stdin(frame.exec_id, b"", close=True)
+    elif isinstance(frame, SignalFrame):
+        await actor.send_signal(frame.exec_id, frame.signal)
+    elif isinstance(frame, ExecFrame):
+        fields = msgspec.structs.asdict(frame)
+        request_id = fields.pop("id")
+        router = _gateway().router
+        if router is None:
+            raise SandboxNotRunning("the gateway is shutting down")
+        _, exec_id = await router.exec(actor.id, ExecRequest(**fields), interactive=True)
+        accepted = ExecAcceptedEvent(id=request_id, exec_id=exec_id)
+        await websocket.send(JSON_ENCODER.encode(accepted).decode())
