@@ -1,8 +1,14 @@
 """A sandbox's event log: seq-numbered, encoded once, a bounded replay buffer, bounded fan-out.
 
 Every event is encoded to JSON exactly once, when it is appended; replay and live delivery hand
-out the same bytes. Each subscriber has its own bounded outbox: one that falls behind is marked
-lagged and cut off, so a slow reader can never grow the gateway's memory or stall the sandbox.
+out the same bytes. Each subscriber has its own bounded outbox.
+
+Flow control: when a subscriber's outbox is full, the producer (the sandbox's agent reader)
+waits for it, which in turn pauses the sandbox's output (its pipe fills) — so a client that reads
+gets every byte, however fast the program writes. A subscriber that takes nothing for
+``stall_timeout`` seconds has stopped reading: it is marked lagged and cut off, and the producer
+goes on. Memory stays bounded either way; a client that stops reading costs the sandbox at most
+one stall timeout.
 """
 
 from __future__ import annotations
@@ -25,21 +31,53 @@ class EncodedEvent:
 
 
 class Subscriber:
-    """One reader of the log. Iterate ``outbox``; check ``lagged`` when it ends."""
+    """One reader of the log: iterate it; check ``lagged`` when the iteration ends."""
 
     def __init__(self, log: EventLog, capacity: int) -> None:
         self._log = log
-        self._send, self.outbox = trio.open_memory_channel[EncodedEvent](capacity)
+        self._send, self._receive = trio.open_memory_channel[EncodedEvent](capacity)
+        self.capacity = capacity
         self.lagged = False
         self.missed_from: int | None = None
+        self._progress = trio.Event()
+
+    def __aiter__(self) -> Subscriber:
+        return self
+
+    async def __anext__(self) -> EncodedEvent:
+        """The next event; ends when the log closes or this subscriber was cut off."""
+        try:
+            event = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        self._progress.set()
+        self._progress = trio.Event()
+        return event
+
+    @property
+    def full(self) -> bool:
+        return self._receive.statistics().current_buffer_used >= self.capacity
+
+    async def wait_for_room(self, stall_timeout: float) -> None:
+        """Wait while the outbox is full and the reader keeps taking events; cut it off if it
+        takes nothing for ``stall_timeout`` seconds."""
+        while self.full and not self.lagged:
+            progress = self._progress
+            with trio.move_on_after(stall_timeout):
+                await progress.wait()
+                continue
+            self._cut_off(self._log.last_seq + 1)
+
+    def _cut_off(self, missed_from: int) -> None:
+        self.lagged = True
+        self.missed_from = missed_from
+        self.close()
 
     def _deliver(self, event: EncodedEvent) -> None:
         try:
             self._send.send_nowait(event)
         except trio.WouldBlock:
-            self.lagged = True
-            self.missed_from = event.seq
-            self.close()
+            self._cut_off(event.seq)
         except trio.BrokenResourceError:
             self.close()
 
@@ -77,6 +115,12 @@ class EventLog:
         for sub in list(self._subscribers):
             sub._deliver(encoded)
         return seq
+
+    async def wait_for_readers(self, stall_timeout: float) -> None:
+        """Producer side of flow control: return once no subscriber's outbox is full."""
+        for sub in list(self._subscribers):
+            if sub.full:
+                await sub.wait_for_room(stall_timeout)
 
     def subscribe(
         self, since: int = 0, capacity: int = 1024

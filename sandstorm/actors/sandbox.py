@@ -348,11 +348,15 @@ class SandboxActor:
         channel = instance.channel
         reason: str | None = None
         try:
+            stall = self.config.stream_stall_timeout_s
             while True:
                 frame = await channel.receive_frame()
                 if frame is None:
                     break
                 self._dispatch(frame.kind, frame.channel, frame.payload)
+                # Flow control: a stream client that reads slower than the program writes
+                # pauses the program (its pipe fills) instead of losing output.
+                await self.events.wait_for_readers(stall)
         except AgentProtocolError as exc:
             reason = f"agent protocol violation: {exc}"
         except (trio.BrokenResourceError, trio.ClosedResourceError):

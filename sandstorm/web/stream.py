@@ -2,8 +2,9 @@
 
 One nursery per connection: a writer that forwards the log (replay from ``since``, then live
 events) and a reader that applies client frames. The writer's outbox is the connection's own
-bounded subscription to the log: a client that stops reading fills it, is sent ``lagged`` and is
-closed with 1013, while the sandbox and every other client go on.
+bounded subscription to the log, with flow control (see ``actors/events.py``): a client that
+reads gets everything, a client that stops reading is sent ``lagged`` and closed with 1013 once
+it has taken nothing for the stall timeout, and the sandbox and every other client go on.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ async def _write_events(
         )
     for event in replay:
         await websocket.send(event.data.decode())
-    async for event in subscriber.outbox:
+    async for event in subscriber:
         await websocket.send(event.data.decode())
     if not subscriber.lagged:
         return CLOSE_NORMAL  # the sandbox ended: its log is closed and fully delivered
