@@ -1,4 +1,5 @@
-"""The ``sandstorm`` command: run the gateway and manage its images."""
+"""The ``sandstorm`` command: run the gateway, manage its images, and use a gateway as a client
+(run, exec, ls, rm, status, snapshot, snapshots, resume; see ``sandstorm.cli_client``)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,19 @@ from pathlib import Path
 
 import trio
 
+from sandstorm import cli_client
 from sandstorm.config import DEFAULT_DATA_DIR, ConfigError, load_config
 from sandstorm.images.builder import ImageError
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sandstorm", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level", default=None, help="INFO for serve and image, WARNING for the client"
+    )
+    parser.add_argument(
+        "--url", default=None, help="gateway URL for the client commands ($SANDSTORM_URL)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
@@ -30,16 +37,21 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--data-dir", default=None)
     build.add_argument("--config", default=None)
     build.add_argument("--force", action="store_true", help="rebuild even if it exists")
+
+    cli_client.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    is_client = args.command in cli_client.COMMANDS
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=(args.log_level or ("WARNING" if is_client else "INFO")).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if is_client:
+        return cli_client.main(args)
     try:
         if args.command == "serve":
             config = load_config(

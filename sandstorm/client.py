@@ -38,7 +38,12 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    wrap_client_stream,
+)
 
 from sandstorm.protocol import (
     DeleteResponse,
@@ -202,29 +207,41 @@ class AsyncClient:
             tcp = await trio.open_tcp_stream(host, port)
         # We own the TCP stream and close it ourselves: trio-websocket 0.12 leaves a client's
         # socket open when the server closes first.
+        opened = False
         try:
             async with trio.open_nursery() as nursery:
+                ws = await wrap_client_stream(
+                    nursery, tcp, host, resource,
+                    max_message_size=max_message_size, message_queue_size=message_queue_size,
+                )  # fmt: skip
+                opened = True
                 try:
-                    ws = await wrap_client_stream(
-                        nursery, tcp, host, resource,
-                        max_message_size=max_message_size,
-                        message_queue_size=message_queue_size,
-                    )  # fmt: skip
-                except Exception as exc:  # ConnectionRejected carries the HTTP answer
-                    status = getattr(exc, "status_code", None)
-                    if status is None:
-                        raise
-                    body = getattr(exc, "body", b"") or b"{}"
-                    raise _rejected(status, body) from None
-                stream = Stream(ws)
-                try:
-                    yield stream
+                    yield Stream(ws)
                 finally:
                     await ws.aclose()
                     nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The connection's reader task runs in a nursery, so errors arrive grouped: a refused
+            # upgrade becomes SandstormError, and a single error is raised as itself.
+            rejected = group.subgroup(ConnectionRejected)
+            if rejected is not None and not opened:
+                refusal = _leaves(rejected)[0]
+                assert isinstance(refusal, ConnectionRejected)
+                raise _rejected(refusal.status_code or 0, refusal.body or b"{}") from None
+            leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
         finally:
             with trio.CancelScope(shield=True):
                 await tcp.aclose()
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def _rejected(status: int, body: bytes) -> SandstormError:

@@ -173,6 +173,8 @@ class SandboxStatus(_Out, frozen=True):
     execs: list[ExecSummary]
     restored_from: str | None = None
     failure: Failure | None = None
+    # The seq of the newest stream event: connect with ?since=this to get only what follows.
+    last_event_seq: int = 0
 
 
 class SandboxList(_Out, frozen=True):

@@ -39,6 +39,8 @@ BASE_ENV = {
     "HOME": "/workspace",
     "LANG": "C.UTF-8",
     "USER": "sandbox",
+    # Output should stream as it is written; Python block-buffers a pipe unless told otherwise.
+    "PYTHONUNBUFFERED": "1",
 }
 
 

@@ -61,7 +61,12 @@ from sandstorm.protocol import (
     StatusEvent,
     Usage,
 )
-from sandstorm.runtimes.base import RuntimeInstance, SandboxRuntime, SandboxSpec
+from sandstorm.runtimes.base import (
+    RuntimeInstance,
+    RuntimeStartError,
+    SandboxRuntime,
+    SandboxSpec,
+)
 from sandstorm.snapshots import SnapshotCatalog, SnapshotMeta, SnapshotMount
 from sandstorm.timestamps import rfc3339, rfc3339_from_epoch
 
@@ -182,6 +187,7 @@ class SandboxActor:
             execs=[e.summary() for e in self.execs.values()],
             restored_from=self.params.restored_from,
             failure=self.failure,
+            last_event_seq=self.events.last_seq,
         )
 
     async def exec(self, plan: ExecPlan) -> ExecRecord:
@@ -196,7 +202,7 @@ class SandboxActor:
         if not self.alive:
             return []
         try:
-            return await self._call(lambda: self._teardown("destroyed", None))
+            return await self._call(lambda: self._teardown("destroyed", None), wait_for_room=True)
         except SandboxNotRunning:
             await self.finished.wait()
             return []
@@ -239,10 +245,15 @@ class SandboxActor:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise SandboxNotRunning(f"sandbox {self.id} is {self.state}") from None
 
-    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, op: Callable[[], Awaitable[T]], *, wait_for_room: bool = False) -> T:
+        """Run ``op`` in the actor, after what is already queued. A full mailbox refuses new
+        work (503), except for teardown, which waits its turn (``wait_for_room``)."""
         reply_send, reply_recv = trio.open_memory_channel[outcome.Outcome[T]](1)
         try:
-            self._mailbox_send.send_nowait((op, reply_send))
+            if wait_for_room:
+                await self._mailbox_send.send((op, reply_send))
+            else:
+                self._mailbox_send.send_nowait((op, reply_send))
         except trio.WouldBlock:
             raise AtCapacity(f"sandbox {self.id} has too many pending requests") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -284,7 +295,7 @@ class SandboxActor:
                     f"sandbox did not boot within {self.config.boot_timeout_s:.0f}s",
                     runtime=self.params.runtime_name,
                 ) from None
-            if isinstance(exc, (OSError, AgentProtocolError)) or type(exc).__name__ == "RunscError":
+            if isinstance(exc, (OSError, AgentProtocolError, RuntimeStartError)):
                 raise RuntimeUnavailable(
                     f"sandbox failed to boot: {exc}", runtime=self.params.runtime_name
                 ) from exc

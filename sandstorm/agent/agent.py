@@ -36,6 +36,7 @@ STARTED = 3
 STDOUT = 4
 STDERR = 5
 STDIN = 6
+START = -1  # internal: the fd is an exec's start (error) pipe, not a frame kind
 STDIN_CLOSE = 7
 SIGNAL = 8
 EXIT = 9
@@ -221,6 +222,8 @@ class Exec(object):
         "close_requested",
         "pending",
         "pid",
+        "start_error",
+        "start_fd",
         "started",
         "stderr_fd",
         "stdin_fd",
@@ -236,6 +239,9 @@ class Exec(object):
         self.stderr_fd = -1
         self.pending = bytearray()
         self.close_requested = False
+        # The child's close-on-exec error pipe until execve is known to have succeeded or failed.
+        self.start_fd = -1
+        self.start_error = bytearray()
 
 
 class ExecRequestError(Exception):
@@ -395,6 +401,8 @@ class Agent(object):
                     ex, kind = owner
                     if kind == STDIN:
                         self.flush_stdin(ex)
+                    elif kind == START:
+                        self.check_start(ex)
                     else:
                         self.forward_output(ex, fd, kind)
 
@@ -531,30 +539,12 @@ class Agent(object):
             pass  # already exec'd (EACCES) or already gone (ESRCH): the child did it
         for fd in (stdin_r, stdout_w, stderr_w, err_w):
             os.close(fd)
-        # The error pipe is close-on-exec: EOF means execve succeeded, data means it failed.
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(err_r, 4096)
-            except InterruptedError:  # pragma: no cover
-                continue
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(err_r)
         ex = Exec(channel)
         ex.pid = pid
         ex.started = started
         self.execs[channel] = ex
         self.leaders[pid] = ex
-        if chunks:
-            # Exec failed: no STARTED; the child exits 126/127 and is reaped like any other.
-            os.close(stdin_w)
-            os.close(stdout_r)
-            os.close(stderr_r)
-            send_error(channel, b"".join(chunks).decode("utf-8", "replace"))
-            return
-        for fd in (stdin_w, stdout_r, stderr_r):
+        for fd in (stdin_w, stdout_r, stderr_r, err_r):
             os.set_blocking(fd, False)
         ex.stdin_fd = stdin_w
         ex.stdout_fd = stdout_r
@@ -563,7 +553,38 @@ class Agent(object):
         self.fd_owner[stderr_r] = (ex, STDERR)
         self.poller.register(stdout_r, POLLIN)
         self.poller.register(stderr_r, POLLIN)
-        send_json(STARTED, channel, {"pid": pid})
+        # The error pipe is close-on-exec: EOF means execve succeeded, data means it failed.
+        # It is watched by the main loop, never read blocking: code in the sandbox can stop the
+        # child before it execs, and PID 1 must not wait on it.
+        ex.start_fd = err_r
+        self.fd_owner[err_r] = (ex, START)
+        self.poller.register(err_r, POLLIN)
+
+    def check_start(self, ex):
+        """Read the error pipe; on EOF report STARTED, or the exec failure (ERROR)."""
+        fd = ex.start_fd
+        if fd < 0:
+            return
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except BlockingIOError:
+                return  # not decided yet
+            except InterruptedError:  # pragma: no cover
+                continue
+            if not chunk:
+                break
+            ex.start_error += chunk
+        self.poller.unregister(fd)
+        del self.fd_owner[fd]
+        os.close(fd)
+        ex.start_fd = -1
+        if ex.start_error:
+            # Exec failed: no STARTED; the child exits 126/127 and is reaped like any other.
+            self.close_stdin(ex)
+            send_error(ex.channel, bytes(ex.start_error).decode("utf-8", "replace"))
+        else:
+            send_json(STARTED, ex.channel, {"pid": ex.pid})
 
     # -- stdin -------------------------------------------------------------------------------
 
@@ -709,6 +730,8 @@ class Agent(object):
 
     def finish(self, ex, status, usage):
         duration_ms = (time.monotonic() - ex.started) * 1000.0
+        # The child is gone, so its error pipe is closed: settle STARTED / ERROR before EXIT.
+        self.check_start(ex)
         if ex.stdout_fd >= 0:
             self.drain_output(ex, ex.stdout_fd, STDOUT)
         if ex.stderr_fd >= 0:

@@ -15,6 +15,10 @@ from sandstorm.agent.client import AgentChannel
 from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
 
 
+class RuntimeStartError(Exception):
+    """The runtime could not build or control a sandbox (its own command failed)."""
+
+
 @dataclass(frozen=True, slots=True)
 class MountSpec:
     source: Path  # already resolved and checked against the allow-list

@@ -22,7 +22,7 @@ import trio
 from sandstorm.agent import AGENT_COMMAND, AGENT_MOUNT_POINT, AGENT_SOURCE_PATH
 from sandstorm.agent.client import AgentChannel
 from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
-from sandstorm.runtimes.base import Detection, ResourceUsage, SandboxSpec
+from sandstorm.runtimes.base import Detection, ResourceUsage, RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import Limits, SandboxCgroups
 
 # The only environment runsc itself sees: nothing of the gateway's, nothing of the request's.
@@ -37,7 +37,7 @@ SANDBOX_UID = 1000
 CONTROL_TIMEOUT_S = 15.0
 
 
-class RunscError(Exception):
+class RunscError(RuntimeStartError):
     pass
 
 

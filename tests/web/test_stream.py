@@ -97,8 +97,10 @@ async def test_interactive_program_turn_by_turn(gw: RunningGateway) -> None:
                 await ws.send_message(
                     json.dumps({"type": "stdin", "exec_id": exec_id, "data": word + "\n"})
                 )
-                reply = await next_frame(ws, "stdout")
-                assert reply["data"] == f"echo: {word[::-1]}\n"
+                reply = ""
+                while not reply.endswith("\n"):  # one print may arrive as several writes
+                    reply += (await next_frame(ws, "stdout"))["data"]
+                assert reply == f"echo: {word[::-1]}\n"
             await ws.send_message(json.dumps({"type": "stdin_close", "exec_id": exec_id}))
             done = await next_frame(ws, "exit")
             assert done["result"]["verdict"] == "ok"
