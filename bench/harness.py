@@ -23,8 +23,8 @@ from sandstorm.config import Config, load_config
 from sandstorm.gateway import serve
 from sandstorm.images.builder import image_rootfs, load_manifest
 from sandstorm.runtimes.base import SandboxSpec
-from sandstorm.runtimes.cgroups import V1_ALL, Limits, SandboxCgroups
-from sandstorm.runtimes.gvisor import RUNSC_ENV, oci_config
+from sandstorm.runtimes.cgroups import V1_ALL, SandboxCgroups
+from sandstorm.runtimes.gvisor import RUNSC_ENV, host_limits, oci_config
 
 IMAGE_DATA_DIR = Path(os.environ.get("SANDSTORM_DATA_DIR", "/var/lib/sandstorm"))
 
@@ -90,13 +90,12 @@ class Context:
         bundle = self.workdir / sid
         bundle.mkdir()
         cgroups = SandboxCgroups(self.cgroup_parent)
-        config = oci_config(
-            SandboxSpec(sid, self.rootfs, 1.0, 512 << 20, 256), cgroups.runtime_path(sid)
-        )
+        spec = SandboxSpec(sid, self.rootfs, 1.0, 512 << 20, 256)
+        config = oci_config(spec, cgroups.runtime_path(sid))
         process: dict[str, Any] = config["process"]  # type: ignore[assignment]
         process["args"] = argv
         (bundle / "config.json").write_bytes(msgspec.json.encode(config))
-        cgroups.create(sid, Limits(1.0, 512 << 20, 256))
+        cgroups.create(sid, host_limits(spec))
         try:
             yield [self.runsc, "--root", str(self.workdir / "root"), "--network=none",
                    "--overlay2=root:memory", "run", "--bundle", str(bundle), sid]  # fmt: skip

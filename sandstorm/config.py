@@ -12,6 +12,7 @@ Example ``sandstorm.toml``::
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from pathlib import Path
@@ -79,8 +80,9 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     max_execs_per_sandbox: Positive = 32
     # How long a sandbox may take to boot before its create fails.
     boot_timeout_s: Annotated[float, Meta(gt=0)] = 20.0
-    # The cgroup (under each hierarchy) that holds one child group per sandbox.
-    cgroup_parent: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]+$")] = "sandstorm"
+    # The cgroup (under each hierarchy) that holds one child group per sandbox. By default it
+    # is derived from the data directory, so two gateways on one host never reap each other.
+    cgroup_parent: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
     # Network inside sandboxes: "none" (loopback only) is the only mode offered so far.
     network: str = "none"
 
@@ -106,6 +108,9 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: object)
     for name, paths in DEFAULT_RUNTIME_PATHS.items():
         config.runtime_paths.setdefault(name, list(paths))
     config.data_dir = str(Path(config.data_dir).resolve())
+    if config.cgroup_parent is None:
+        digest = hashlib.sha256(config.data_dir.encode()).hexdigest()[:8]
+        config.cgroup_parent = f"sandstorm-{digest}"
     config.mount_allow_list = [os.path.realpath(p) for p in config.mount_allow_list]
     if config.network != "none":
         raise ConfigError("network: only 'none' is supported")

@@ -111,7 +111,7 @@ class Gateway:
                 or not self.registry.detections[name].available
             ):
                 continue
-            for orphan in await driver.list_orphans(router.live_ids()):
+            for orphan in await driver.list_orphans(router.live_ids):
                 with trio.CancelScope(shield=True):
                     try:
                         released += await driver.destroy(orphan)

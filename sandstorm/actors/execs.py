@@ -30,6 +30,9 @@ class OutputBuffer:
         if room > 0:
             self.kept += chunk[:room]
 
+    def release(self) -> None:
+        self.kept = bytearray()
+
     @property
     def truncated(self) -> bool:
         return self.total > len(self.kept)
@@ -99,8 +102,16 @@ class ExecRecord:
             cpu_time_ms=round(info.cpu_time_ms, 3) if info else 0.0,
             max_rss_bytes=info.max_rss_bytes if info else 0,
         )
+        # The result holds the text now; the raw copies would only double the memory.
+        self.stdout.release()
+        self.stderr.release()
         self.done.set()
         return self.result
+
+    def retained_bytes(self) -> int:
+        if self.result is None:
+            return len(self.stdout.kept) + len(self.stderr.kept)
+        return len(self.result.stdout) + len(self.result.stderr)
 
     def summary(self) -> ExecSummary:
         return ExecSummary(

@@ -16,10 +16,18 @@ from pathlib import Path
 import trio
 
 from sandstorm.actors.sandbox import ExecPlan, SandboxActor, SandboxParams
+from sandstorm.agent.client import MAX_GATEWAY_FRAME
 from sandstorm.config import Config
 from sandstorm.errors import AtCapacity, InvalidRequest, NotFound, RuntimeUnavailable
 from sandstorm.ids import is_id, new_id
-from sandstorm.protocol import ExecRequest, IsolationLevel, Mount, RunRequest, RuntimeName
+from sandstorm.protocol import (
+    JSON_ENCODER,
+    ExecRequest,
+    IsolationLevel,
+    Mount,
+    RunRequest,
+    RuntimeName,
+)
 from sandstorm.runtimes.base import MountSpec, SandboxSpec
 from sandstorm.runtimes.registry import RuntimeRegistry
 from sandstorm.selection import NoRuntime, select_runtime
@@ -33,7 +41,11 @@ from sandstorm.validation import (
 )
 
 log = logging.getLogger(__name__)
+# Ended sandboxes stay answerable (status, results, a late stream's replay) until one of these
+# bounds evicts the oldest; after that their id is unknown (404).
 MAX_ENDED = 10_000
+ENDED_RETAINED_BYTES = 256 * 1024 * 1024
+ENDED_RETENTION_S = 3600.0
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/workspace",
@@ -250,14 +262,21 @@ class Router:
             await actor.run(restore_image, task_status=task_status)
         finally:
             self._release(memory)
+            self._trim_history()
 
     def _trim_history(self) -> None:
-        while len(self.sandboxes) > MAX_ENDED:
-            oldest_id, oldest = next(iter(self.sandboxes.items()))
-            if oldest.alive:
-                self.sandboxes.move_to_end(oldest_id)
+        """Evict ended sandboxes, oldest first, beyond the count, byte and age bounds."""
+        ended = [a for a in self.sandboxes.values() if a.finished.is_set()]
+        retained = sum(a.retained_bytes() for a in ended)
+        now = trio.current_time()
+        for actor in sorted(ended, key=lambda a: a.ended_at or 0.0):
+            too_many = len(self.sandboxes) > MAX_ENDED
+            too_big = retained > ENDED_RETAINED_BYTES
+            too_old = actor.ended_at is not None and now - actor.ended_at > ENDED_RETENTION_S
+            if not (too_many or too_big or too_old):
                 break
-            del self.sandboxes[oldest_id]
+            retained -= actor.retained_bytes()
+            del self.sandboxes[actor.id]
 
     # ------------------------------------------------------------------ execs
 
@@ -283,6 +302,16 @@ class Router:
             assert req.command is not None
             argv = list(req.command)
         cwd = getattr(req, "cwd", None) or "/workspace"
+        # argv, environment and cwd travel in one agent frame, JSON-encoded (escaping can grow
+        # them): refuse what cannot fit rather than fail after the sandbox exists.
+        size = len(JSON_ENCODER.encode({"argv": argv, "env": env, "cwd": cwd}))
+        if size > MAX_GATEWAY_FRAME - 1024:
+            field = "command" if req.command is not None else "environment"
+            raise InvalidRequest(
+                f"command, environment and cwd take {size} bytes encoded; the limit is "
+                f"{MAX_GATEWAY_FRAME - 1024}",
+                field=field,
+            )
         stdin = req.stdin.encode() if req.stdin is not None else None
         return ExecPlan(
             argv=argv,

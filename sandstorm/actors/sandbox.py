@@ -9,7 +9,6 @@ interleave; reads (status, results) look at the state directly.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import signal
 import time
@@ -78,6 +77,13 @@ MAX_EXEC_HISTORY = 100
 # After a kill, how long the agent gets to report the exit before the gateway gives up on it.
 KILL_GRACE_S = 1.0
 STOP_GRACE_S = 0.5
+# How long a send to the agent may take; an agent that stops reading its channel fails its
+# sandbox (code in the sandbox runs as the agent's user and can stop it).
+AGENT_SEND_TIMEOUT_S = 10.0
+# After a checkpoint, how long the old runtime process gets to deliver its last frames and exit.
+CHECKPOINT_DRAIN_S = 10.0
+# Agent messages logged per sandbox; the rest are counted, so a sandbox cannot flood the log.
+MAX_LOGGED_AGENT_ERRORS = 5
 SIGNAL_NAMES = ("SIGINT", "SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 SIGNALS = {name: int(getattr(signal, name)) for name in SIGNAL_NAMES}
 
@@ -145,10 +151,18 @@ class SandboxActor:
         self._file_waiters: dict[int, trio.MemorySendChannel[tuple[bool, str | None]]] = {}
         self.released: list[str] = []
         self.finished = trio.Event()
+        self.ended_at: float | None = None  # trio clock, when the teardown finished
         # The creating request holds the sandbox until its first exec is in, so that keep_alive
         # (0 included) only ever counts idle time after real work.
         self._held = True
         self.open_streams = 0
+        # The mailbox operation in progress: its cancel scope and its reply channel.
+        self._op_scope: trio.CancelScope | None = None
+        self._op_is_teardown = False
+        self._inflight: trio.MemorySendChannel[outcome.Outcome[Any]] | None = None
+        # Set while the agent channel is live (cleared across a snapshot's checkpoint/restore).
+        self._live = trio.Event()
+        self._failure_logged = 0
 
     # ------------------------------------------------------------------ public (any task)
 
@@ -198,14 +212,18 @@ class SandboxActor:
         return await self._call(lambda: self._snapshot(leave_running))
 
     async def destroy(self) -> list[str]:
-        """Tear down (idempotent). Returns what this call released."""
-        if not self.alive:
-            return []
-        try:
-            return await self._call(lambda: self._teardown("destroyed", None), wait_for_room=True)
-        except SandboxNotRunning:
-            await self.finished.wait()
-            return []
+        """Tear down (idempotent); returns once it is over, with what this call released."""
+        if self.alive:
+            with contextlib.suppress(SandboxNotRunning):
+                return await self._request_teardown("destroyed", None)
+        await self.finished.wait()
+        return []
+
+    def retained_bytes(self) -> int:
+        """Memory this record still holds: replay buffer and exec results."""
+        return int(self.events.statistics()["bytes"]) + sum(
+            e.retained_bytes() for e in self.execs.values()
+        )
 
     def release_hold(self) -> None:
         self._held = False
@@ -224,26 +242,36 @@ class SandboxActor:
         rec = self._running_exec(exec_id)
         if rec.stdin_closed:
             raise ExecNotRunning(f"the stdin of exec {exec_id} is closed", exec_id=exec_id)
-        assert self._instance is not None
-        channel = self._instance.channel
-        try:
-            if data:
-                await channel.send_stdin(rec.channel, data)
-            if close:
-                rec.stdin_closed = True
-                await channel.send_stdin_close(rec.channel)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise SandboxNotRunning(f"sandbox {self.id} is {self.state}") from None
+        if data:
+            await self._to_agent(lambda ch: ch.send_stdin(rec.channel, data))
+        if close:
+            rec.stdin_closed = True
+            await self._to_agent(lambda ch: ch.send_stdin_close(rec.channel))
 
     async def send_signal(self, exec_id: str, name: str) -> None:
         rec = self._running_exec(exec_id)
         if name == "SIGKILL" and rec.kill_verdict is None:
             rec.kill_verdict = "killed"
-        assert self._instance is not None
-        try:
-            await self._instance.channel.send_signal(rec.channel, SIGNALS[name])
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise SandboxNotRunning(f"sandbox {self.id} is {self.state}") from None
+        await self._to_agent(lambda ch: ch.send_signal(rec.channel, SIGNALS[name]))
+
+    async def _to_agent(self, send: Callable[[AgentChannel], Awaitable[None]]) -> None:
+        """Send to the agent with a deadline. A dead channel is SandboxNotRunning; an agent that
+        stops reading fails the sandbox."""
+        instance = self._instance
+        if instance is None or not self.alive:
+            raise SandboxNotRunning(f"sandbox {self.id} is {self.state}", state=self.state)
+        with trio.move_on_after(AGENT_SEND_TIMEOUT_S) as scope:
+            try:
+                await send(instance.channel)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise SandboxNotRunning(f"sandbox {self.id} lost its agent") from None
+        if scope.cancelled_caught:
+            self._fail_soon(f"the agent took nothing for {AGENT_SEND_TIMEOUT_S:.0f}s")
+            raise SandboxNotRunning(f"sandbox {self.id} stopped responding")
+
+    def _fail_soon(self, reason: str) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._post_failure, reason, "killed")
 
     async def _call(self, op: Callable[[], Awaitable[T]], *, wait_for_room: bool = False) -> T:
         """Run ``op`` in the actor, after what is already queued. A full mailbox refuses new
@@ -288,6 +316,7 @@ class SandboxActor:
         except BaseException as exc:
             with trio.CancelScope(shield=True):
                 await self._release_runtime()
+                await self._reap_instance()
                 self.state = "failed"
                 self.finished.set()
             if isinstance(exc, trio.TooSlowError):
@@ -302,6 +331,7 @@ class SandboxActor:
             raise
         if self._on_startup is not None:
             self._on_startup((trio.current_time() - started) * 1000)
+        self._live.set()
         self.state = "idle"
         self._emit_status()
         crashed = False
@@ -318,7 +348,7 @@ class SandboxActor:
             log.exception("sandbox %s crashed", self.id)
             crashed = True
         finally:
-            self._mailbox_send.close()
+            self._refuse_pending()
             # Cancelled (gateway shutdown) or crashed: the sandbox still goes down fully.
             if self.alive:
                 with trio.CancelScope(shield=True):
@@ -343,15 +373,56 @@ class SandboxActor:
 
     async def _serve_mailbox(self) -> None:
         async for op, reply in self._mailbox:
-            result = await outcome.acapture(op)
+            self._inflight = reply
+            with trio.CancelScope() as scope:
+                self._op_scope = scope
+                try:
+                    result: outcome.Outcome[Any] = outcome.Value(await op())
+                except Exception as exc:
+                    result = outcome.Error(exc)
+            self._op_scope = None
+            if scope.cancelled_caught:
+                # Interrupted by a teardown request (DELETE, expiry, a dead agent).
+                result = outcome.Error(
+                    SandboxNotRunning(f"sandbox {self.id} is being torn down", state=self.state)
+                )
             with contextlib.suppress(trio.BrokenResourceError, trio.WouldBlock):
                 reply.send_nowait(result)
+            self._inflight = None
             if not self.alive:
-                # Refuse whatever is still queued, then stop.
-                self._mailbox_send.close()
-                async for _op, late in self._mailbox:
-                    late.send_nowait(outcome.Error(SandboxNotRunning(f"sandbox is {self.state}")))
                 return
+
+    def _refuse_pending(self) -> None:
+        """Answer the in-flight and every queued request: the actor is gone."""
+        self._mailbox_send.close()
+        gone = outcome.Error(SandboxNotRunning(f"sandbox {self.id} is {self.state}"))
+        if self._inflight is not None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.WouldBlock):
+                self._inflight.send_nowait(gone)
+        while True:
+            try:
+                _op, late = self._mailbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            with contextlib.suppress(trio.BrokenResourceError, trio.WouldBlock):
+                late.send_nowait(gone)
+
+    async def _request_teardown(
+        self, final: SandboxState, reason: str | None, *, note: str | None = None
+    ) -> list[str]:
+        """Queue a teardown ahead of nothing: whatever operation is running is interrupted
+        (a hostile sandbox can make an operation hang), then the teardown runs."""
+        if self._op_scope is not None and not self._op_is_teardown:
+            self._op_scope.cancel()
+
+        async def teardown() -> list[str]:
+            self._op_is_teardown = True
+            try:
+                return await self._teardown(final, reason, note=note)
+            finally:
+                self._op_is_teardown = False
+
+        return await self._call(teardown, wait_for_room=True)
 
     # ------------------------------------------------------------------ agent frames
 
@@ -394,14 +465,11 @@ class SandboxActor:
         await self._post_failure(reason, "oom" if oom else "killed")
 
     async def _post_failure(self, reason: str, verdict: str) -> None:
-        async def fail() -> list[str]:
-            for rec in list(self._by_channel.values()):
-                if rec.running:
-                    rec.kill_verdict = "oom" if verdict == "oom" else (rec.kill_verdict or "killed")
-            return await self._teardown("failed", reason)
-
+        for rec in list(self._by_channel.values()):
+            if rec.running:
+                rec.kill_verdict = "oom" if verdict == "oom" else (rec.kill_verdict or "killed")
         with contextlib.suppress(GatewayError):
-            await self._call(fail)
+            await self._request_teardown("failed", reason)
 
     def _dispatch(self, kind: int, channel: int, payload: bytes) -> None:
         """Apply one frame from the (untrusted) agent. Raises AgentProtocolError on nonsense."""
@@ -428,8 +496,9 @@ class SandboxActor:
                 self.events.append(
                     lambda seq, ts: rec.output_event(FrameKind.STDERR, note, seq, ts)
                 )
-            else:
-                log.info("sandbox %s agent error: %s", self.id, err.message)
+            elif self._failure_logged < MAX_LOGGED_AGENT_ERRORS:
+                self._failure_logged += 1
+                log.info("sandbox %s agent says: %r", self.id, err.message[:200])
         elif kind == FrameKind.FILE_WRITTEN:
             written = decode_file_written(payload)
             waiter = self._file_waiters.pop(channel, None)
@@ -465,10 +534,11 @@ class SandboxActor:
 
     async def _kill_exec(self, rec: ExecRecord) -> None:
         """SIGKILL the exec's process group; if the agent never reports, finish it ourselves."""
-        if self._instance is None:
-            return
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._instance.channel.send_signal(rec.channel, signal.SIGKILL)
+        # Across a snapshot the channel is being replaced: the kill goes to the restored agent.
+        with trio.move_on_after(self.config.boot_timeout_s):
+            await self._live.wait()
+        with contextlib.suppress(SandboxNotRunning):
+            await self._to_agent(lambda ch: ch.send_signal(rec.channel, signal.SIGKILL))
         with trio.move_on_after(KILL_GRACE_S):
             await rec.done.wait()
         if rec.running:
@@ -483,9 +553,8 @@ class SandboxActor:
             raise QuotaExceeded(
                 f"sandbox already runs {len(self._by_channel)} execs", retry_after=1
             )
-        channel = self._instance.channel
         for path, content in plan.files.items():
-            await self._write_file(channel, path, content)
+            await self._write_file(path, content)
         num = self._next_channel
         self._next_channel += 1
         cap = self.config.result_output_cap
@@ -502,15 +571,19 @@ class SandboxActor:
             lambda seq, ts: ExecStartedEvent(seq=seq, ts=ts, exec_id=rec.exec_id, argv=rec.argv)
         )
         try:
-            await channel.send_exec(num, plan.argv, plan.env, plan.cwd)
+            await self._to_agent(lambda ch: ch.send_exec(num, plan.argv, plan.env, plan.cwd))
             if plan.stdin:
-                await channel.send_stdin(num, plan.stdin)
+                stdin = plan.stdin
+                await self._to_agent(lambda ch: ch.send_stdin(num, stdin))
             if plan.close_stdin:
                 rec.stdin_closed = True
-                await channel.send_stdin_close(num)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # The reader will see the channel die and fail the sandbox; this exec dies with it.
-            pass
+                await self._to_agent(lambda ch: ch.send_stdin_close(num))
+        except BaseException:
+            # Never leave a record that looks like a running exec nobody watches.
+            if rec.running:
+                rec.kill_verdict = rec.kill_verdict or "killed"
+                self._finish(rec, None)
+            raise
         self._touch()
         if self.state == "idle":
             self.state = "running"
@@ -528,7 +601,7 @@ class SandboxActor:
                 break
             self.execs.popitem(last=False)
 
-    async def _write_file(self, channel: AgentChannel, path: str, content: bytes) -> None:
+    async def _write_file(self, path: str, content: bytes) -> None:
         """Write one file through the agent, in chunks that each fit a frame."""
         chunks = [
             content[i : i + WRITE_FILE_CHUNK] for i in range(0, len(content), WRITE_FILE_CHUNK)
@@ -538,11 +611,14 @@ class SandboxActor:
             self._next_channel += 1
             send, recv = trio.open_memory_channel[tuple[bool, str | None]](1)
             self._file_waiters[num] = send
+            append = index > 0
             try:
-                await channel.send_write_file(num, path, chunk, 0o644, append=index > 0)
-                with trio.fail_after(10):
+                await self._to_agent(
+                    lambda ch: ch.send_write_file(num, path, chunk, 0o644, append=append)  # noqa: B023
+                )
+                with trio.fail_after(AGENT_SEND_TIMEOUT_S):
                     ok, error = await recv.receive()
-            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+            except trio.TooSlowError:
                 raise SandboxNotRunning(f"sandbox {self.id} did not write {path}") from None
             finally:
                 self._file_waiters.pop(num, None)
@@ -572,7 +648,7 @@ class SandboxActor:
             reason = "max_lifetime reached" if time.time() >= lifetime_end else "keep_alive expired"
             log.info("sandbox %s: %s", self.id, reason)
             with contextlib.suppress(GatewayError):
-                await self._call(functools.partial(self._teardown, "destroyed", None, note=reason))
+                await self._request_teardown("destroyed", None, note=reason)
             return
 
     def _touch(self) -> None:
@@ -580,6 +656,8 @@ class SandboxActor:
         self._activity.set()
 
     async def _snapshot(self, leave_running: bool) -> SnapshotMeta:
+        """Checkpoint (which stops the sandbox), publish the snapshot, then either restore the
+        same sandbox from it (``leave_running``) or tear it down."""
         if not self.runtime.capabilities.snapshot:
             raise SnapshotUnsupported(
                 f"runtime {self.params.runtime_name} cannot snapshot",
@@ -587,32 +665,34 @@ class SandboxActor:
             )
         if self.state not in ("idle", "running") or self._instance is None:
             raise SandboxNotRunning(f"sandbox {self.id} is {self.state}", state=self.state)
+        old = self._instance
         previous = self.state
         self.state = "snapshotting"
         self._emit_status()
         snapshot_id = new_id("snp")
         staging = self.catalog.staging_dir(snapshot_id)
+        self._live = trio.Event()
         self._expect_eof = True
         self._incarnation_done = trio.Event()
         try:
             await self.runtime.checkpoint(self.params.spec, staging)
-        except BaseException:
+            with trio.fail_after(CHECKPOINT_DRAIN_S):
+                await self._incarnation_done.wait()  # every frame written before it is read
+                await old.wait()
+            meta = await self.catalog.commit(staging, self._snapshot_meta(snapshot_id))
+        except BaseException as exc:
             self._expect_eof = False
             with trio.CancelScope(shield=True):
                 await self.catalog.discard(staging)
-            self.state = previous
-            self._emit_status()
-            raise
-        try:
-            with trio.fail_after(10):
-                await self._incarnation_done.wait()
-                assert self._instance is not None
-                await self._instance.wait()
-            meta = await self.catalog.commit(staging, self._snapshot_meta(snapshot_id))
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.catalog.discard(staging)
-                await self._teardown("failed", "snapshot failed after the sandbox was stopped")
+                if self._incarnation_done.is_set() or old.exited:
+                    # The checkpoint stopped the sandbox and then failed: it cannot go on.
+                    await self._teardown("failed", f"snapshot failed: {exc!r}")
+                else:
+                    self.state = previous
+                    self._emit_status()
+                    self._live.set()
+            if isinstance(exc, (RuntimeStartError, OSError, trio.TooSlowError)):
+                raise RuntimeUnavailable(f"snapshot failed: {exc}") from exc
             raise
         self._expect_eof = False
         if not leave_running:
@@ -625,12 +705,14 @@ class SandboxActor:
                 )
                 self._instance = instance
                 await self._await_ready(instance, restored=True)
-        except BaseException as exc:
+        except Exception as exc:
+            # The snapshot itself is fine and published; only this sandbox could not go on.
             with trio.CancelScope(shield=True):
                 await self._teardown("failed", f"could not continue after the snapshot: {exc!r}")
-            raise
+            return meta
         assert self._nursery is not None
         self._nursery.start_soon(self._read_agent, instance)
+        self._live.set()
         self.state = "running" if self._by_channel else "idle"
         self._emit_status()
         self._touch()
@@ -686,9 +768,7 @@ class SandboxActor:
                     rec.kill_verdict = "oom" if oom else "killed"
                 self._finish(rec, None)
             released += await self._release_runtime()
-            if instance is not None:
-                with trio.move_on_after(5):
-                    await instance.wait()
+            await self._reap_instance()
             self.state = final
             if reason is not None:
                 self.failure = Failure(reason=reason, at=rfc3339())
@@ -697,7 +777,19 @@ class SandboxActor:
             )
             self.events.close()
             self.released.extend(released)
+            self.ended_at = trio.current_time()
         return released
+
+    async def _reap_instance(self) -> None:
+        """Make sure the runtime's host process is gone and reaped (shielded by callers)."""
+        instance = self._instance
+        if instance is None:
+            return
+        with trio.move_on_after(5):
+            await instance.wait()
+        if not instance.exited:
+            instance.kill()
+            await instance.wait()
 
     async def _release_runtime(self) -> list[str]:
         try:

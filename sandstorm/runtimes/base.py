@@ -7,6 +7,7 @@ per-exec limits and streaming belong to the agent protocol, shared by every runt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -63,6 +64,15 @@ class RuntimeInstance(Protocol):
         """Wait for the runtime process to exit and return its status."""
         ...
 
+    @property
+    def exited(self) -> bool:
+        """Whether the runtime's host process has exited (and been reaped)."""
+        ...
+
+    def kill(self) -> None:
+        """SIGKILL the runtime's host process (last resort of a teardown)."""
+        ...
+
     def diagnostics(self) -> str:
         """A short tail of the runtime's own log, for failure reasons."""
         ...
@@ -102,6 +112,7 @@ class SandboxRuntime(Protocol):
         """Whether the sandbox hit its memory limit (call before destroy)."""
         ...
 
-    async def list_orphans(self, live: set[str]) -> list[str]:
-        """Sandbox ids this runtime still holds resources for that are not in ``live``."""
+    async def list_orphans(self, live: Callable[[], set[str]]) -> list[str]:
+        """Sandbox ids this runtime still holds resources for that are not in ``live()``
+        (called after the runtime has looked, so nothing booting meanwhile is missed)."""
         ...

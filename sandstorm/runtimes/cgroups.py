@@ -55,14 +55,20 @@ class SandboxCgroups:
         """The ``cgroupsPath`` handed to the runtime: a leaf inside the gateway's group."""
         return f"/{self.parent}/{sandbox_id}/sandbox"
 
+    def _hierarchy(self, controller: str) -> Path:
+        """Where a v1 controller is mounted; co-mounted ones (``cpu -> cpu,cpuacct``) resolve
+        to the same directory."""
+        return (self.root / controller).resolve()
+
     def _dirs(self, sandbox_id: str, controllers: tuple[str, ...]) -> list[Path]:
         if self.v2:
             return [self.root / self.parent / sandbox_id]
-        return [
-            self.root / c / self.parent / sandbox_id
-            for c in controllers
-            if (self.root / c).is_dir() and not (self.root / c).is_symlink()
-        ]
+        seen: dict[Path, None] = {}
+        for c in controllers:
+            hierarchy = self._hierarchy(c)
+            if hierarchy.is_dir():
+                seen.setdefault(hierarchy / self.parent / sandbox_id)
+        return list(seen)
 
     def create(self, sandbox_id: str, limits: Limits) -> None:
         quota = max(1000, int(limits.cpu * CPU_PERIOD_US))
@@ -81,24 +87,23 @@ class SandboxCgroups:
             return
         for d in self._dirs(sandbox_id, V1_CONTROLLERS):
             d.mkdir(parents=True)
-        base = self.root
-        mem = base / "memory" / self.parent / sandbox_id
+        mem = self._hierarchy("memory") / self.parent / sandbox_id
         _write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
         with contextlib.suppress(OSError):
             # Without this the kernel may swap instead of enforcing the limit.
             _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
         with contextlib.suppress(OSError):
             _write(mem / "memory.swappiness", "0")
-        cpu = base / "cpu" / self.parent / sandbox_id
+        cpu = self._hierarchy("cpu") / self.parent / sandbox_id
         _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
         _write(cpu / "cpu.cfs_quota_us", str(quota))
-        _write(base / "pids" / self.parent / sandbox_id / "pids.max", str(limits.pids))
+        _write(self._hierarchy("pids") / self.parent / sandbox_id / "pids.max", str(limits.pids))
 
     def memory_bytes(self, sandbox_id: str) -> int:
         if self.v2:
             path = self.root / self.parent / sandbox_id / "memory.current"
         else:
-            path = self.root / "memory" / self.parent / sandbox_id / "memory.usage_in_bytes"
+            path = self._hierarchy("memory") / self.parent / sandbox_id / "memory.usage_in_bytes"
         try:
             return int(_read(path))
         except (OSError, ValueError):
@@ -112,7 +117,7 @@ class SandboxCgroups:
                     if line.startswith("usage_usec "):
                         return int(line.split()[1]) / 1000.0
                 return 0.0
-            ns = _read(self.root / "cpuacct" / self.parent / sandbox_id / "cpuacct.usage")
+            ns = _read(self._hierarchy("cpuacct") / self.parent / sandbox_id / "cpuacct.usage")
             return int(ns) / 1e6
         except (OSError, ValueError):
             return 0.0
@@ -130,7 +135,7 @@ class SandboxCgroups:
                     if name in ("oom_kill", "oom") and int(value) > 0:
                         return True
                 return False
-            mem = self.root / "memory" / self.parent / sandbox_id
+            mem = self._hierarchy("memory") / self.parent / sandbox_id
             control = _read(mem / "memory.oom_control")
             for line in control.splitlines():
                 name, _, value = line.partition(" ")

@@ -112,7 +112,7 @@ def build_registry(config: Config, cgroups: SandboxCgroups | None = None) -> Run
     paths = config.runtime_paths
     data_dir = Path(config.data_dir)
     gvisor = GvisorRuntime(
-        paths["gvisor"], data_dir, cgroups or SandboxCgroups(config.cgroup_parent)
+        paths["gvisor"], data_dir, cgroups or SandboxCgroups(config.cgroup_parent or "sandstorm")
     )
     return RuntimeRegistry(
         drivers={"gvisor": gvisor},

@@ -35,6 +35,7 @@ def error_response(status: int, code: str, message: str, details: dict[str, obje
 
 
 def create_app(gateway: Gateway) -> QuartTrio:
+    from sandstorm.web.console import blueprint as console_blueprint
     from sandstorm.web.rest import blueprint
     from sandstorm.web.stream import blueprint as stream_blueprint
 
@@ -46,6 +47,7 @@ def create_app(gateway: Gateway) -> QuartTrio:
     app.config["BODY_TIMEOUT"] = 60
     app.register_blueprint(blueprint)
     app.register_blueprint(stream_blueprint)
+    app.register_blueprint(console_blueprint)
 
     @app.errorhandler(GatewayError)
     async def gateway_error(exc: GatewayError) -> Response:

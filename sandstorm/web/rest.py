@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeVar, cast
 
 import msgspec
+import trio
 from quart import Blueprint, Response, current_app, request
 
 from sandstorm.actors.router import Router
@@ -151,7 +152,9 @@ async def resume_sandbox() -> Response:
 
 @blueprint.get("/v1/snapshots")
 async def list_snapshots() -> Response:
-    return _json(SnapshotList(snapshots=_gateway().catalog.list()))
+    # Reads every meta.json: off the event loop.
+    snapshots = await trio.to_thread.run_sync(_gateway().catalog.list)
+    return _json(SnapshotList(snapshots=snapshots))
 
 
 @blueprint.get("/v1/snapshots/<snapshot_id>")
