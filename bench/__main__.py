@@ -47,7 +47,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     for ax, (name, r) in zip(axes[0], results.items(), strict=True):
-        ax.boxplot([r["samples"]["gateway"], r["samples"]["raw"]], labels=["gateway", "raw runsc"])
+        samples = [r["samples"]["gateway"], r["samples"]["raw"]]
+        ax.boxplot(samples, tick_labels=["gateway", "raw runsc"])
         ax.set_title(name)
         ax.set_ylabel(r["unit"])
     fig.tight_layout()

@@ -52,3 +52,17 @@ class RunningGateway:
             client.stream(sandbox_id, since or 0, **options) as stream,
         ):
             yield stream.ws
+
+
+def never_500(gw: RunningGateway) -> None:
+    """Make every 5xx but 503 from ``gw.client`` fail the request that got it, where it happens."""
+
+    async def hook(response: httpx.Response) -> None:
+        if response.status_code >= 500 and response.status_code != 503:
+            await response.aread()
+            raise AssertionError(
+                f"{response.status_code} for {response.request.method} "
+                f"{response.request.url.path}: {response.text}"
+            )
+
+    gw.client.event_hooks["response"].append(hook)

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import trio
 
-from tests.harness import RunningGateway
+from tests.harness import never_500
 
 MIB = 1024 * 1024
 CONTROLLERS = ("memory", "cpu", "pids")
@@ -101,18 +101,6 @@ async def settled_state(
         if want(state) or trio.current_time() > deadline:
             return state
         await trio.sleep(0.1)
-
-
-def never_500(gw: RunningGateway) -> None:
-    async def hook(response: httpx.Response) -> None:
-        if response.status_code >= 500 and response.status_code != 503:
-            await response.aread()
-            raise AssertionError(
-                f"{response.status_code} for {response.request.method} "
-                f"{response.request.url.path}: {response.text}"
-            )
-
-    gw.client.event_hooks["response"].append(hook)
 
 
 def assert_error_shape(response: httpx.Response) -> dict[str, Any]:
