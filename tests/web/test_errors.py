@@ -522,3 +522,19 @@ async def test_concurrent_deletes_free_once(g: RunningGateway) -> None:
         assert [r.status_code for r in responses] == [200, 200, 200]
         released = [r.json()["released"] for r in responses]
         assert sum(1 for r in released if r) == 1, released
+
+
+# ------------------------------------------------------------------ 429 quota_exceeded
+
+
+async def test_too_many_execs_in_one_sandbox_is_429(start_gateway: Callable[..., Any]) -> None:
+    async with start_gateway(max_execs_per_sandbox=1) as gw:
+        never_500(gw)
+        with trio.fail_after(30):
+            body = await gw.run_ok(command=["sleep", "5"], wait=False)
+            response = await gw.client.post(
+                f"/v1/sandboxes/{body['id']}/exec", json={"command": ["true"]}
+            )
+            assert_error(response, 429, "quota_exceeded")
+            assert response.headers["Retry-After"] == "1"
+            await gw.client.delete(f"/v1/sandboxes/{body['id']}")
