@@ -80,6 +80,8 @@ STOP_GRACE_S = 0.5
 # How long a send to the agent may take; an agent that stops reading its channel fails its
 # sandbox (code in the sandbox runs as the agent's user and can stop it).
 AGENT_SEND_TIMEOUT_S = 10.0
+# How long the agent gets to answer a PING when it failed to report a killed process.
+PROBE_TIMEOUT_S = 3.0
 # After a checkpoint, how long the old runtime process gets to deliver its last frames and exit.
 CHECKPOINT_DRAIN_S = 10.0
 # Agent messages logged per sandbox; the rest are counted, so a sandbox cannot flood the log.
@@ -163,6 +165,7 @@ class SandboxActor:
         # Set while the agent channel is live (cleared across a snapshot's checkpoint/restore).
         self._live = trio.Event()
         self._failure_logged = 0
+        self._pong = trio.Event()
 
     # ------------------------------------------------------------------ public (any task)
 
@@ -505,7 +508,7 @@ class SandboxActor:
             if waiter is not None:
                 waiter.send_nowait((written.ok, written.error))
         elif kind == FrameKind.PONG:
-            pass
+            self._pong.set()
         else:
             raise AgentProtocolError(f"unexpected frame kind {kind} from the agent")
 
@@ -543,6 +546,22 @@ class SandboxActor:
             await rec.done.wait()
         if rec.running:
             self._finish(rec, None)
+            # The agent did not report a SIGKILLed process: is it still there at all?
+            await self._probe_agent()
+
+    async def _probe_agent(self) -> None:
+        """PING the agent; one that does not answer (stopped by code in the sandbox, say) can
+        serve nothing more, so its sandbox is failed."""
+        pong = self._pong = trio.Event()
+        with contextlib.suppress(SandboxNotRunning):
+            await self._to_agent(lambda ch: ch.send_ping(b"probe"))
+        with trio.move_on_after(PROBE_TIMEOUT_S):
+            await pong.wait()
+            return
+        if self.alive:
+            await self._post_failure(
+                f"the agent did not answer for {PROBE_TIMEOUT_S:.0f}s (stopped or hung)", "killed"
+            )
 
     # ------------------------------------------------------------------ operations (mailbox)
 

@@ -62,11 +62,29 @@ POLLIN = select.POLLIN
 POLLOUT = select.POLLOUT
 POLL_EOF = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
-# Dispositions the interpreter or this agent changed; children get them back to the default.
-_RESET_SIGNALS = [
+# Signals the agent ignores: code in the sandbox runs as the agent's user and could otherwise
+# end PID 1 (and with it the sandbox) by a plain `kill 1`.
+_IGNORED_SIGNALS = [
     getattr(signal, name)
-    for name in ("SIGPIPE", "SIGXFSZ", "SIGINT", "SIGCHLD")
+    for name in (
+        "SIGTERM",
+        "SIGINT",
+        "SIGHUP",
+        "SIGQUIT",
+        "SIGUSR1",
+        "SIGUSR2",
+        "SIGALRM",
+        "SIGTSTP",
+        "SIGTTIN",
+        "SIGTTOU",
+        "SIGVTALRM",
+        "SIGPROF",
+    )
     if hasattr(signal, name)
+]
+# Dispositions the interpreter or this agent changed; children get them back to the default.
+_RESET_SIGNALS = _IGNORED_SIGNALS + [
+    getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ", "SIGCHLD") if hasattr(signal, name)
 ]
 
 
@@ -368,6 +386,8 @@ class Agent(object):
     # -- setup -------------------------------------------------------------------------------
 
     def install_signals(self):
+        for signum in _IGNORED_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, self._on_sigchld)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         self.poller.register(0, POLLIN)

@@ -1,0 +1,93 @@
+"""What a gateway holds on the host — runsc containers, bundle directories, cgroups, runsc
+processes — so tests can prove that nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+CONTROLLERS = ("memory", "cpu", "pids")
+
+
+@dataclass(frozen=True)
+class HostState:
+    containers: frozenset[str]
+    bundles: frozenset[str]
+    cgroups: frozenset[str]
+    processes: frozenset[str]
+
+    def mentioning(self, sandbox_id: str) -> list[str]:
+        found = [f"container {c}" for c in self.containers if sandbox_id in c]
+        found += [f"bundle {b}" for b in self.bundles if sandbox_id in b]
+        found += [f"cgroup {c}" for c in self.cgroups if sandbox_id in c]
+        found += [f"process {p}" for p in self.processes if sandbox_id in p]
+        return found
+
+    def is_empty(self) -> bool:
+        return not (self.containers or self.bundles or self.cgroups or self.processes)
+
+
+async def host_state(data_dir: Path, cgroup_parent: str) -> HostState:
+    runsc = shutil.which("runsc")
+    assert runsc is not None
+    containers: set[str] = set()
+    root = data_dir / "runsc"
+    if root.is_dir():
+        result = await trio.run_process(
+            [runsc, "--root", str(root), "list", "-quiet"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        containers = {line.strip() for line in result.stdout.decode().splitlines() if line.strip()}
+    sandboxes = data_dir / "sandboxes"
+    bundles = {p.name for p in sandboxes.iterdir()} if sandboxes.is_dir() else set()
+    cgroups: set[str] = set()
+    for controller in CONTROLLERS:
+        parent = Path("/sys/fs/cgroup") / controller / cgroup_parent
+        if parent.is_dir():
+            cgroups |= {f"{controller}/{p.name}" for p in parent.iterdir() if p.is_dir()}
+    v2_parent = Path("/sys/fs/cgroup") / cgroup_parent
+    if (Path("/sys/fs/cgroup") / "cgroup.controllers").exists() and v2_parent.is_dir():
+        cgroups |= {p.name for p in v2_parent.iterdir() if p.is_dir()}
+    return HostState(
+        frozenset(containers), frozenset(bundles), frozenset(cgroups), runsc_processes(data_dir)
+    )
+
+
+def runsc_processes(data_dir: Path) -> frozenset[str]:
+    found: set[str] = set()
+    needle = str(data_dir).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue  # gone meanwhile, or a kernel thread
+        if needle in cmdline and b"runsc" in cmdline:
+            text = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            found.add(f"{entry}: {text[:300]}")
+    return frozenset(found)
+
+
+async def settled_state(
+    data_dir: Path, cgroup_parent: str, want: Callable[[HostState], bool], seconds: float = 5.0
+) -> HostState:
+    """The host state once ``want`` holds, or the last one seen after ``seconds``.
+
+    Teardown is done before DELETE answers, but a runsc process may take a moment to be reaped.
+    """
+    deadline = trio.current_time() + seconds
+    while True:
+        state = await host_state(data_dir, cgroup_parent)
+        if want(state) or trio.current_time() > deadline:
+            return state
+        await trio.sleep(0.1)
