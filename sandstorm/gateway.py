@@ -134,6 +134,8 @@ def hypercorn_config(host: str, port: int) -> HypercornConfig:
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.graceful_timeout = 5.0
+    # Bursts of clients (hundreds of simultaneous runs) must queue, not be refused by the kernel.
+    hc.backlog = 2048
     return hc
 
 
