@@ -24,6 +24,7 @@ from sandstorm.gateway import serve
 from sandstorm.images.builder import load_manifest
 from sandstorm.runtimes.cgroups import V1_ALL, SandboxCgroups
 from tests.harness import RunningGateway
+from tests.hoststate import HostState, host_mounts_under, settled_state
 
 IMAGE_DATA_DIR = Path(os.environ.get("SANDSTORM_TEST_DATA_DIR", "/var/lib/sandstorm"))
 
@@ -92,6 +93,11 @@ def start_gateway(runsc_required: None, data_dir: Path, cgroup_parent: str) -> C
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
                 yield RunningGateway(url, client, config, data_dir)
             nursery.cancel_scope.cancel()
+        # Teardown proof: whatever the test did, the gateway's shutdown left nothing on the host.
+        with trio.fail_after(30):
+            left = await settled_state(data_dir, cgroup_parent, HostState.is_empty, seconds=10)
+        assert left.is_empty(), f"the gateway left this on the host: {left}"
+        assert not host_mounts_under(data_dir), host_mounts_under(data_dir)
 
     return factory
 

@@ -91,3 +91,11 @@ async def settled_state(
         if want(state) or trio.current_time() > deadline:
             return state
         await trio.sleep(0.1)
+
+
+def host_mounts_under(directory: Path) -> list[str]:
+    """Host mount points inside ``directory`` (a sandbox's mounts live in runsc's own mount
+    namespace; none may show up in the host's)."""
+    prefix = str(directory)
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
