@@ -424,6 +424,10 @@ class Agent(object):
                     elif kind == START:
                         self.check_start(ex)
                     else:
+                        if ex.start_fd >= 0:
+                            # Output means the child has exec'd, so its start pipe is at EOF:
+                            # settle STARTED first, keeping STARTED before any output.
+                            self.check_start(ex)
                         self.forward_output(ex, fd, kind)
 
     def drain_wakeups(self):

@@ -10,7 +10,7 @@ from quart import Blueprint, Response, current_app, request
 
 from sandstorm.actors.router import Router
 from sandstorm.actors.sandbox import SandboxActor
-from sandstorm.errors import NotFound, SandboxNotRunning, decode_json
+from sandstorm.errors import INLINE_DECODE_BYTES, NotFound, SandboxNotRunning, decode_json
 from sandstorm.gateway import Gateway
 from sandstorm.protocol import (
     JSON_ENCODER,
@@ -50,12 +50,23 @@ def _json(obj: object, status: int = 200) -> Response:
     return Response(JSON_ENCODER.encode(obj), status=status, content_type="application/json")
 
 
-async def _body(kind: type[T], *, optional: bool = False) -> T:
+async def _raw_body() -> bytes:
     raw = await request.get_data(cache=False, as_text=False)
     assert isinstance(raw, bytes)
+    return raw
+
+
+async def _body(kind: type[T], *, optional: bool = False, raw: bytes | None = None) -> T:
+    """Read (unless ``raw`` is given) and decode a body; any fault is a 400 naming the field."""
+    if raw is None:
+        raw = await _raw_body()
     if optional and not raw.strip():
         return kind()
-    return cast(T, decode_json(_DECODERS[kind], raw))
+    decoder = _DECODERS[kind]
+    if len(raw) > INLINE_DECODE_BYTES:
+        # Up to 16 MiB of decoding and duplicate-key scanning (tens of ms): off the event loop.
+        return cast(T, await trio.to_thread.run_sync(decode_json, decoder, raw))
+    return cast(T, decode_json(decoder, raw))
 
 
 def _expires(actor: SandboxActor) -> str | None:
@@ -90,9 +101,12 @@ async def run_sandbox() -> Response:
 
 @blueprint.post("/v1/sandboxes/<sandbox_id>/exec")
 async def exec_in_sandbox(sandbox_id: str) -> Response:
+    # The body is read before any answer: one sent with the request body unread can leave the
+    # keep-alive connection stuck (Hypercorn stops reading it), so the next request hangs.
+    raw = await _raw_body()
     router = _router()
     router.get(sandbox_id)  # 404 before 400: an unknown sandbox is the first thing to say
-    req = await _body(ExecRequest)
+    req = await _body(ExecRequest, raw=raw)
     actor, exec_id = await router.exec(sandbox_id, req)
     record = actor.execs[exec_id]
     if req.wait:
@@ -137,8 +151,9 @@ async def list_sandboxes() -> Response:
 
 @blueprint.post("/v1/sandboxes/<sandbox_id>/snapshot")
 async def snapshot_sandbox(sandbox_id: str) -> Response:
+    raw = await _raw_body()  # before any answer (see exec_in_sandbox)
     actor = _router().get(sandbox_id)
-    req = await _body(SnapshotRequest, optional=True)
+    req = await _body(SnapshotRequest, optional=True, raw=raw)
     meta = await actor.snapshot(req.leave_running)
     return _json(meta.info, 201)
 
