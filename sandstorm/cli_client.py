@@ -73,7 +73,7 @@ EXIT_SIGPIPE = 128 + signal.SIGPIPE
 LIVE_ONLY = 10**15
 STDIN_CHUNK = 64 * 1024
 # Stream ``error`` codes that are the gateway's trouble, not the caller's (exit 1, not 2).
-SERVER_ERRORS = frozenset({"runtime_unavailable", "at_capacity", "internal_error"})
+SERVER_ERRORS = frozenset({"runtime_unavailable", "at_capacity", "internal"})
 # Events held back while an ``exec`` frame waits for its ``exec_accepted`` reply.
 MAX_PENDING_EVENTS = 100_000
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

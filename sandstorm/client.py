@@ -26,6 +26,7 @@ raises :class:`SandstormError` with the SPEC's code, message and details.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import queue
@@ -65,6 +66,7 @@ T = TypeVar("T")
 _FRAMES = msgspec.json.Decoder(ServerFrame)
 # The exit frame carries the capped result (up to 1 MiB per stream, JSON-escaped).
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+CLOSE_TIMEOUT_S = 5.0
 
 
 def default_url() -> str:
@@ -218,7 +220,9 @@ class AsyncClient:
                 try:
                     yield Stream(ws)
                 finally:
-                    await ws.aclose()
+                    # The close handshake has no deadline of its own in trio-websocket.
+                    with trio.move_on_after(CLOSE_TIMEOUT_S):
+                        await ws.aclose()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The connection's reader task runs in a nursery, so errors arrive grouped: a refused
@@ -269,7 +273,12 @@ class Stream:
         except ConnectionClosed as closed:
             self.close_code = closed.reason.code if closed.reason else None
             raise StopAsyncIteration from None
-        return _FRAMES.decode(message)
+        try:
+            return _FRAMES.decode(message)
+        except msgspec.ValidationError:
+            # A frame type this client does not know yet (a newer gateway): hand it over as
+            # plain JSON rather than failing the stream.
+            return json.loads(message)
 
     async def _send(self, frame: dict[str, Any]) -> None:
         await self.ws.send_message(json.dumps(frame))
@@ -363,30 +372,38 @@ class Client:
         """Yield the sandbox's stream events until the gateway closes the stream.
 
         A worker thread runs the async stream; a bounded queue hands events over, so a caller
-        that stops iterating stops the reading too (and the gateway cuts it off if it lags).
+        that stops iterating stops the reading too. Leaving the loop early closes the stream.
         """
         events: queue.Queue[Any] = queue.Queue(maxsize=256)
         done = object()
-        stop = threading.Event()
+        started = threading.Event()
+        handle: dict[str, Any] = {}
 
         async def pump() -> None:
-            async with AsyncClient(self.url) as client, client.stream(sandbox_id, since) as s:
-                async for event in s:
-                    while not stop.is_set():
-                        try:
-                            events.put(event, timeout=0.1)
-                            break
-                        except queue.Full:
-                            await trio.lowlevel.checkpoint()
-                    if stop.is_set():
-                        return
+            with trio.CancelScope() as scope:
+                handle["scope"], handle["token"] = scope, trio.lowlevel.current_trio_token()
+                started.set()
+                async with AsyncClient(self.url) as client, client.stream(sandbox_id, since) as s:
+                    async for event in s:
+                        # Wait for room without blocking Trio, so a cancel can get in.
+                        while True:
+                            try:
+                                events.put_nowait(event)
+                                break
+                            except queue.Full:
+                                await trio.sleep(0.01)
 
         def worker() -> None:
+            outcome: object = done
             try:
                 trio.run(pump)
-                events.put(done)
             except BaseException as exc:  # handed to the caller's thread
-                events.put(exc)
+                outcome = exc
+            finally:
+                started.set()
+                # The caller may be gone (it left the loop): never block on a full queue.
+                with contextlib.suppress(queue.Full):
+                    events.put(outcome, timeout=1)
 
         thread = threading.Thread(target=worker, name="sandstorm-stream", daemon=True)
         thread.start()
@@ -399,5 +416,11 @@ class Client:
                     raise item
                 yield item
         finally:
-            stop.set()
-            thread.join(timeout=5)
+            started.wait(timeout=5)
+            if "scope" in handle and thread.is_alive():
+                with contextlib.suppress(trio.RunFinishedError):
+                    trio.from_thread.run_sync(handle["scope"].cancel, trio_token=handle["token"])
+            while thread.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    events.get(timeout=0.1)  # make room in case the worker waits to put
+                thread.join(timeout=0.1)

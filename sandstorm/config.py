@@ -68,9 +68,10 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     max_streams: Positive = 1024
     max_streams_per_sandbox: Positive = 16
     stream_outbox_events: Annotated[int, Meta(ge=4)] = 256
+    stream_outbox_bytes: Annotated[int, Meta(ge=64 * 1024)] = 8 * MIB
     # A stream client whose full outbox takes nothing for this long has stopped reading.
     stream_stall_timeout_s: Annotated[float, Meta(gt=0)] = 1.0
-    max_client_frame_bytes: Annotated[int, Meta(ge=1024)] = 2 * MIB
+    max_client_frame_bytes: Annotated[int, Meta(ge=1024)] = 1 * MIB
     max_body_bytes: Positive = 16 * MIB
     # A client that takes none of a response for this long is disconnected.
     write_timeout_s: Annotated[float, Meta(gt=0)] = 15.0

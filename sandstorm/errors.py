@@ -45,6 +45,13 @@ class MountNotAllowed(GatewayError):
     code = "mount_not_allowed"
 
 
+class OriginNotAllowed(GatewayError):
+    """A browser request sent from another site's page (cross-site request forgery)."""
+
+    status = 403
+    code = "origin_not_allowed"
+
+
 class NotFound(GatewayError):
     status = 404
     code = "not_found"

@@ -127,8 +127,11 @@ class Gateway:
             await self.reap(router)
 
 
-def hypercorn_config(host: str, port: int) -> HypercornConfig:
+def hypercorn_config(host: str, port: int, max_frame: int = 1 << 20) -> HypercornConfig:
     hc = HypercornConfig()
+    # A client frame is held whole before the gateway sees it: frames up to twice the cap get
+    # an error frame, larger ones close the socket (1009) without being buffered.
+    hc.websocket_max_message_size = 2 * max_frame
     bind_host = f"[{host}]" if ":" in host else host
     hc.bind = [f"{bind_host}:{port}"]
     hc.accesslog = None
@@ -158,7 +161,7 @@ async def serve(
         binds = await nursery.start(
             serve_http,
             app,
-            hypercorn_config(config.host, config.port),
+            hypercorn_config(config.host, config.port, config.max_client_frame_bytes),
             shutdown,
             config.write_timeout_s,
         )

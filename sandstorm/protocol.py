@@ -41,6 +41,8 @@ Argv = Annotated[
     list[Annotated[str, Meta(max_length=128 * 1024)]], Meta(min_length=1, max_length=4096)
 ]
 Code = Annotated[str, Meta(max_length=8 * MIB)]
+# Bounded in the type so that a body with a million variables is refused while decoding.
+Environment = Annotated[dict[str, str], Meta(max_length=128)]
 AbsPath = Annotated[str, Meta(min_length=1, max_length=4096)]
 
 
@@ -70,7 +72,7 @@ class RunRequest(_Wire, frozen=True):
     cpu_limit: CpuLimit = 1.0
     memory_limit: MemoryLimit = 512 * MIB
     timeout: TimeoutMs = 30_000
-    environment: dict[str, str] = {}
+    environment: Environment = {}
     mounts: Annotated[list[Mount], Meta(max_length=64)] = []
     stdin: Code | None = None
     files: Annotated[dict[AbsPath, Code], Meta(max_length=1024)] = {}
@@ -84,7 +86,7 @@ class ExecRequest(_Wire, frozen=True):
     code: Code | None = None
     language: Language | None = None
     command: Argv | None = None
-    environment: dict[str, str] = {}
+    environment: Environment = {}
     cwd: AbsPath | None = None
     stdin: Code | None = None
     timeout: TimeoutMs | None = None
@@ -340,7 +342,7 @@ class ExecFrame(_ClientFrame, frozen=True, tag="exec"):
     code: Code | None = None
     language: Language | None = None
     command: Argv | None = None
-    environment: dict[str, str] = {}
+    environment: Environment = {}
     cwd: AbsPath | None = None
     stdin: Code | None = None
     timeout: TimeoutMs | None = None

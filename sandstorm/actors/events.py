@@ -30,43 +30,64 @@ class EncodedEvent:
     data: bytes
 
 
-class Subscriber:
-    """One reader of the log: iterate it; check ``lagged`` when the iteration ends."""
+# A burst of events appended back to back (an exit and its status, a teardown's final frames)
+# must not cut off a reader that is keeping up: the outbox holds this many beyond its mark.
+BURST_SLACK = 64
 
-    def __init__(self, log: EventLog, capacity: int) -> None:
+
+class Subscriber:
+    """One reader of the log: iterate it (replay first, then live events); check ``lagged``
+    when the iteration ends.
+
+    The outbox has a mark in events and in bytes. At the mark the producer waits for this
+    reader (see :meth:`EventLog.wait_for_readers`); beyond mark + slack (or twice the bytes)
+    the reader is cut off.
+    """
+
+    def __init__(
+        self, log: EventLog, capacity: int, max_bytes: int, replay: list[EncodedEvent]
+    ) -> None:
         self._log = log
-        self._send, self._receive = trio.open_memory_channel[EncodedEvent](capacity)
+        self._send, self._receive = trio.open_memory_channel[EncodedEvent](capacity + BURST_SLACK)
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
+        self._replay = deque(replay)
         self.lagged = False
+        self.closed = False
         self.missed_from: int | None = None
-        self._progress = trio.Event()
+        self._drained = trio.Event()
 
     def __aiter__(self) -> Subscriber:
         return self
 
     async def __anext__(self) -> EncodedEvent:
         """The next event; ends when the log closes or this subscriber was cut off."""
+        if self._replay:
+            await trio.lowlevel.checkpoint()
+            return self._replay.popleft()
         try:
             event = await self._receive.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
-        self._progress.set()
-        self._progress = trio.Event()
+        self.queued_bytes -= len(event.data)
+        if not self._above_low_water:
+            self._drained.set()
         return event
 
     @property
-    def full(self) -> bool:
-        return self._receive.statistics().current_buffer_used >= self.capacity
+    def _queued(self) -> int:
+        return self._receive.statistics().current_buffer_used
 
-    async def wait_for_room(self, stall_timeout: float) -> None:
-        """Wait while the outbox is full and the reader keeps taking events; cut it off if it
-        takes nothing for ``stall_timeout`` seconds."""
-        while self.full and not self.lagged:
-            progress = self._progress
-            with trio.move_on_after(stall_timeout):
-                await progress.wait()
-                continue
-            self._cut_off(self._log.last_seq + 1)
+    @property
+    def full(self) -> bool:
+        return not self.closed and (
+            self._queued >= self.capacity or self.queued_bytes >= self.max_bytes
+        )
+
+    @property
+    def _above_low_water(self) -> bool:
+        return self._queued > self.capacity // 2 or self.queued_bytes > self.max_bytes // 2
 
     def _cut_off(self, missed_from: int) -> None:
         self.lagged = True
@@ -74,16 +95,26 @@ class Subscriber:
         self.close()
 
     def _deliver(self, event: EncodedEvent) -> None:
+        if self.queued_bytes + len(event.data) > 2 * self.max_bytes:
+            self._cut_off(event.seq)
+            return
         try:
             self._send.send_nowait(event)
         except trio.WouldBlock:
             self._cut_off(event.seq)
+            return
         except trio.BrokenResourceError:
             self.close()
+            return
+        self.queued_bytes += len(event.data)
+        if self._above_low_water:
+            self._drained = trio.Event()
 
     def close(self) -> None:
+        self.closed = True
         self._log._subscribers.discard(self)
         self._send.close()
+        self._drained.set()
 
 
 class EventLog:
@@ -117,21 +148,30 @@ class EventLog:
         return seq
 
     async def wait_for_readers(self, stall_timeout: float) -> None:
-        """Producer side of flow control: return once no subscriber's outbox is full."""
-        for sub in list(self._subscribers):
-            if sub.full:
-                await sub.wait_for_room(stall_timeout)
+        """Producer side of flow control: return once no subscriber's outbox is at its mark.
+
+        Each full outbox must drain to half within ``stall_timeout`` (one deadline for all of
+        them); a reader that does not is cut off (lagged). So a reader that keeps up gets every
+        event, and one that stopped, or crawls, costs the producer at most one timeout.
+        """
+        full = [sub for sub in self._subscribers if sub.full]
+        if not full:
+            return
+        with trio.move_on_after(stall_timeout):
+            for sub in full:
+                await sub._drained.wait()
+        for sub in full:
+            if not sub.closed and sub._above_low_water:
+                sub._cut_off(self.last_seq + 1)
 
     def subscribe(
-        self, since: int = 0, capacity: int = 1024
-    ) -> tuple[Subscriber, list[EncodedEvent], tuple[int, int] | None]:
-        """Return a live subscriber, the retained events after ``since`` and the missed range.
-
-        The missed range ``(from, to)`` is set when events after ``since`` were already dropped
-        from the replay buffer.
-        """
-        sub = Subscriber(self, capacity)
+        self, since: int = 0, capacity: int = 1024, max_bytes: int = 8 * 1024 * 1024
+    ) -> tuple[Subscriber, tuple[int, int] | None]:
+        """Return a subscriber (which yields the retained events after ``since``, then live
+        ones) and the missed range ``(from, to)``, set when events after ``since`` were
+        already dropped from the replay buffer."""
         replay = [e for e in self._events if e.seq > since]
+        sub = Subscriber(self, capacity, max_bytes, replay)
         missed = None
         first = self.first_retained_seq
         if since + 1 < first:
@@ -140,7 +180,7 @@ class EventLog:
             sub._send.close()
         else:
             self._subscribers.add(sub)
-        return sub, replay, missed
+        return sub, missed
 
     def close(self) -> None:
         """No more events: every subscriber's outbox ends after what it already holds."""

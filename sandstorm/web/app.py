@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
-from quart import Response, has_websocket_context
+from quart import Response, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from sandstorm.errors import AtCapacity, GatewayError, QuotaExceeded
+from sandstorm.errors import AtCapacity, GatewayError, OriginNotAllowed, QuotaExceeded
 from sandstorm.protocol import JSON_ENCODER, ErrorDetail, ErrorResponse
 
 if TYPE_CHECKING:
@@ -48,6 +49,22 @@ def create_app(gateway: Gateway) -> QuartTrio:
     app.register_blueprint(blueprint)
     app.register_blueprint(stream_blueprint)
     app.register_blueprint(console_blueprint)
+
+    async def same_origin_only() -> None:
+        """Refuse what a browser sends on behalf of another site's page: state-changing
+        requests and WebSocket upgrades whose Origin is not this gateway. Clients that are not
+        browsers send no Origin and are not affected."""
+        ctx = websocket if has_websocket_context() else request
+        if not has_websocket_context() and request.method in ("GET", "HEAD", "OPTIONS"):
+            return
+        origin = ctx.headers.get("Origin")
+        if origin is None:
+            return
+        if urlsplit(origin).netloc.lower() != ctx.headers.get("Host", "").lower():
+            raise OriginNotAllowed(f"requests from {origin} are not allowed", origin=origin)
+
+    app.before_request(same_origin_only)
+    app.before_websocket(same_origin_only)
 
     @app.errorhandler(GatewayError)
     async def gateway_error(exc: GatewayError) -> Response:

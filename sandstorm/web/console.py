@@ -30,7 +30,7 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "script-src 'self'",
         "style-src 'self'",
         "img-src 'self'",
-        "connect-src 'self' ws: wss:",
+        "connect-src 'self'",  # 'self' covers ws:/wss: to this same host
         "object-src 'none'",
         "base-uri 'none'",
         "form-action 'none'",

@@ -13,7 +13,7 @@ import base64
 import binascii
 import contextlib
 import logging
-from typing import Any, cast
+from typing import cast
 
 import msgspec
 import trio
@@ -74,12 +74,14 @@ async def stream(sandbox_id: str) -> None:
         raise AtCapacity(f"sandbox {sandbox_id} already has {actor.open_streams} streams")
     router.open_streams += 1
     actor.open_streams += 1
-    subscriber, replay, missed = actor.events.subscribe(since, config.stream_outbox_events)
+    subscriber, missed = actor.events.subscribe(
+        since, config.stream_outbox_events, config.stream_outbox_bytes
+    )
     try:
         await websocket.accept()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_read_client, actor, config, nursery.cancel_scope)
-            code = await _write_events(subscriber, replay, missed)
+            code = await _write_events(actor, subscriber, missed)
             nursery.cancel_scope.cancel()
         with contextlib.suppress(Exception), trio.move_on_after(LAGGED_SEND_TIMEOUT_S):
             await websocket.close(code)
@@ -102,21 +104,23 @@ def _since(raw: str | None) -> int:
 
 
 async def _write_events(
-    subscriber: Subscriber, replay: list[Any], missed: tuple[int, int] | None
+    actor: SandboxActor, subscriber: Subscriber, missed: tuple[int, int] | None
 ) -> int:
     """Send the replay, then live events; returns the close code."""
     if missed is not None:
         await websocket.send(
             JSON_ENCODER.encode(LaggedEvent(missed_from=missed[0], missed_to=missed[1])).decode()
         )
-    for event in replay:
-        await websocket.send(event.data.decode())
     async for event in subscriber:
         await websocket.send(event.data.decode())
     if not subscriber.lagged:
         return CLOSE_NORMAL  # the sandbox ended: its log is closed and fully delivered
     assert subscriber.missed_from is not None
-    lagged = LaggedEvent(missed_from=subscriber.missed_from, missed_to=subscriber.missed_from)
+    # Everything from the first dropped event up to the newest one is gone for this client.
+    lagged = LaggedEvent(
+        missed_from=subscriber.missed_from,
+        missed_to=max(subscriber.missed_from, actor.events.last_seq),
+    )
     with trio.move_on_after(LAGGED_SEND_TIMEOUT_S):
         await websocket.send(JSON_ENCODER.encode(lagged).decode())
     return CLOSE_TRY_AGAIN_LATER
@@ -130,7 +134,8 @@ async def _read_client(actor: SandboxActor, config: Config, scope: trio.CancelSc
     """Apply client frames; a bad frame gets an ``error`` frame and the socket stays usable."""
     while True:
         message = await websocket.receive()
-        if isinstance(message, bytes):
+        # (quart-trio hands an empty binary frame over as None)
+        if message is None or isinstance(message, bytes):
             await _send_error("invalid_frame", "binary frames are not accepted; send JSON text")
             continue
         if len(message) > config.max_client_frame_bytes:

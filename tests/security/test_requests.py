@@ -281,3 +281,35 @@ def test_duplicate_key_check_agrees_with_the_standard_library() -> None:
         for raw in (doc, doc.encode()):
             assert (find_duplicate_key(raw) is not None) == expected, doc
     assert 500 < found < 4500
+
+
+async def test_cross_site_requests_are_refused(g: RunningGateway) -> None:
+    """A page on another site cannot drive the gateway through a visitor's browser (CSRF, and
+    cross-site WebSockets, which browsers do not restrict)."""
+    host = g.url.removeprefix("http://")
+    evil = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
+    with trio.fail_after(30):
+        response = await g.client.post(
+            "/v1/sandboxes/run", content=b'{"command": ["true"]}', headers=evil
+        )
+        assert response.status_code == 403
+        assert response.json()["error"]["code"] == "origin_not_allowed"
+        assert (await g.client.get("/v1/sandboxes")).json()["sandboxes"] == []
+        upgrade = {
+            "Origin": "https://evil.example",
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        }
+        refused = await g.client.get("/v1/sandboxes/sbx_00000000000000000000000000/stream",
+                                     headers=upgrade)  # fmt: skip
+        assert refused.status_code == 403
+        # The gateway's own pages (same origin) and clients without an Origin work.
+        same = await g.client.post(
+            "/v1/sandboxes/run",
+            json={"command": ["echo", "ok"], "keep_alive": 0},
+            headers={"Origin": f"http://{host}"},
+        )
+        assert same.status_code == 201
+        assert same.json()["result"]["stdout"] == "ok\n"

@@ -102,7 +102,7 @@ async def test_interactive_program_turn_by_turn(gw: RunningGateway) -> None:
                     reply += (await next_frame(ws, "stdout"))["data"]
                 assert reply == f"echo: {word[::-1]}\n"
             await ws.send_message(json.dumps({"type": "stdin_close", "exec_id": exec_id}))
-            done = await next_frame(ws, "exit")
+            done = (await collect_until_exit(ws, exec_id))[-1]
             assert done["result"]["verdict"] == "ok"
             # stdin to a finished exec: an error frame, and the socket still works.
             await ws.send_message(json.dumps({"type": "stdin", "exec_id": exec_id, "data": "x"}))
@@ -125,7 +125,7 @@ async def test_signals_reach_the_process(gw: RunningGateway, signal: str, exit_s
             await ws.send_message(
                 json.dumps({"type": "signal", "exec_id": exec_id, "signal": signal})
             )
-            done = await next_frame(ws, "exit")
+            done = (await collect_until_exit(ws, exec_id))[-1]
     assert done["result"]["signal"] == exit_signal
     assert done["result"]["verdict"] == "killed"
 
@@ -145,7 +145,7 @@ async def test_bad_frames_get_error_frames_and_the_socket_stays_usable(gw: Runni
         (json.dumps({"type": "exec", "command": []}), "invalid_frame"),
         (json.dumps({"type": "exec", "code": "x"}), "invalid_request"),
         (b"\x00\x01binary", "invalid_frame"),
-        ("x" * (3 * 1024 * 1024), "invalid_frame"),
+        ("x" * (1536 * 1024), "invalid_frame"),  # over the 1 MiB cap, under 2 MiB
     ]
     with trio.fail_after(30):
         sid = (await gw.run_ok(command=["true"]))["id"]
