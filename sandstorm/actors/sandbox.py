@@ -136,8 +136,6 @@ class SandboxActor:
         self.failure: Failure | None = None
         self.created_at = time.time()
         self.last_active = time.time()
-        self._created_mono = trio.current_time()
-        self._last_active_mono = trio.current_time()
         self.events = EventLog(config.replay_buffer_bytes)
         self.execs: OrderedDict[str, ExecRecord] = OrderedDict()
         self._by_channel: dict[int, ExecRecord] = {}
@@ -151,7 +149,6 @@ class SandboxActor:
         self._expect_eof = False
         self._incarnation_done = trio.Event()
         self._file_waiters: dict[int, trio.MemorySendChannel[tuple[bool, str | None]]] = {}
-        self.released: list[str] = []
         self.finished = trio.Event()
         self.ended_at: float | None = None  # trio clock, when the teardown finished
         # The creating request holds the sandbox until its first exec is in, so that keep_alive
@@ -795,7 +792,6 @@ class SandboxActor:
                 lambda seq, ts: StatusEvent(seq=seq, ts=ts, state=final, reason=reason or note)
             )
             self.events.close()
-            self.released.extend(released)
             self.ended_at = trio.current_time()
         return released
 
