@@ -46,7 +46,11 @@ say() { printf '==> %s\n' "$*"; }
 # debian-archive-keyring lets mmdebstrap verify Debian's archive on Ubuntu hosts too.
 # gcc and libc6-dev compile the image's statx shim (sandstorm/images/statx_shim.c).
 packages=(python3 python3-venv python3-pip runsc mmdebstrap ca-certificates curl
-    debian-archive-keyring gcc libc6-dev chromium fonts-dejavu-core)
+    debian-archive-keyring gcc libc6-dev)
+# The web console's browser tests drive Debian's Chromium: only the test set-up needs it.
+if [[ "$mode" == test ]]; then
+    packages+=(chromium fonts-dejavu-core)
+fi
 missing=()
 for pkg in "${packages[@]}"; do
     status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
