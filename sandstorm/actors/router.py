@@ -30,7 +30,7 @@ from sandstorm.protocol import (
 )
 from sandstorm.runtimes.base import MountSpec, SandboxSpec
 from sandstorm.runtimes.registry import RuntimeRegistry
-from sandstorm.selection import NoRuntime, select_runtime
+from sandstorm.selection import NoRuntime, Selected, select_runtime
 from sandstorm.snapshots import SnapshotCatalog, SnapshotCorrupt, SnapshotMeta
 from sandstorm.validation import (
     INLINE_CODE_LIMIT,
@@ -85,21 +85,12 @@ class Router:
         self._booting: set[str] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[Router] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the nursery every sandbox actor lives in; on cancellation destroy them all."""
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started(self)
-                await trio.sleep_forever()
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.destroy_all()
-
-    async def destroy_all(self) -> None:
+        """Own the nursery every sandbox actor lives in. Cancelling it ends them all: each actor
+        tears its sandbox down (shielded) before the nursery closes, all in parallel."""
         async with trio.open_nursery() as nursery:
-            for actor in list(self.sandboxes.values()):
-                if actor.alive:
-                    nursery.start_soon(actor.destroy)
+            self._nursery = nursery
+            task_status.started(self)
+            await trio.sleep_forever()
 
     # ------------------------------------------------------------------ lookups
 
@@ -133,9 +124,7 @@ class Router:
         self._reserved_count -= 1
         self._reserved_memory -= memory
 
-    def _choose(
-        self, level: IsolationLevel, preference: RuntimeName | None
-    ) -> tuple[RuntimeName, str]:
+    def _choose(self, level: IsolationLevel, preference: RuntimeName | None) -> Selected:
         choice = select_runtime(level, preference, self.registry.unavailable())
         if isinstance(choice, NoRuntime):
             raise RuntimeUnavailable(
@@ -143,11 +132,11 @@ class Router:
                 isolation_level=level,
                 candidates=dict(choice.candidates),
             )
-        return choice.runtime, choice.reason
+        return choice
 
     async def create(self, req: RunRequest) -> Created:
         mounts = check_run(req, self.config)
-        runtime_name, reason = self._choose(req.isolation_level, req.runtime_preference)
+        choice = self._choose(req.isolation_level, req.runtime_preference)
         plan = self.plan(req, req.timeout)
         sandbox_id = new_id("sbx")
         spec = SandboxSpec(
@@ -160,9 +149,9 @@ class Router:
         )
         params = SandboxParams(
             sandbox_id=sandbox_id,
-            runtime_name=runtime_name,
+            runtime_name=choice.runtime,
             isolation_level=req.isolation_level,
-            selection=reason,  # type: ignore[arg-type]
+            selection=choice.reason,
             spec=spec,
             image=self.config.image,
             timeout_ms=req.timeout,

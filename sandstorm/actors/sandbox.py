@@ -491,11 +491,8 @@ class SandboxActor:
             err = decode_error(payload)
             rec = self._by_channel.get(channel)
             if rec is not None and rec.running:
-                note = f"sandstorm: {err.message}\n".encode()
-                rec.stderr.add(note)
-                self.events.append(
-                    lambda seq, ts: rec.output_event(FrameKind.STDERR, note, seq, ts)
-                )
+                # Why an exec could not start, told to its reader on its own stderr.
+                self._output(rec, FrameKind.STDERR, f"sandstorm: {err.message}\n".encode())
             elif self._failure_logged < MAX_LOGGED_AGENT_ERRORS:
                 self._failure_logged += 1
                 log.info("sandbox %s agent says: %r", self.id, err.message[:200])

@@ -10,7 +10,8 @@ from quart import Blueprint, Response, current_app, request
 
 from sandstorm.actors.router import Router
 from sandstorm.actors.sandbox import SandboxActor
-from sandstorm.errors import INLINE_DECODE_BYTES, NotFound, SandboxNotRunning, decode_json
+from sandstorm.decoding import decode_request
+from sandstorm.errors import NotFound, SandboxNotRunning
 from sandstorm.gateway import Gateway
 from sandstorm.protocol import (
     JSON_ENCODER,
@@ -62,11 +63,7 @@ async def _body(kind: type[T], *, optional: bool = False, raw: bytes | None = No
         raw = await _raw_body()
     if optional and not raw.strip():
         return kind()
-    decoder = _DECODERS[kind]
-    if len(raw) > INLINE_DECODE_BYTES:
-        # Up to 16 MiB of decoding and duplicate-key scanning (tens of ms): off the event loop.
-        return cast(T, await trio.to_thread.run_sync(decode_json, decoder, raw))
-    return cast(T, decode_json(decoder, raw))
+    return cast(T, await decode_request(_DECODERS[kind], raw))
 
 
 def _expires(actor: SandboxActor) -> str | None:

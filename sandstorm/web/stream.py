@@ -22,14 +22,8 @@ from quart import Blueprint, current_app, websocket
 from sandstorm.actors.events import Subscriber
 from sandstorm.actors.sandbox import SandboxActor
 from sandstorm.config import Config
-from sandstorm.errors import (
-    INLINE_DECODE_BYTES,
-    AtCapacity,
-    GatewayError,
-    InvalidRequest,
-    SandboxNotRunning,
-    decode_json,
-)
+from sandstorm.decoding import decode_request
+from sandstorm.errors import AtCapacity, GatewayError, InvalidRequest, SandboxNotRunning
 from sandstorm.gateway import Gateway
 from sandstorm.protocol import (
     JSON_ENCODER,
@@ -145,10 +139,7 @@ async def _read_client(actor: SandboxActor, config: Config, scope: trio.CancelSc
             )
             continue
         try:
-            if len(message) > INLINE_DECODE_BYTES:
-                frame = await trio.to_thread.run_sync(decode_json, _CLIENT_FRAMES, message)
-            else:
-                frame = decode_json(_CLIENT_FRAMES, message)
+            frame = await decode_request(_CLIENT_FRAMES, message)
         except InvalidRequest as exc:
             # Malformed JSON, wrong types, duplicate keys: the message names the field.
             await _send_error("invalid_frame", exc.message)

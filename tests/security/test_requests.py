@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from sandstorm.errors import find_duplicate_key
+from sandstorm.decoding import find_duplicate_key
 from tests.harness import RunningGateway, never_500
 
 MIB = 1024 * 1024

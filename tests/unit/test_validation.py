@@ -14,7 +14,8 @@ import msgspec
 import pytest
 
 from sandstorm.config import Config, load_config
-from sandstorm.errors import InvalidRequest, MountNotAllowed, decode_json
+from sandstorm.decoding import decode_json
+from sandstorm.errors import InvalidRequest, MountNotAllowed
 from sandstorm.protocol import MIB, ExecRequest, Mount, RunRequest
 from sandstorm.validation import (
     INLINE_CODE_LIMIT,
