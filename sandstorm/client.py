@@ -105,18 +105,6 @@ def _body(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-class _Requests:
-    """The REST surface shared by the sync and async clients: how to build each request."""
-
-    @staticmethod
-    def run(**fields: Any) -> tuple[str, str, dict[str, Any]]:
-        return "POST", "/v1/sandboxes/run", _body(**fields)
-
-    @staticmethod
-    def exec(sandbox_id: str, **fields: Any) -> tuple[str, str, dict[str, Any]]:
-        return "POST", f"/v1/sandboxes/{sandbox_id}/exec", _body(**fields)
-
-
 class AsyncClient:
     def __init__(self, url: str | None = None, *, timeout: float = 120.0) -> None:
         self.url = (url or default_url()).rstrip("/")
@@ -138,12 +126,11 @@ class AsyncClient:
     # -- sandboxes
     async def run(self, **fields: Any) -> RunResponse:
         """POST /v1/sandboxes/run; fields as in the SPEC (code, language, command, …)."""
-        method, path, body = _Requests.run(**fields)
-        return await self._call(method, path, RunResponse, body)
+        return await self._call("POST", "/v1/sandboxes/run", RunResponse, _body(**fields))
 
     async def exec(self, sandbox_id: str, **fields: Any) -> ExecResponse:
-        method, path, body = _Requests.exec(sandbox_id, **fields)
-        return await self._call(method, path, ExecResponse, body)
+        path = f"/v1/sandboxes/{sandbox_id}/exec"
+        return await self._call("POST", path, ExecResponse, _body(**fields))
 
     async def exec_result(self, sandbox_id: str, exec_id: str) -> ExecSummary:
         return await self._call("GET", f"/v1/sandboxes/{sandbox_id}/execs/{exec_id}", ExecSummary)
@@ -329,12 +316,11 @@ class Client:
         return _decode(self._http.request(method, path, json=body), kind)
 
     def run(self, **fields: Any) -> RunResponse:
-        method, path, body = _Requests.run(**fields)
-        return self._call(method, path, RunResponse, body)
+        return self._call("POST", "/v1/sandboxes/run", RunResponse, _body(**fields))
 
     def exec(self, sandbox_id: str, **fields: Any) -> ExecResponse:
-        method, path, body = _Requests.exec(sandbox_id, **fields)
-        return self._call(method, path, ExecResponse, body)
+        path = f"/v1/sandboxes/{sandbox_id}/exec"
+        return self._call("POST", path, ExecResponse, _body(**fields))
 
     def exec_result(self, sandbox_id: str, exec_id: str) -> ExecSummary:
         return self._call("GET", f"/v1/sandboxes/{sandbox_id}/execs/{exec_id}", ExecSummary)

@@ -24,15 +24,10 @@ from sandstorm.images.builder import ImageManifest, image_rootfs, load_manifest
 from sandstorm.protocol import LanguageInfo, Ready
 from sandstorm.runtimes.registry import RuntimeRegistry, build_registry
 from sandstorm.snapshots import SnapshotCatalog
+from sandstorm.validation import LANGUAGE_COMMANDS
 
 log = logging.getLogger(__name__)
 REAP_INTERVAL_S = 30.0
-LANGUAGE_COMMANDS = {
-    "python": ["python3", "-c"],
-    "javascript": ["node", "-e"],
-    "bash": ["bash", "-c"],
-    "sh": ["sh", "-c"],
-}
 
 
 class Gateway:
@@ -50,7 +45,11 @@ class Gateway:
         if self.manifest is None:
             return []
         return [
-            LanguageInfo(name=lang.name, version=lang.version, command=LANGUAGE_COMMANDS[lang.name])  # type: ignore[arg-type]
+            LanguageInfo(
+                name=lang.name,  # type: ignore[arg-type]
+                version=lang.version,
+                command=list(LANGUAGE_COMMANDS[lang.name]),  # type: ignore[index]
+            )
             for lang in self.manifest.languages
             if lang.name in LANGUAGE_COMMANDS
         ]
@@ -106,10 +105,8 @@ class Gateway:
         """Free every resource held for a sandbox the router does not know."""
         released: list[str] = []
         for name, driver in self.registry.drivers.items():
-            if (
-                not self.registry.detections.get(name, None)
-                or not self.registry.detections[name].available
-            ):
+            detection = self.registry.detections.get(name)
+            if detection is None or not detection.available:
                 continue
             for orphan in await driver.list_orphans(router.live_ids):
                 with trio.CancelScope(shield=True):

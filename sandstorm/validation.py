@@ -159,11 +159,15 @@ def check_exec(req: ExecRequest, config: Config) -> None:
 INLINE_CODE_LIMIT = 64 * 1024
 
 
+# How each language runs a program given as text: the interpreter and its "run this" flag.
+LANGUAGE_COMMANDS: dict[Language, tuple[str, str]] = {
+    "python": ("python3", "-c"),
+    "javascript": ("node", "-e"),
+    "bash": ("bash", "-c"),
+    "sh": ("sh", "-c"),
+}
+
+
 def code_argv(language: Language, code_or_path: str, *, is_file: bool) -> list[str]:
-    if language == "python":
-        return ["python3", code_or_path] if is_file else ["python3", "-c", code_or_path]
-    if language == "javascript":
-        return ["node", code_or_path] if is_file else ["node", "-e", code_or_path]
-    if language == "bash":
-        return ["bash", code_or_path] if is_file else ["bash", "-c", code_or_path]
-    return ["sh", code_or_path] if is_file else ["sh", "-c", code_or_path]
+    interpreter, flag = LANGUAGE_COMMANDS[language]
+    return [interpreter, code_or_path] if is_file else [interpreter, flag, code_or_path]

@@ -74,7 +74,7 @@ async def stream(sandbox_id: str) -> None:
     try:
         await websocket.accept()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_client, actor, config, nursery.cancel_scope)
+            nursery.start_soon(_read_client, actor, config)
             code = await _write_events(actor, subscriber, missed)
             nursery.cancel_scope.cancel()
         with contextlib.suppress(Exception), trio.move_on_after(LAGGED_SEND_TIMEOUT_S):
@@ -124,7 +124,7 @@ async def _send_error(code: str, message: str) -> None:
     await websocket.send(JSON_ENCODER.encode(ErrorEvent(code=code, message=message)).decode())
 
 
-async def _read_client(actor: SandboxActor, config: Config, scope: trio.CancelScope) -> None:
+async def _read_client(actor: SandboxActor, config: Config) -> None:
     """Apply client frames; a bad frame gets an ``error`` frame and the socket stays usable."""
     while True:
         message = await websocket.receive()
