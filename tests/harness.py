@@ -66,3 +66,27 @@ def never_500(gw: RunningGateway) -> None:
             )
 
     gw.client.event_hooks["response"].append(hook)
+
+
+class BodyChunks:
+    """A request body sent in chunks, for httpx's `content=`.
+
+    A plain async iterator rather than an async generator: when the gateway answers before the
+    body is sent (413), httpx abandons the iteration, and an abandoned async generator is only
+    finalised by the garbage collector, sometimes after the test, as an unraisable warning.
+    """
+
+    def __init__(self, body: bytes, chunk_size: int = 256 * 1024) -> None:
+        self._body = body
+        self._chunk_size = chunk_size
+        self._offset = 0
+
+    def __aiter__(self) -> BodyChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._offset >= len(self._body):
+            raise StopAsyncIteration
+        chunk = self._body[self._offset : self._offset + self._chunk_size]
+        self._offset += len(chunk)
+        return chunk

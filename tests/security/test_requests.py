@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from sandstorm.decoding import find_duplicate_key
-from tests.harness import RunningGateway, never_500
+from tests.harness import BodyChunks, RunningGateway, never_500
 
 MIB = 1024 * 1024
 DEEP = 100_000
@@ -174,7 +174,11 @@ async def test_large_bodies_are_decoded_off_the_loop_and_still_checked(g: Runnin
 async def test_over_16_mib_is_413_with_or_without_content_length(g: RunningGateway) -> None:
     with trio.fail_after(60):
         too_big = b'{"stdin":"' + b"x" * (16 * MIB) + b'"}'
-        response = await g.client.post("/v1/sandboxes/run", content=too_big, headers=JSON)
+        response = await g.client.post(
+            "/v1/sandboxes/run",
+            content=BodyChunks(too_big),
+            headers=JSON | {"content-length": str(len(too_big))},
+        )
         assert response.status_code == 413, response.text[:300]
         assert response.json()["error"]["code"] == "payload_too_large"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from sandstorm.ids import new_id
-from tests.harness import RunningGateway, never_500
+from tests.harness import BodyChunks, RunningGateway, never_500
 
 MIB = 1024 * 1024
 HELLO: dict[str, Any] = {"command": ["true"]}
@@ -427,14 +427,10 @@ async def test_small_configured_body_limit(start_gateway: Callable[..., Any]) ->
             response = await post_raw(gw, "/v1/sandboxes/run", payload)
             assert_error(response, 413, "payload_too_large")
 
-            async def chunks() -> AsyncIterator[bytes]:
-                # No Content-Length: the limit must hold while streaming too.
-                for i in range(0, len(payload), 256):
-                    yield payload[i : i + 256]
-
+            # No Content-Length: the limit must hold while streaming too.
             response = await gw.client.post(
                 "/v1/sandboxes/run",
-                content=chunks(),
+                content=BodyChunks(payload, chunk_size=256),
                 headers={"content-type": "application/json"},
             )
             assert_error(response, 413, "payload_too_large")
