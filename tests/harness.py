@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,25 +69,68 @@ def never_500(gw: RunningGateway) -> None:
     gw.client.event_hooks["response"].append(hook)
 
 
-class BodyChunks:
-    """A request body sent in chunks, for httpx's `content=`.
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
 
-    A plain async iterator rather than an async generator: when the gateway answers before the
-    body is sent (413), httpx abandons the iteration, and an abandoned async generator is only
-    finalised by the garbage collector, sometimes after the test, as an unraisable warning.
-    """
+    def json(self) -> Any:
+        return json.loads(self.body)
 
-    def __init__(self, body: bytes, chunk_size: int = 256 * 1024) -> None:
-        self._body = body
-        self._chunk_size = chunk_size
-        self._offset = 0
 
-    def __aiter__(self) -> BodyChunks:
-        return self
+async def send_raw_request(
+    url: str, path: str, body: bytes, *, chunked: bool = False, chunk_size: int = 256 * 1024
+) -> RawResponse:
+    """POST `body` over a plain socket while reading the answer, which may come before the body
+    is sent whole (413). httpx cannot do this cleanly: it abandons its own async generator over
+    the body, which the garbage collector later reports as an unraisable warning."""
+    host, port = url.removeprefix("http://").split(":")
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"{framing}\r\n\r\n"
+    ).encode()
+    stream = await trio.open_tcp_stream(host, int(port))
+    answer = bytearray()
 
-    async def __anext__(self) -> bytes:
-        if self._offset >= len(self._body):
-            raise StopAsyncIteration
-        chunk = self._body[self._offset : self._offset + self._chunk_size]
-        self._offset += len(chunk)
-        return chunk
+    async def send_body() -> None:
+        try:
+            await stream.send_all(head)
+            for offset in range(0, len(body), chunk_size):
+                chunk = body[offset : offset + chunk_size]
+                if chunked:
+                    chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+                await stream.send_all(chunk)
+            if chunked:
+                await stream.send_all(b"0\r\n\r\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # The server answered and closed before taking the whole body.
+
+    async with stream, trio.open_nursery() as nursery:
+        nursery.start_soon(send_body)
+        while (parsed := _parse_response(bytes(answer))) is None:
+            try:
+                chunk = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"connection closed mid-answer: {bytes(answer)[:300]!r}")
+            answer += chunk
+        nursery.cancel_scope.cancel()
+    return parsed
+
+
+def _parse_response(data: bytes) -> RawResponse | None:
+    head, separator, rest = data.partition(b"\r\n\r\n")
+    if not separator:
+        return None
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    if len(rest) < length:
+        return None
+    return RawResponse(int(status_line.split()[1]), headers, rest[:length])

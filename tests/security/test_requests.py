@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from sandstorm.decoding import find_duplicate_key
-from tests.harness import BodyChunks, RunningGateway, never_500
+from tests.harness import RunningGateway, never_500, send_raw_request
 
 MIB = 1024 * 1024
 DEEP = 100_000
@@ -174,15 +174,10 @@ async def test_large_bodies_are_decoded_off_the_loop_and_still_checked(g: Runnin
 async def test_over_16_mib_is_413_with_or_without_content_length(g: RunningGateway) -> None:
     with trio.fail_after(60):
         too_big = b'{"stdin":"' + b"x" * (16 * MIB) + b'"}'
-        response = await g.client.post(
-            "/v1/sandboxes/run",
-            content=BodyChunks(too_big),
-            headers=JSON | {"content-length": str(len(too_big))},
-        )
-        assert response.status_code == 413, response.text[:300]
-        assert response.json()["error"]["code"] == "payload_too_large"
-
-        # Chunked, without Content-Length: tests/web/test_errors.py (small configured limit).
+        for chunked in (False, True):
+            response = await send_raw_request(g.url, "/v1/sandboxes/run", too_big, chunked=chunked)
+            assert response.status == 413, response.body[:300]
+            assert response.json()["error"]["code"] == "payload_too_large"
         assert (await g.client.get("/health")).status_code == 200
 
 

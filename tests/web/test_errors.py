@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from sandstorm.ids import new_id
-from tests.harness import BodyChunks, RunningGateway, never_500
+from tests.harness import RunningGateway, never_500, send_raw_request
 
 MIB = 1024 * 1024
 HELLO: dict[str, Any] = {"command": ["true"]}
@@ -428,12 +428,11 @@ async def test_small_configured_body_limit(start_gateway: Callable[..., Any]) ->
             assert_error(response, 413, "payload_too_large")
 
             # No Content-Length: the limit must hold while streaming too.
-            response = await gw.client.post(
-                "/v1/sandboxes/run",
-                content=BodyChunks(payload, chunk_size=256),
-                headers={"content-type": "application/json"},
+            raw = await send_raw_request(
+                gw.url, "/v1/sandboxes/run", payload, chunked=True, chunk_size=256
             )
-            assert_error(response, 413, "payload_too_large")
+            assert raw.status == 413
+            assert raw.json()["error"]["code"] == "payload_too_large"
             response = await gw.run(command=["true"], keep_alive=0)
             assert response.status_code == 201, response.text
 
