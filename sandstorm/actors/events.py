@@ -118,11 +118,13 @@ class Subscriber:
 
 
 class EventLog:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, *, last_seq: int = 0) -> None:
+        """``last_seq``: where a log picked up after a gateway restart continues (the events
+        up to it are gone with the old process; a reader asking for them is told it lagged)."""
         self.max_bytes = max_bytes
         self._events: deque[EncodedEvent] = deque()
         self._bytes = 0
-        self._next_seq = 1
+        self._next_seq = last_seq + 1
         self._subscribers: set[Subscriber] = set()
         self.closed = False
 

@@ -30,6 +30,16 @@ async def test_seq_numbers_and_replay_after_since() -> None:
     assert json.loads(events[0].data)["data"] == "2"
 
 
+async def test_a_log_picked_up_after_a_restart_continues_its_seq_and_reports_the_gap() -> None:
+    log = EventLog(max_bytes=1 << 20, last_seq=41)
+    assert log.last_seq == 41
+    assert log.append(out("after")) == 42
+    sub, missed = log.subscribe(since=10)
+    log.close()
+    assert missed == (11, 41)
+    assert await take_all(sub) == [42]
+
+
 async def test_replay_buffer_is_bounded_and_reports_what_was_dropped() -> None:
     log = EventLog(max_bytes=1000)
     for _ in range(100):
