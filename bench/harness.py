@@ -18,6 +18,7 @@ import httpx
 import msgspec
 import trio
 
+from sandstorm.agent import AGENT_COMMAND, HEADER, FrameKind
 from sandstorm.client import AsyncClient
 from sandstorm.config import Config, load_config
 from sandstorm.gateway import serve
@@ -27,6 +28,7 @@ from sandstorm.runtimes.cgroups import V1_ALL, SandboxCgroups
 from sandstorm.runtimes.gvisor import RUNSC_ENV, host_limits, oci_config
 
 IMAGE_DATA_DIR = Path(os.environ.get("SANDSTORM_DATA_DIR", "/var/lib/sandstorm"))
+PING = int(FrameKind.PING)
 
 
 @dataclass
@@ -49,11 +51,19 @@ class Series:
         }
 
 
+Unit = Literal["ms", "MB/s", "sb/s", "MiB"]
+# Units where a bigger number is better (throughputs); the rest are costs.
+HIGHER_IS_BETTER = {"MB/s", "sb/s"}
+
+
 @dataclass
 class Result:
-    unit: Literal["ms", "MB/s"]
+    unit: Unit
     gateway: Series = field(default_factory=Series)
     raw: Series = field(default_factory=Series)
+    # Figures that are not sample series (failures, RSS) and what a reader must know.
+    extra: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         g, r = self.gateway.summary(), self.raw.summary()
@@ -62,8 +72,36 @@ class Result:
             "gateway": g,
             "raw": r,
             "ratio_p50": round(g["p50"] / r["p50"], 3) if r["p50"] else None,
+            "extra": self.extra,
+            "notes": self.notes,
             "samples": {"gateway": self.gateway.samples, "raw": self.raw.samples},
         }
+
+
+@dataclass
+class RawContainer:
+    """A raw ``runsc run`` in the background with the agent as its process, on pipes."""
+
+    sid: str
+    bundle: Path
+    process: trio.Process
+
+    async def ping(self) -> None:
+        """A PING/PONG round trip with the agent: the raw equivalent of the gateway's
+        readiness check after a restore."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        await self.process.stdin.send_all(HEADER.pack(PING, 1, 4) + b"ping")
+        await _read_at_least(self.process.stdout, HEADER.size + 4)
+
+
+async def _read_at_least(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await stream.receive_some(1 << 16)
+        if not chunk:
+            raise RuntimeError(f"raw container closed its stdout after {len(data)} bytes")
+        data += chunk
+    return data
 
 
 @dataclass
@@ -77,15 +115,37 @@ class Context:
     cgroup_parent: str
     quick: bool
 
-    async def wait_gone(self, sandbox_id: str) -> None:
+    async def wait_gone(self, sandbox_id: str, client: AsyncClient | None = None) -> None:
         """Wait (untimed) until a sandbox's teardown is over, so it cannot overlap a sample."""
-        while (await self.client.status(sandbox_id)).state not in ("destroyed", "failed"):
+        client = client or self.client
+        while (await client.status(sandbox_id)).state not in ("destroyed", "failed"):
             await trio.sleep(0.01)
 
     @asynccontextmanager
-    async def raw_sandbox(self, argv: list[str]) -> AsyncIterator[list[str]]:
+    async def other_gateway(
+        self, name: str, **overrides: Any
+    ) -> AsyncIterator[tuple[AsyncClient, httpx.AsyncClient]]:
+        """A second gateway in this process, on its own data directory and cgroup parent,
+        configured like the first plus ``overrides`` (the warm pool's): yields its clients."""
+        data = self.workdir / name
+        data.mkdir()
+        (data / "images").symlink_to(IMAGE_DATA_DIR / "images")
+        config = load_config(
+            None, port=0, data_dir=str(data), cgroup_parent=f"{self.cgroup_parent}-{name}",
+            max_sandboxes=256, on_shutdown="destroy", **overrides,
+        )  # fmt: skip
+        async with _gateway(config) as clients:
+            yield clients
+
+    def runsc_cmd(self, *args: str) -> list[str]:
+        """A runsc command line with the same global flags as the gateway's."""
+        return [self.runsc, "--root", str(self.workdir / "root"), "--network=none",
+                "--overlay2=root:memory", *args]  # fmt: skip
+
+    @asynccontextmanager
+    async def raw_bundle(self, argv: list[str]) -> AsyncIterator[tuple[str, Path]]:
         """A bundle equivalent to the gateway's (same image, flags, cgroup layout) running
-        ``argv`` directly; yields the ``runsc run`` command line."""
+        ``argv`` directly; yields its container id and directory."""
         sid = f"raw-{secrets.token_hex(6)}"
         bundle = self.workdir / sid
         bundle.mkdir()
@@ -97,8 +157,7 @@ class Context:
         (bundle / "config.json").write_bytes(msgspec.json.encode(config))
         cgroups.create(sid, host_limits(spec))
         try:
-            yield [self.runsc, "--root", str(self.workdir / "root"), "--network=none",
-                   "--overlay2=root:memory", "run", "--bundle", str(bundle), sid]  # fmt: skip
+            yield sid, bundle
         finally:
             for _ in range(50):
                 try:
@@ -107,7 +166,57 @@ class Context:
                 except OSError:
                     await trio.sleep(0.05)
 
-    async def read_raw(self, cmd: list[str], on_chunk: Callable[[bytes], None]) -> None:
+    @asynccontextmanager
+    async def raw_sandbox(self, argv: list[str]) -> AsyncIterator[list[str]]:
+        """:meth:`raw_bundle`, yielding the ``runsc run`` command line."""
+        async with self.raw_bundle(argv) as (sid, bundle):
+            yield self.runsc_cmd("run", "--bundle", str(bundle), sid)
+
+    async def start_raw(self, args: list[str]) -> trio.Process:
+        """Start ``runsc run``/``restore`` in the background, the agent on its pipes."""
+        return await trio.lowlevel.open_process(
+            self.runsc_cmd(*args),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=RUNSC_ENV,
+        )
+
+    async def stop_raw(self, sid: str, proc: trio.Process | None) -> None:
+        """Kill and delete a raw container and reap its runsc; shielded, bounded."""
+        with trio.CancelScope(shield=True):
+            for args in (["kill", "--all", sid, "KILL"], ["delete", "--force", sid]):
+                with trio.move_on_after(15):
+                    await trio.run_process(
+                        self.runsc_cmd(*args),
+                        check=False,
+                        capture_stdout=True,
+                        capture_stderr=True,
+                        env=RUNSC_ENV,
+                    )
+            if proc is not None:
+                if proc.stdin is not None:
+                    await proc.stdin.aclose()
+                with trio.move_on_after(5):
+                    await proc.wait()
+                proc.kill()
+                await proc.wait()
+
+    @asynccontextmanager
+    async def raw_agent(self) -> AsyncIterator[RawContainer]:
+        """A raw container running the agent, idle (the raw twin of an idle sandbox); yields
+        once the agent has said HELLO."""
+        async with self.raw_bundle(list(AGENT_COMMAND)) as (sid, bundle):
+            proc = None
+            try:
+                proc = await self.start_raw(["run", "--bundle", str(bundle), sid])
+                assert proc.stdout is not None
+                await _read_at_least(proc.stdout, HEADER.size)  # HELLO
+                yield RawContainer(sid, bundle, proc)
+            finally:
+                await self.stop_raw(sid, proc)
+
+    async def read_raw(self, cmd: list[str], on_chunk: Callable[[bytes | bytearray], None]) -> None:
         """Run ``runsc run`` and hand each chunk of its stdout to ``on_chunk`` as it arrives."""
         proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, env=RUNSC_ENV)
         assert proc.stdout is not None
@@ -136,31 +245,45 @@ async def bench_context(quick: bool) -> AsyncIterator[Context]:
     (work / "data" / "images").symlink_to(IMAGE_DATA_DIR / "images")
     (work / "root").mkdir()
     parent = f"sandstorm-bench-{secrets.token_hex(3)}"
-    config = load_config(None, port=0, data_dir=str(work / "data"), cgroup_parent=parent)
+    # Room for the footprint scenario's 100 idle sandboxes (the default admits 64, and 32 of
+    # the default 512 MiB in its 16 GiB budget: admission reserves limits, not what they use).
+    # No warm pool: every scenario but warm-run (which starts a gateway with one) measures
+    # cold boots.
+    config = load_config(
+        None, port=0, data_dir=str(work / "data"), cgroup_parent=parent, max_sandboxes=256,
+        memory_budget=256 << 30, on_shutdown="destroy", warm_pool=[],
+    )  # fmt: skip
     try:
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(_serve, config)
-            async with (
-                AsyncClient(binds[0]) as client,
-                httpx.AsyncClient(base_url=binds[0], timeout=300) as http,
-            ):
-                yield Context(
-                    client,
-                    http,
-                    config,
-                    _runsc(),
-                    image_rootfs(IMAGE_DATA_DIR),
-                    work,
-                    parent,
-                    quick,
-                )
-            nursery.cancel_scope.cancel()
+        async with _gateway(config) as (client, http):
+            yield Context(
+                client,
+                http,
+                config,
+                _runsc(),
+                image_rootfs(IMAGE_DATA_DIR),
+                work,
+                parent,
+                quick,
+            )
     finally:
-        cg = SandboxCgroups(parent)
-        for d in cg._dirs("", V1_ALL):
-            if d.is_dir():
-                os.rmdir(d)
+        for name in (parent, f"{parent}-warm"):
+            cg = SandboxCgroups(name)
+            for d in cg._dirs("", V1_ALL):
+                if d.is_dir():
+                    os.rmdir(d)
         await trio.to_thread.run_sync(__import__("shutil").rmtree, work, True)
+
+
+@asynccontextmanager
+async def _gateway(config: Config) -> AsyncIterator[tuple[AsyncClient, httpx.AsyncClient]]:
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(_serve, config)
+        async with (
+            AsyncClient(binds[0]) as client,
+            httpx.AsyncClient(base_url=binds[0], timeout=300) as http,
+        ):
+            yield client, http
+        nursery.cancel_scope.cancel()
 
 
 async def _serve(config: Config, *, task_status: trio.TaskStatus[list[str]]) -> None:
@@ -172,6 +295,14 @@ def _runsc() -> str:
         if os.access(path, os.X_OK):
             return path
     raise SystemExit("runsc not found")
+
+
+def loadavg() -> list[float]:
+    """The host's 1, 5 and 15 minute load averages."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return []
 
 
 def machine() -> dict[str, Any]:
@@ -189,5 +320,15 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "runsc": _runsc_version(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _runsc_version() -> str:
+    try:
+        out = subprocess.run([_runsc(), "--version"], capture_output=True, check=False, timeout=10)
+    except (OSError, subprocess.SubprocessError, SystemExit):
+        return "unknown"
+    first = out.stdout.decode(errors="replace").splitlines()[:1]
+    return first[0].removeprefix("runsc version ").strip() if first else "unknown"

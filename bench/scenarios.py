@@ -1,14 +1,23 @@
-"""The scenarios: each measures the gateway and its raw-runsc counterpart, interleaved."""
+"""The latency scenarios: each measures the gateway and its raw-runsc counterpart, interleaved.
+
+Every scenario returns its rows by name (most return one row named like the scenario);
+``bench.scale`` and ``bench.snapshots`` hold the scenarios that need more machinery.
+"""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable
 
+import httpx
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.harness import Context, Result
+from bench.scale import concurrency, footprint
+from bench.snapshots import snapshot_and_resume
+from sandstorm.client import AsyncClient
+from sandstorm.config import WarmPoolClass
 
 HELLO = "print('Hello, World!')"
 # Prints a wall-clock timestamp (ns), one per line, every 10 ms; the reader takes the difference.
@@ -18,6 +27,7 @@ TICKER = (
     f"for _ in range({TICKS}):\n"
     "    sys.stdout.write(str(time.time_ns()) + '\\n'); sys.stdout.flush(); time.sleep(0.01)\n"
 )
+Rows = dict[str, Result]
 
 
 def flood(megabytes: int) -> str:
@@ -27,25 +37,117 @@ def flood(megabytes: int) -> str:
     )
 
 
-async def cold_run(ctx: Context, rounds: int) -> Result:
-    """POST /v1/sandboxes/run of a python hello (no pool) vs ``runsc run`` of the same."""
-    result = Result("ms")
+async def _run_rounds(
+    ctx: Context,
+    rounds: int,
+    result: Result,
+    client: AsyncClient | None = None,
+    before: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """POST /v1/sandboxes/run of a python hello vs ``runsc run`` of the same, A B A B
+    (``before`` each gateway sample, untimed)."""
+    client = client or ctx.client
     for _ in range(rounds):
+        if before is not None:
+            await before()
         start = time.perf_counter()
-        created = await ctx.client.run(code=HELLO, language="python", keep_alive=0)
+        created = await client.run(code=HELLO, language="python", keep_alive=0)
         result.gateway.samples.append((time.perf_counter() - start) * 1000)
         assert created.result is not None and created.result.stdout == "Hello, World!\n"
-        await ctx.wait_gone(created.id)
+        await ctx.wait_gone(created.id, client)
 
         async with ctx.raw_sandbox(["/usr/bin/python3", "-c", HELLO]) as cmd:
             start = time.perf_counter()
             done = await trio.run_process(cmd, capture_stdout=True)
             result.raw.samples.append((time.perf_counter() - start) * 1000)
             assert done.stdout == b"Hello, World!\n"
-    return result
 
 
-async def stream_first_byte(ctx: Context, rounds: int) -> Result:
+async def cold_run(ctx: Context, rounds: int) -> Rows:
+    """POST /v1/sandboxes/run of a python hello (no pool) vs ``runsc run`` of the same."""
+    result = Result("ms")
+    await _run_rounds(ctx, rounds, result)
+    return {"cold-run": result}
+
+
+async def warm_run(ctx: Context, rounds: int) -> Rows:
+    """POST /v1/sandboxes/run of a python hello served from the warm pool (a gateway with the
+    default pool: two sandboxes of the default limits), vs ``runsc run``. Each sample waits
+    until the pool has refilled, so every run is a claim, never a cold boot."""
+    result = Result("ms")
+    size = WarmPoolClass().size
+    async with ctx.other_gateway("warm", warm_pool=[WarmPoolClass()]) as (client, http):
+
+        async def pool_full() -> None:
+            while await _pool_ready(http) < size:
+                await trio.sleep(0.01)
+
+        misses = await _pool_counter(http, "miss")
+        await _run_rounds(ctx, rounds, result, client, pool_full)
+        result.extra["pool_misses"] = await _pool_counter(http, "miss") - misses
+        result.extra["pool_claims"] = await _pool_counter(http, "claimed")
+    result.notes.append(f"a gateway with a warm pool of {size}; raw is a cold runsc run")
+    return {"warm-run": result}
+
+
+async def _metric(http: httpx.AsyncClient, name: str, **labels: str) -> float:
+    text = (await http.get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+async def _pool_ready(http: httpx.AsyncClient) -> float:
+    return await _metric(http, "sandstorm_pool_sandboxes", state="ready")
+
+
+async def _pool_counter(http: httpx.AsyncClient, event: str) -> float:
+    return await _metric(http, "sandstorm_pool_events_total", event=event)
+
+
+async def _exec(ctx: Context, rounds: int, name: str, python: bool) -> Rows:
+    """POST /v1/sandboxes/{id}/exec into a kept-alive sandbox vs ``runsc exec`` into a raw
+    container running the agent (same user and working directory)."""
+    result = Result("ms")
+    if python:
+        fields: dict[str, object] = {"code": HELLO, "language": "python"}
+        argv, expected = ["/usr/bin/python3", "-c", HELLO], b"Hello, World!\n"
+    else:
+        fields, argv, expected = {"command": ["true"]}, ["/bin/true"], b""
+    exec_cmd = ["exec", "--user", "1000:1000", "--cwd", "/workspace"]
+    exec_cmd += ["--env", "PATH=/usr/local/bin:/usr/bin:/bin", "--env", "PYTHONUNBUFFERED=1"]
+    sandbox = await ctx.client.run(command=["true"], keep_alive=600)
+    try:
+        async with ctx.raw_agent() as raw:
+            for _ in range(rounds):
+                start = time.perf_counter()
+                done = await ctx.client.exec(sandbox.id, **fields)
+                result.gateway.samples.append((time.perf_counter() - start) * 1000)
+                assert done.result is not None and done.result.exit_code == 0, done
+                assert done.result.stdout == expected.decode()
+
+                start = time.perf_counter()
+                proc = await trio.run_process(
+                    ctx.runsc_cmd(*exec_cmd, raw.sid, *argv), capture_stdout=True
+                )
+                result.raw.samples.append((time.perf_counter() - start) * 1000)
+                assert proc.stdout == expected
+    finally:
+        await ctx.client.delete(sandbox.id)
+    return {name: result}
+
+
+async def exec_true(ctx: Context, rounds: int) -> Rows:
+    return await _exec(ctx, rounds, "exec-true", python=False)
+
+
+async def exec_python(ctx: Context, rounds: int) -> Rows:
+    return await _exec(ctx, rounds, "exec-python", python=True)
+
+
+async def stream_first_byte(ctx: Context, rounds: int) -> Rows:
     """From a write inside the sandbox to its frame at a WebSocket client, vs to a host process
     reading runsc's stdout pipe directly."""
     result = Result("ms")
@@ -64,7 +166,7 @@ async def stream_first_byte(ctx: Context, rounds: int) -> Result:
                         break
                 buffer = b""
 
-                def ticks(chunk: bytes) -> None:
+                def ticks(chunk: bytes | bytearray) -> None:
                     nonlocal buffer
                     now = time.time_ns()
                     buffer += chunk
@@ -75,10 +177,10 @@ async def stream_first_byte(ctx: Context, rounds: int) -> Result:
                     await ctx.read_raw(cmd, ticks)
     finally:
         await ctx.client.delete(sandbox.id)
-    return result
+    return {"stream-first-byte": result}
 
 
-async def stream_throughput(ctx: Context, rounds: int) -> Result:
+async def stream_throughput(ctx: Context, rounds: int) -> Rows:
     """MB/s of stdout from one sandbox to one WebSocket client, vs runsc's stdout pipe."""
     result = Result("MB/s")
     megabytes = 20 if ctx.quick else 200
@@ -103,7 +205,7 @@ async def stream_throughput(ctx: Context, rounds: int) -> Result:
 
                 received, first = 0, 0.0
 
-                def count(chunk: bytes) -> None:
+                def count(chunk: bytes | bytearray) -> None:
                     nonlocal received, first
                     first = first or time.perf_counter()
                     received += len(chunk)
@@ -114,18 +216,34 @@ async def stream_throughput(ctx: Context, rounds: int) -> Result:
                 result.raw.samples.append(received / elapsed / 1e6)
     finally:
         await ctx.client.delete(sandbox.id)
-    return result
+    return {"stream-throughput": result}
 
 
-SCENARIOS: dict[str, Callable[[Context, int], Awaitable[Result]]] = {
+# A scenario's function may produce several rows (concurrency at each N) or rows shared with
+# another scenario (snapshot and resume come from one cycle): it runs once per bench run.
+SCENARIOS: dict[str, Callable[[Context, int], Awaitable[Rows]]] = {
     "cold-run": cold_run,
+    "warm-run": warm_run,
+    "exec-true": exec_true,
+    "exec-python": exec_python,
     "stream-first-byte": stream_first_byte,
     "stream-throughput": stream_throughput,
+    "concurrency": concurrency,
+    "snapshot": snapshot_and_resume,
+    "resume": snapshot_and_resume,
+    "footprint": footprint,
 }
 
 # Rounds per scenario: a full run, and a --quick smoke run.
-ROUNDS = {"cold-run": (30, 3), "stream-first-byte": (20, 2), "stream-throughput": (5, 1)}
-
-
-def dumps(obj: object) -> str:
-    return json.dumps(obj, indent=2)
+ROUNDS = {
+    "cold-run": (30, 3),
+    "warm-run": (30, 3),
+    "exec-true": (50, 3),
+    "exec-python": (50, 3),
+    "stream-first-byte": (20, 2),
+    "stream-throughput": (5, 1),
+    "concurrency": (5, 1),
+    "snapshot": (10, 1),
+    "resume": (10, 1),
+    "footprint": (1, 1),
+}

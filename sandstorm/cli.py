@@ -10,9 +10,10 @@ from pathlib import Path
 
 import trio
 
-from sandstorm import cli_client
+from sandstorm import cli_admin, cli_client
 from sandstorm.config import DEFAULT_DATA_DIR, ConfigError, load_config
 from sandstorm.images.builder import ImageError
+from sandstorm.logs import configure as configure_logs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +31,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="port (default 3000, 0 = any)")
     serve.add_argument("--data-dir", default=None, help=f"state directory ({DEFAULT_DATA_DIR})")
     serve.add_argument("--config", default=None, help="TOML configuration file")
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=None,
+        help="serve beyond loopback without API keys (anyone who can connect runs code)",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default="json",
+        help="stderr log lines: one JSON object each (default) or plain text",
+    )
 
     image = sub.add_parser("image", help="manage sandbox images")
     image_sub = image.add_subparsers(dest="image_command", required=True)
@@ -37,26 +50,44 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--data-dir", default=None)
     build.add_argument("--config", default=None)
     build.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    build.add_argument(
+        "--vm",
+        action="store_true",
+        help="also build the VM guest (kernel, initramfs, ext4 root) for the qemu runtime",
+    )
 
     cli_client.add_commands(sub)
+    cli_admin.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     is_client = args.command in cli_client.COMMANDS
-    logging.basicConfig(
-        level=(args.log_level or ("WARNING" if is_client else "INFO")).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    level = (args.log_level or ("WARNING" if is_client else "INFO")).upper()
+    if args.command == "serve":
+        configure_logs(args.log_format, level)
+    else:
+        logging.basicConfig(
+            level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
     if is_client:
         return cli_client.main(args)
+    if args.command in cli_admin.COMMANDS:
+        return cli_admin.main(args)
     try:
         if args.command == "serve":
             config = load_config(
-                args.config, host=args.host, port=args.port, data_dir=args.data_dir
+                args.config,
+                host=args.host,
+                port=args.port,
+                data_dir=args.data_dir,
+                insecure_no_auth=args.insecure_no_auth,
             )
+            refusal = cli_admin.check_bind(config.host, config.data_dir, config.insecure_no_auth)
+            if refusal is not None:
+                print(f"sandstorm: {refusal}", file=sys.stderr)
+                return 2
             from sandstorm.gateway import serve
 
             trio.run(serve, config)
@@ -70,6 +101,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             for lang in manifest.languages:
                 print(f"{lang.name} {lang.version}")
+            if args.vm:
+                from sandstorm.images.vm import build_vm_image
+
+                vm = trio.run(
+                    lambda: build_vm_image(
+                        Path(config.data_dir), name=config.image, force=args.force
+                    )
+                )
+                print(f"vm kernel {vm.kernel_version}")
             return 0
     except ConfigError as exc:
         print(f"sandstorm: {exc}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """The client half of the ``sandstorm`` command: run code, exec, list, remove, snapshot, resume.
 
 Every subcommand talks to a gateway through :mod:`sandstorm.client`; the gateway URL comes from
-``--url`` or ``$SANDSTORM_URL`` (default http://localhost:3000).
+``--url`` or ``$SANDSTORM_URL`` (default http://localhost:3000), the API key from
+``$SANDSTORM_API_KEY`` (never a flag: command lines are visible to every user of the host).
 
 ``run`` and ``exec`` are interactive: the program's output streams to the terminal as it is
 written, the terminal's stdin is forwarded to the program (EOF closes the program's stdin), and
@@ -247,6 +248,8 @@ def _report(exc: BaseException, url: str) -> int | None:
         return EXIT_USAGE
     if isinstance(exc, SandstormError):
         _note(exc.message)
+        if exc.status == 401:
+            _note("the gateway needs an API key: set $SANDSTORM_API_KEY (sandstorm keys create)")
         return EXIT_USAGE if 400 <= exc.status < 500 else EXIT_FAILURE
     if isinstance(exc, httpx.TransportError | OSError | ConnectionClosed):
         _note(f"cannot reach the gateway at {url}: {exc}")

@@ -73,6 +73,14 @@ def default_url() -> str:
     return os.environ.get("SANDSTORM_URL") or DEFAULT_URL
 
 
+def default_api_key() -> str | None:
+    return os.environ.get("SANDSTORM_API_KEY") or None
+
+
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class SandstormError(Exception):
     """An error answer from the gateway (or a stream ``error`` frame)."""
 
@@ -106,9 +114,16 @@ def _body(**fields: Any) -> dict[str, Any]:
 
 
 class AsyncClient:
-    def __init__(self, url: str | None = None, *, timeout: float = 120.0) -> None:
+    def __init__(
+        self, url: str | None = None, *, timeout: float = 120.0, api_key: str | None = None
+    ) -> None:
+        """``api_key`` (default ``$SANDSTORM_API_KEY``) is sent as a Bearer token on every
+        request and on the stream's upgrade."""
         self.url = (url or default_url()).rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        self.api_key = api_key or default_api_key()
+        self._http = httpx.AsyncClient(
+            base_url=self.url, timeout=timeout, headers=_auth_headers(self.api_key)
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -202,6 +217,10 @@ class AsyncClient:
                 ws = await wrap_client_stream(
                     nursery, tcp, host, resource,
                     max_message_size=max_message_size, message_queue_size=message_queue_size,
+                    extra_headers=[
+                        (k.lower().encode(), v.encode())
+                        for k, v in _auth_headers(self.api_key).items()
+                    ],
                 )  # fmt: skip
                 opened = True
                 try:
@@ -299,9 +318,14 @@ def is_accepted(event: Any, request_id: str) -> bool:
 class Client:
     """The synchronous client: the same REST calls, blocking; streams through a worker thread."""
 
-    def __init__(self, url: str | None = None, *, timeout: float = 120.0) -> None:
+    def __init__(
+        self, url: str | None = None, *, timeout: float = 120.0, api_key: str | None = None
+    ) -> None:
         self.url = (url or default_url()).rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        self.api_key = api_key or default_api_key()
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout, headers=_auth_headers(self.api_key)
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -369,7 +393,10 @@ class Client:
             with trio.CancelScope() as scope:
                 handle["scope"], handle["token"] = scope, trio.lowlevel.current_trio_token()
                 started.set()
-                async with AsyncClient(self.url) as client, client.stream(sandbox_id, since) as s:
+                async with (
+                    AsyncClient(self.url, api_key=self.api_key) as client,
+                    client.stream(sandbox_id, since) as s,
+                ):
                     async for event in s:
                         # Wait for room without blocking Trio, so a cancel can get in.
                         while True:

@@ -16,7 +16,7 @@ import hashlib
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -42,6 +42,16 @@ class ConfigError(Exception):
 Positive = Annotated[int, Meta(ge=1)]
 
 
+class WarmPoolClass(Struct, kw_only=True, forbid_unknown_fields=True):
+    """One class of pre-booted sandboxes (``[[warm_pool]]`` in the TOML file): a run whose
+    runtime and image match takes one; its limits are set on claim when they differ."""
+
+    runtime: RuntimeName = "gvisor"
+    memory_limit: Annotated[int, Meta(ge=32 * MIB)] = 512 * MIB
+    cpu_limit: Annotated[float, Meta(ge=0.05)] = 1.0
+    size: Annotated[int, Meta(ge=0, le=256)] = 2
+
+
 class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 3000
@@ -51,6 +61,16 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_RUNTIME_PATHS.items()}
     )
     jailer_paths: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_JAILER_PATHS))
+    # The uid/gid the jailer runs Firecracker as (its --uid/--gid); give it a user of its own.
+    firecracker_uid: Annotated[int, Meta(ge=1)] = 65534
+    firecracker_gid: Annotated[int, Meta(ge=1)] = 65534
+    # Kata through containerd (README "Enabling Kata Containers"): the runtime type containerd
+    # runs (io.containerd.runc.v2 drives the same path without a VM, as the tests do) and
+    # containerd's socket. Containers live in containerd namespace "sandstorm".
+    kata_runtime_type: Annotated[str, Meta(pattern=r"^[a-z0-9_-]+(\.[a-z0-9_-]+)+$")] = (
+        "io.containerd.kata.v2"
+    )
+    containerd_address: str = "/run/containerd/containerd.sock"
     # Mount sources must resolve under one of these roots; empty means no mounts at all.
     mount_allow_list: list[str] = []
     max_memory_limit: Annotated[int, Meta(ge=32 * MIB)] = 8192 * MIB
@@ -81,11 +101,31 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     max_execs_per_sandbox: Positive = 32
     # How long a sandbox may take to boot before its create fails.
     boot_timeout_s: Annotated[float, Meta(gt=0)] = 20.0
+    # Per sandbox: output its shim journals that the gateway has not acknowledged yet (what a
+    # restarted gateway can replay). At this mark the shim stops reading: the sandbox waits.
+    shim_journal_max: Annotated[int, Meta(ge=256 * 1024)] = 64 * MIB
     # The cgroup (under each hierarchy) that holds one child group per sandbox. By default it
     # is derived from the data directory, so two gateways on one host never reap each other.
     cgroup_parent: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
     # Network inside sandboxes: "none" (loopback only) is the only mode offered so far.
     network: str = "none"
+    # With no API key (`sandstorm keys create`) the gateway serves only on loopback; this lets
+    # it serve an open API elsewhere (every caller is tenant "default"). Keys, once created,
+    # are required whatever this says.
+    insecure_no_auth: bool = False
+    # SIGTERM/SIGINT: new sandboxes and execs are refused (503) while running execs get this
+    # long to finish; then every sandbox is destroyed, or left running for the next gateway
+    # ("keep": the actors detach, nothing is torn down).
+    shutdown_grace_s: Annotated[float, Meta(ge=0)] = 10.0
+    # "keep" by default: an upgrade or restart loses no sandbox (each is held by its shim and
+    # the next gateway takes it over). Until then nothing enforces their keep_alive or lifetime.
+    on_shutdown: Literal["destroy", "keep"] = "keep"
+    # Warm pool (actors/pool.py): sandboxes booted ahead of demand, one class per entry; the
+    # default is one class of the default limits. Pool sandboxes count against max_sandboxes
+    # and memory_budget (and give way when a request needs the room).
+    warm_pool: list[WarmPoolClass] = msgspec.field(default_factory=lambda: [WarmPoolClass()])
+    # Host MemAvailable below this: the pool destroys its idle sandboxes and does not refill.
+    warm_pool_min_available: Annotated[int, Meta(ge=0)] = 1024 * MIB
 
     @property
     def data_path(self) -> Path:
@@ -115,4 +155,11 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: object)
     config.mount_allow_list = [os.path.realpath(p) for p in config.mount_allow_list]
     if config.network != "none":
         raise ConfigError("network: only 'none' is supported")
+    pooled = sum(c.size for c in config.warm_pool)
+    pooled_memory = sum(c.size * c.memory_limit for c in config.warm_pool)
+    if pooled > config.max_sandboxes or pooled_memory > config.memory_budget:
+        raise ConfigError(
+            f"warm_pool: {pooled} sandboxes of {pooled_memory} bytes in all do not fit "
+            f"max_sandboxes {config.max_sandboxes} and memory_budget {config.memory_budget}"
+        )
     return config

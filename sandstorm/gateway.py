@@ -21,9 +21,12 @@ from sandstorm import __version__
 from sandstorm.actors.router import Router
 from sandstorm.config import Config
 from sandstorm.images.builder import ImageManifest, image_rootfs, load_manifest
+from sandstorm.metrics import Metrics
 from sandstorm.protocol import LanguageInfo, Ready
+from sandstorm.recorder import Recorder
 from sandstorm.runtimes.registry import RuntimeRegistry, build_registry
 from sandstorm.snapshots import SnapshotCatalog
+from sandstorm.store import AsyncStore, SandboxRecord
 from sandstorm.validation import LANGUAGE_COMMANDS
 
 log = logging.getLogger(__name__)
@@ -35,11 +38,17 @@ class Gateway:
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.registry = registry or build_registry(config)
-        self.catalog = SnapshotCatalog(self.data_dir / "snapshots")
+        self.store = AsyncStore(self.data_dir)
+        self.recorder = Recorder(self.store)
+        self.catalog = SnapshotCatalog(self.data_dir / "snapshots", self.store)
         self.manifest: ImageManifest | None = None
         self.router: Router | None = None
         self.store_open = False
         self.version = __version__
+        self.metrics = Metrics()
+        # Set on SIGTERM/SIGINT: not ready any more, new work refused (see drain()).
+        self.draining = False
+        self._grace: trio.CancelScope | None = None
 
     def languages(self) -> list[LanguageInfo]:
         if self.manifest is None:
@@ -63,7 +72,7 @@ class Gateway:
             and bool(available)
         )
         return Ready(
-            ready=ok and self.router is not None,
+            ready=ok and self.router is not None and not self.draining,
             store=self.store_open,
             runtimes_detected=self.registry.detected,
             image=self.manifest is not None,
@@ -74,8 +83,20 @@ class Gateway:
     async def running(self) -> AsyncIterator[Gateway]:
         """Start the supervisor tree; on exit every sandbox is destroyed (shielded)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.catalog.open()
-        self.store_open = True
+        await self.store.open()
+        try:
+            async with self._supervised():
+                yield self
+        finally:
+            # The actors are gone and reported their last states: write them, then close.
+            with trio.CancelScope(shield=True):
+                await self.recorder.flush()
+            self.store_open = False
+            await self.store.close()
+
+    @asynccontextmanager
+    async def _supervised(self) -> AsyncIterator[Gateway]:
+        await self.catalog.open()
         self.manifest = load_manifest(self.data_dir, self.config.image)
         if self.manifest is None:
             log.warning("image %r is not built: run `sandstorm image build`", self.config.image)
@@ -88,18 +109,95 @@ class Gateway:
             self.catalog,
             image_rootfs(self.data_dir, self.config.image),
             {lang.name for lang in self.languages()},
+            store=self.store,
+            recorder=self.recorder,
+            metrics=self.metrics,
+        )
+        self.metrics.watch(
+            lambda: ((a.state, a.params.runtime_name) for a in router.sandboxes.values()),
+            lambda: router.open_streams,
+            lambda: self.draining,
         )
         async with trio.open_nursery() as nursery:
-            # Orphans from an earlier run go first, before any new sandbox exists.
-            await self.reap(router)
+            await nursery.start(self.recorder.run)
             await nursery.start(router.run)
+            # Sandboxes an earlier gateway left (crash, or kept at shutdown) are taken over;
+            # the rest of its records are failed, and everything it held that no live sandbox
+            # owns is reaped — all before the first request is served.
+            await self._take_over(router)
+            await self.reap(router)
+            await router.start_pool()
+            self.store_open = True
             self.router = router
             nursery.start_soon(self._reap_forever, router)
             try:
                 yield self
             finally:
                 self.router = None
+                if self.config.on_shutdown == "keep":
+                    router.detach_all()  # the next gateway takes them over
                 nursery.cancel_scope.cancel()
+
+    async def _take_over(self, router: Router) -> list[str]:
+        started = trio.current_time()
+        records = await self.store.call(self.store.sync.unfinished_sandboxes)
+        surviving: set[tuple[str, str]] = set()
+        for name, driver in self.registry.drivers.items():
+            detection = self.registry.detections.get(name)
+            if records and detection is not None and detection.available:
+                surviving |= {(name, sid) for sid in await driver.surviving()}
+        taken: list[str] = []
+
+        async def take(record: SandboxRecord) -> None:
+            try:
+                await router.take_over(record)
+            except Exception as exc:
+                log.warning("sandbox %s could not be taken over: %s", record.id, exc)
+            else:
+                taken.append(record.id)
+
+        async with trio.open_nursery() as nursery:
+            for record in records:
+                if (record.runtime, record.id) in surviving:
+                    nursery.start_soon(take, record)
+        lost = await self.store.call(
+            self.store.sync.fail_unfinished,
+            "the gateway restarted and the sandbox was no longer running",
+            keep=taken,
+        )
+        if records:
+            log.info(
+                "took over %d sandboxes of an earlier gateway in %.0f ms; %d were gone",
+                len(taken),
+                (trio.current_time() - started) * 1000,
+                len(lost),
+            )
+        return taken
+
+    async def drain(self) -> None:
+        """Shut down gently (SIGTERM): refuse new sandboxes and execs (503), give running execs
+        ``shutdown_grace_s`` to finish (less if :meth:`cut_grace` is called), then destroy every
+        sandbox (``on_shutdown = "destroy"``) while clients can still read the results. With
+        "keep" the sandboxes are left as they are; the actors detach when ``running()`` exits."""
+        self.draining = True
+        router = self.router
+        if router is None:
+            return
+        router.draining = True
+        grace = self.config.shutdown_grace_s
+        log.info("draining: new work is refused, running execs get %.1fs", grace)
+        with trio.move_on_after(grace) as self._grace:
+            await router.wait_execs()
+        self._grace = None
+        running = sum(r.running for a in router.sandboxes.values() for r in a.execs.values())
+        if running:
+            log.warning("grace period over with %d execs still running", running)
+        if self.config.on_shutdown == "destroy":
+            await router.destroy_all()
+
+    def cut_grace(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
 
     async def reap(self, router: Router) -> list[str]:
         """Free every resource held for a sandbox the router does not know."""
@@ -150,27 +248,41 @@ async def serve(
     from sandstorm.web.server import serve_http
 
     gateway = Gateway(config)
+    hc = hypercorn_config(config.host, config.port, config.max_client_frame_bytes)
     async with gateway.running(), trio.open_nursery() as nursery:
         app = create_app(gateway)
-        shutdown = trio.Event()
+        drain, stop_http, http_stopped = trio.Event(), trio.Event(), trio.Event()
         if handle_signals:
-            nursery.start_soon(_wait_for_signal, shutdown)
-        binds = await nursery.start(
-            serve_http,
-            app,
-            hypercorn_config(config.host, config.port, config.max_client_frame_bytes),
-            shutdown,
-            config.write_timeout_s,
-        )
+            nursery.start_soon(_wait_for_signals, gateway, drain)
+
+        async def http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            try:
+                await serve_http(
+                    app, hc, stop_http, config.write_timeout_s, task_status=task_status
+                )
+            finally:
+                http_stopped.set()
+
+        binds = await nursery.start(http)
         log.info("sandstorm %s serving on %s", __version__, ", ".join(binds))
         task_status.started(binds)
-        await shutdown.wait()
+        await drain.wait()
+        # HTTP stays up through the drain: waiting clients get their results, and new work
+        # gets a clear 503 instead of a refused connection.
+        await gateway.drain()
+        stop_http.set()
+        with trio.move_on_after(hc.graceful_timeout + 1):
+            await http_stopped.wait()
         nursery.cancel_scope.cancel()
 
 
-async def _wait_for_signal(shutdown: trio.Event) -> None:
+async def _wait_for_signals(gateway: Gateway, drain: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            log.info("received %s, draining", signal.Signals(signum).name)
-            shutdown.set()
-            return
+            name = signal.Signals(signum).name
+            if not drain.is_set():
+                log.info("received %s: draining (send it again to skip the grace period)", name)
+                drain.set()
+            else:
+                log.warning("received %s again: ending the grace period now", name)
+                gateway.cut_grace()

@@ -319,18 +319,22 @@ class _ClientFrame(Struct, frozen=True, kw_only=True, tag_field="type", forbid_u
     pass
 
 
+# An exec id as a client names it: bounded, so an unknown one costs nothing to refuse or log.
+ClientExecId = Annotated[str, Meta(max_length=64)]
+
+
 class StdinFrame(_ClientFrame, frozen=True, tag="stdin"):
-    exec_id: str
+    exec_id: ClientExecId
     data: Annotated[str, Meta(max_length=MIB)] | None = None
     data_b64: Annotated[str, Meta(max_length=2 * MIB)] | None = None
 
 
 class StdinCloseFrame(_ClientFrame, frozen=True, tag="stdin_close"):
-    exec_id: str
+    exec_id: ClientExecId
 
 
 class SignalFrame(_ClientFrame, frozen=True, tag="signal"):
-    exec_id: str
+    exec_id: ClientExecId
     signal: SignalName
 
 

@@ -1,9 +1,11 @@
-"""The snapshot catalog on disk: ``<data_dir>/snapshots/<snp id>/`` with the runtime's image
-files and ``meta.json``.
+"""The snapshot catalog: image files on disk under ``<data_dir>/snapshots/<snp id>/``, records
+in the store (``sandstorm.store``), which is the source of truth.
 
-A snapshot is written under a temporary name, every file fsynced, ``meta.json`` last, then
-renamed into place and the directory fsynced: a crash at any point never lists a partial one.
-``sha256`` covers the image files and is checked again before every resume.
+A snapshot is written under a temporary name, every file fsynced, renamed into place and the
+directory fsynced; only then is its record (with the sha256) inserted. A crash at any point
+never lists a partial one: on open, image directories without a record are deleted. ``sha256``
+covers the image files and is checked again before every resume. Snapshots belong to the tenant
+whose sandbox was snapshotted; for any other tenant they do not exist.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import trio
 from sandstorm.errors import NotFound
 from sandstorm.ids import is_id
 from sandstorm.protocol import IsolationLevel, SnapshotInfo
+from sandstorm.store import AsyncStore, SnapshotRecord, Store
 
+# Written by catalogues before the store; imported once (tenant "default") on open.
 META = "meta.json"
 TMP_PREFIX = ".tmp-"
 _IO_LIMIT = trio.CapacityLimiter(2)
@@ -83,15 +87,31 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class SnapshotCatalog:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, store: AsyncStore) -> None:
         self.root = root
+        self.store = store
 
-    def open(self) -> None:
-        """Create the directory and drop leftovers of snapshots that never completed."""
+    async def open(self) -> None:
+        """Create the directory, drop leftovers of snapshots that never completed, and the
+        records of images that are gone (the store must be open)."""
+        await self.store.call(self._open, self.store.sync)
+
+    def _open(self, store: Store) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        known = {r.id: r for r in store.list_snapshots()}
         for path in self.root.iterdir():
-            if path.name.startswith(TMP_PREFIX):
-                shutil.rmtree(path, ignore_errors=True)
+            if path.name in known:
+                continue
+            if is_id(path.name, "snp") and (path / META).is_file():
+                with contextlib.suppress(OSError, msgspec.DecodeError):
+                    meta = msgspec.json.decode((path / META).read_bytes(), type=SnapshotMeta)
+                    store.put_snapshot(_record(meta, "default"))
+                    continue
+            # A crash between the rename and the record, or a staging directory.
+            shutil.rmtree(path, ignore_errors=True)
+        for snapshot_id in known:
+            if not (self.root / snapshot_id).is_dir():
+                store.delete_snapshot(snapshot_id)
 
     def staging_dir(self, snapshot_id: str) -> Path:
         path = self.root / f"{TMP_PREFIX}{snapshot_id}"
@@ -103,55 +123,78 @@ class SnapshotCatalog:
             raise NotFound(f"snapshot {snapshot_id!r} not found", snapshot_id=snapshot_id)
         return self.root / snapshot_id
 
-    async def commit(self, staging: Path, meta_without_digest: SnapshotMeta) -> SnapshotMeta:
-        """Digest, fsync and atomically publish a staged snapshot."""
+    async def commit(
+        self, staging: Path, meta_without_digest: SnapshotMeta, tenant: str
+    ) -> SnapshotMeta:
+        """Digest, fsync and atomically publish a staged snapshot, then record it."""
 
         def work() -> SnapshotMeta:
             digest, size = _digest(staging)
             info = msgspec.structs.replace(meta_without_digest.info, sha256=digest, size_bytes=size)
             meta = msgspec.structs.replace(meta_without_digest, info=info)
-            with open(staging / META, "wb") as f:
-                f.write(msgspec.json.encode(meta))
             _fsync_tree(staging)
             os.rename(staging, self.root / info.snapshot_id)
             _fsync_dir(self.root)
             return meta
 
-        return await trio.to_thread.run_sync(work, limiter=_IO_LIMIT)
+        meta = await trio.to_thread.run_sync(work, limiter=_IO_LIMIT)
+        try:
+            await self.store.put_snapshot(_record(meta, tenant))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.discard(self.root / meta.info.snapshot_id)
+            raise
+        return meta
 
     async def discard(self, staging: Path) -> None:
         await trio.to_thread.run_sync(shutil.rmtree, staging, True, limiter=_IO_LIMIT)
 
-    def load(self, snapshot_id: str) -> SnapshotMeta:
-        try:
-            with open(self.path(snapshot_id) / META, "rb") as f:
-                return msgspec.json.decode(f.read(), type=SnapshotMeta)
-        except (OSError, msgspec.DecodeError) as exc:
-            raise NotFound(f"snapshot {snapshot_id!r} not found", snapshot_id=snapshot_id) from exc
+    async def load(self, snapshot_id: str, tenant: str) -> SnapshotMeta:
+        """The snapshot's record; NotFound when it does not exist or is another tenant's."""
+        record = await self.store.get_snapshot(snapshot_id) if is_id(snapshot_id, "snp") else None
+        if record is None or record.tenant != tenant:
+            raise NotFound(f"snapshot {snapshot_id!r} not found", snapshot_id=snapshot_id)
+        return msgspec.json.decode(record.meta, type=SnapshotMeta)
 
     async def verify(self, meta: SnapshotMeta) -> None:
         directory = self.path(meta.info.snapshot_id)
-        digest, _ = await trio.to_thread.run_sync(_digest, directory, limiter=_IO_LIMIT)
+        try:
+            digest, _ = await trio.to_thread.run_sync(_digest, directory, limiter=_IO_LIMIT)
+        except OSError as exc:
+            raise SnapshotCorrupt(
+                f"snapshot {meta.info.snapshot_id} is unreadable: {exc}"
+            ) from None
         if digest != meta.info.sha256:
             raise SnapshotCorrupt(
                 f"snapshot {meta.info.snapshot_id} is corrupt: "
                 f"sha256 {digest} != {meta.info.sha256}"
             )
 
-    def list(self) -> list[SnapshotInfo]:
-        infos = []
-        with contextlib.suppress(OSError):
-            for path in self.root.iterdir():
-                if is_id(path.name, "snp"):
-                    with contextlib.suppress(NotFound):
-                        infos.append(self.load(path.name).info)
-        return sorted(infos, key=lambda i: i.created_at)
+    async def list(self, tenant: str) -> list[SnapshotInfo]:
+        records = await self.store.list_snapshots(tenant)
+        return [msgspec.json.decode(r.meta, type=SnapshotMeta).info for r in records]
 
-    async def delete(self, snapshot_id: str) -> None:
-        path = self.path(snapshot_id)
-        if not (path / META).exists():
+    async def delete(self, snapshot_id: str, tenant: str) -> None:
+        await self.load(snapshot_id, tenant)
+        # The record goes first, so a concurrent resume or list never sees a half-deleted
+        # snapshot; a crash before the files are gone leaves a directory the next open drops.
+        if not await self.store.delete_snapshot(snapshot_id):
             raise NotFound(f"snapshot {snapshot_id!r} not found", snapshot_id=snapshot_id)
-        # Rename first so a concurrent resume or list never sees a half-deleted snapshot.
         doomed = self.root / f"{TMP_PREFIX}deleted-{snapshot_id}"
-        os.rename(path, doomed)
+        with contextlib.suppress(OSError):
+            os.rename(self.path(snapshot_id), doomed)
         await trio.to_thread.run_sync(shutil.rmtree, doomed, True, limiter=_IO_LIMIT)
+
+
+def _record(meta: SnapshotMeta, tenant: str) -> SnapshotRecord:
+    info = meta.info
+    return SnapshotRecord(
+        id=info.snapshot_id,
+        tenant=tenant,
+        sandbox_id=info.sandbox_id,
+        runtime=info.runtime,
+        size_bytes=info.size_bytes,
+        sha256=info.sha256,
+        created_at=info.created_at,
+        meta=msgspec.json.encode(meta),
+    )

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up Sandstorm on a Debian/Ubuntu machine: system packages, the Python environment and the
-# default sandbox image. Idempotent: a second run checks everything and changes nothing.
+# Set up Sandstorm on a Debian/Ubuntu machine: system packages, the Python environment, the
+# default sandbox image and its VM guest (for the qemu runtime). Idempotent: a second run checks
+# everything and changes nothing.
 #
 #   scripts/install.sh [--no-image] [serve [ARGS…] | test [PYTEST ARGS…]]
 #
@@ -12,7 +13,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,8s/^# \{0,1\}//p' "$0"
+    sed -n '2,9s/^# \{0,1\}//p' "$0"
 }
 
 build_image=1
@@ -45,11 +46,17 @@ say() { printf '==> %s\n' "$*"; }
 # --- system packages --------------------------------------------------------------------------
 # debian-archive-keyring lets mmdebstrap verify Debian's archive on Ubuntu hosts too.
 # gcc and libc6-dev compile the image's statx shim (sandstorm/images/statx_shim.c).
+# qemu-system-x86 runs the VM tier (the qemu runtime, isolation strong/maximum); e2fsprogs makes
+# the guest's ext4 root. The guest kernel is Debian's linux-image-amd64, fetched by the image
+# build with apt-get download (not installed on the host); gcc builds the guest's static init.
 packages=(python3 python3-venv python3-pip runsc mmdebstrap ca-certificates curl
-    debian-archive-keyring gcc libc6-dev)
+    debian-archive-keyring gcc libc6-dev qemu-system-x86 e2fsprogs)
 # The web console's browser tests drive Debian's Chromium: only the test set-up needs it.
 if [[ "$mode" == test ]]; then
     packages+=(chromium fonts-dejavu-core)
+    # The kata driver's tests start their own containerd (Debian's, with runc) and drive the
+    # same path as Kata with runtime type io.containerd.runc.v2. Serving does not need it.
+    packages+=(containerd runc)
 fi
 missing=()
 for pkg in "${packages[@]}"; do
@@ -69,11 +76,30 @@ if ((${#missing[@]})); then
         apt-get update -qq
     fi
     say "installing ${missing[*]}"
+    # containerd's package would start (and enable) the host's daemon; the tests run their own.
+    # policy-rc.d tells the package scripts not to start services while this install runs.
+    policy_added=0
+    if [[ " ${missing[*]} " == *" containerd "* && ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        policy_added=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
         # Fresh-looking lists can still be stale for a package that moved; retry once.
         say "install failed; apt-get update and retrying"
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if [[ " ${missing[*]} " == *" containerd "* ]]; then
+        if ((policy_added)); then
+            rm -f /usr/sbin/policy-rc.d
+            trap - EXIT
+        fi
+        # Installed here for the tests only: not enabled at boot either.
+        if command -v deb-systemd-helper >/dev/null 2>&1; then
+            deb-systemd-helper disable containerd.service >/dev/null 2>&1 || true
+        fi
     fi
 else
     say "system packages already installed"
@@ -99,6 +125,14 @@ rm -f "$pip_log"
 if ((build_image)); then
     say "default sandbox image in $data_dir (built once with mmdebstrap, ~30 s, ~300 MB)"
     .venv/bin/sandstorm image build --data-dir "$data_dir"
+    # The VM guest (Debian kernel, initramfs, ext4 root; ~10 s, ~600 MB) for the qemu runtime.
+    # apt-get download needs package lists that know the kernel package.
+    if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+        say "apt-get update (the package lists do not know linux-image-amd64)"
+        apt-get update -qq
+    fi
+    say "VM guest image in $data_dir (built once from Debian packages)"
+    .venv/bin/sandstorm image build --vm --data-dir "$data_dir"
 else
     say "skipping the sandbox image (--no-image)"
 fi

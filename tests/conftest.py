@@ -79,6 +79,11 @@ def start_gateway(runsc_required: None, data_dir: Path, cgroup_parent: str) -> C
 
     @asynccontextmanager
     async def factory(**overrides: Any) -> AsyncIterator[RunningGateway]:
+        # A test's gateway ends by cancellation: its sandboxes go with it unless a test asks
+        # otherwise (the teardown proof below checks).
+        overrides.setdefault("on_shutdown", "destroy")
+        # No warm pool unless a test asks for one: pool boots would load every other test.
+        overrides.setdefault("warm_pool", [])
         config = load_config(
             None,
             host="127.0.0.1",

@@ -1,5 +1,6 @@
 """What a gateway holds on the host — runsc containers, bundle directories, cgroups, runsc
-processes — so tests can prove that nothing is left behind."""
+processes, shim processes and their directories and sockets — so tests can prove that nothing is
+left behind."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import trio
 
+from sandstorm.shim import SHIM_MAIN, short_socket_dir
+
 CONTROLLERS = ("memory", "cpu", "pids")
 
 
@@ -20,16 +23,33 @@ class HostState:
     bundles: frozenset[str]
     cgroups: frozenset[str]
     processes: frozenset[str]
+    shims: frozenset[str] = frozenset()  # shim processes
+    shim_files: frozenset[str] = frozenset()  # shim directories and sockets
+    vms: frozenset[str] = frozenset()  # qemu processes and VM directories
+    containerd: frozenset[str] = frozenset()  # the kata driver's ctr processes and files
 
     def mentioning(self, sandbox_id: str) -> list[str]:
         found = [f"container {c}" for c in self.containers if sandbox_id in c]
         found += [f"bundle {b}" for b in self.bundles if sandbox_id in b]
         found += [f"cgroup {c}" for c in self.cgroups if sandbox_id in c]
         found += [f"process {p}" for p in self.processes if sandbox_id in p]
+        found += [f"shim {p}" for p in self.shims if sandbox_id in p]
+        found += [f"shim file {f}" for f in self.shim_files if sandbox_id in f]
+        found += [f"vm {v}" for v in self.vms if sandbox_id in v]
+        found += [f"containerd {c}" for c in self.containerd if sandbox_id in c]
         return found
 
     def is_empty(self) -> bool:
-        return not (self.containers or self.bundles or self.cgroups or self.processes)
+        return not (
+            self.containers
+            or self.bundles
+            or self.cgroups
+            or self.processes
+            or self.shims
+            or self.shim_files
+            or self.vms
+            or self.containerd
+        )
 
 
 async def host_state(data_dir: Path, cgroup_parent: str) -> HostState:
@@ -57,11 +77,58 @@ async def host_state(data_dir: Path, cgroup_parent: str) -> HostState:
     if (Path("/sys/fs/cgroup") / "cgroup.controllers").exists() and v2_parent.is_dir():
         cgroups |= {p.name for p in v2_parent.iterdir() if p.is_dir()}
     return HostState(
-        frozenset(containers), frozenset(bundles), frozenset(cgroups), runsc_processes(data_dir)
+        frozenset(containers),
+        frozenset(bundles),
+        frozenset(cgroups),
+        runsc_processes(data_dir),
+        shim_processes(data_dir),
+        shim_files(data_dir),
+        qemu_state(data_dir),
+        containerd_state(data_dir),
     )
 
 
+def containerd_state(data_dir: Path) -> frozenset[str]:
+    """The kata driver's ``ctr`` processes, and its bundles, shim directories and sockets."""
+    found = set(_processes(data_dir, lambda c: os.path.basename(c.split(b"\0")[0]) == b"ctr"))
+    root = data_dir / "containerd"
+    for directory in (root / "sandboxes", root / "shims", short_socket_dir(root)):
+        if directory.is_dir():
+            found |= {str(p) for p in directory.iterdir()}
+    return frozenset(found)
+
+
+def qemu_state(data_dir: Path) -> frozenset[str]:
+    """QEMU processes of this data directory and the VM directories under ``<data_dir>/qemu``."""
+    found = set(_processes(data_dir, lambda cmdline: b"qemu-system" in cmdline))
+    vms = data_dir / "qemu"
+    if vms.is_dir():
+        found |= {str(p) for p in vms.iterdir()}
+    return frozenset(found)
+
+
+def shim_files(data_dir: Path) -> frozenset[str]:
+    found: set[str] = set()
+    shims = data_dir / "shims"
+    if shims.is_dir():
+        found |= {str(p) for p in shims.iterdir()}
+    sockets = short_socket_dir(data_dir)
+    if sockets.is_dir():
+        found |= {str(p) for p in sockets.iterdir()}
+    return frozenset(found)
+
+
+def shim_processes(data_dir: Path) -> frozenset[str]:
+    return _processes(data_dir, lambda cmdline: os.fsencode(SHIM_MAIN) in cmdline)
+
+
 def runsc_processes(data_dir: Path) -> frozenset[str]:
+    # A shim's command line names runsc (it is the shim's argument), but it is not runsc.
+    shim = os.fsencode(SHIM_MAIN)
+    return _processes(data_dir, lambda cmdline: b"runsc" in cmdline and shim not in cmdline)
+
+
+def _processes(data_dir: Path, match: Callable[[bytes], bool]) -> frozenset[str]:
     found: set[str] = set()
     needle = str(data_dir).encode()
     for entry in os.listdir("/proc"):
@@ -72,7 +139,7 @@ def runsc_processes(data_dir: Path) -> frozenset[str]:
                 cmdline = f.read()
         except OSError:
             continue  # gone meanwhile, or a kernel thread
-        if needle in cmdline and b"runsc" in cmdline:
+        if needle in cmdline and match(cmdline):
             text = cmdline.replace(b"\0", b" ").decode(errors="replace")
             found.add(f"{entry}: {text[:300]}")
     return frozenset(found)

@@ -33,6 +33,11 @@ class OutputBuffer:
     def release(self) -> None:
         self.kept = bytearray()
 
+    def restore(self, kept: bytes, total: int) -> None:
+        """Pick up from a checkpoint (a gateway restart): what was kept, and the total seen."""
+        self.kept = bytearray(kept[: self.cap])
+        self.total = max(total, len(self.kept))
+
     @property
     def truncated(self) -> bool:
         return self.total > len(self.kept)

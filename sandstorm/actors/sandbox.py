@@ -47,7 +47,10 @@ from sandstorm.errors import (
     SnapshotUnsupported,
 )
 from sandstorm.ids import new_id
+from sandstorm.logs import bind_sandbox
+from sandstorm.metrics import Metrics
 from sandstorm.protocol import (
+    ExecResult,
     ExecStartedEvent,
     ExitEvent,
     Failure,
@@ -60,13 +63,22 @@ from sandstorm.protocol import (
     StatusEvent,
     Usage,
 )
+from sandstorm.recorder import Recorder
 from sandstorm.runtimes.base import (
     RuntimeInstance,
     RuntimeStartError,
     SandboxRuntime,
     SandboxSpec,
 )
+from sandstorm.shim.client import ShimChannel, ShimInstance
 from sandstorm.snapshots import SnapshotCatalog, SnapshotMeta, SnapshotMount
+from sandstorm.store import (
+    ExecRecordRow,
+    ProgressExec,
+    RunningExecState,
+    SandboxProgress,
+    SandboxRecord,
+)
 from sandstorm.timestamps import rfc3339, rfc3339_from_epoch
 
 log = logging.getLogger(__name__)
@@ -84,6 +96,12 @@ AGENT_SEND_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 3.0
 # After a checkpoint, how long the old runtime process gets to deliver its last frames and exit.
 CHECKPOINT_DRAIN_S = 10.0
+# Crash recovery: how often a busy sandbox checkpoints its state (and lets its shim drop the
+# journal before it), and after how many unacknowledged bytes it does so at once.
+PROGRESS_INTERVAL_S = 1.0
+PROGRESS_BYTES = 8 * 1024 * 1024
+# How long a shutdown that keeps its sandboxes gives each one to checkpoint and let go.
+HAND_OVER_S = 5.0
 # Agent messages logged per sandbox; the rest are counted, so a sandbox cannot flood the log.
 MAX_LOGGED_AGENT_ERRORS = 5
 SIGNAL_NAMES = ("SIGINT", "SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
@@ -102,6 +120,17 @@ class SandboxParams:
     keep_alive_s: int
     restored_from: str | None = None
     first_channel: int = 1
+    tenant: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """What a restarted gateway knows of a sandbox it takes over: its record (with the last
+    checkpoint), its stored execs, and the output its running execs had at the checkpoint."""
+
+    record: SandboxRecord
+    execs: list[ExecRecordRow]
+    output: dict[str, tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +154,16 @@ class SandboxActor:
         config: Config,
         catalog: SnapshotCatalog,
         on_startup: Callable[[float], None] | None = None,
+        *,
+        metrics: Metrics | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.params = params
+        # Carries state changes and finished execs to the store (None: not recorded).
+        self.recorder = recorder
+        self.metrics = metrics or Metrics(process=False)
+        # Set by detach(): the actor ends without tearing the sandbox down (on_shutdown "keep").
+        self._detached = False
         self.id = params.sandbox_id
         self.runtime = runtime
         self.config = config
@@ -163,6 +200,12 @@ class SandboxActor:
         self._live = trio.Event()
         self._failure_logged = 0
         self._pong = trio.Event()
+        # Crash recovery (runtimes whose instance is held by a shim): what was last saved.
+        self._progress_lock = trio.Lock()
+        self._progress_wanted = trio.Event()
+        self._saved: tuple[int, int, int] = (-1, -1, -1)
+        # Bytes of each running exec's kept stdout and stderr already in the store.
+        self._saved_output: dict[str, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ public (any task)
 
@@ -219,6 +262,31 @@ class SandboxActor:
         await self.finished.wait()
         return []
 
+    def detach(self) -> None:
+        """When this actor is cancelled (gateway shutdown), leave the sandbox running and its
+        state as it is, for the next gateway to reattach, instead of tearing it down."""
+        self._detached = True
+
+    def adopt(self, params: SandboxParams, recorder: Recorder | None) -> None:
+        """A warm pool sandbox claimed by a request: from now on it is that tenant's sandbox,
+        with these parameters (same id and runtime instance), recorded and crash-recoverable
+        like any other. Its age and idle time start now. Synchronous: nothing can see it half
+        adopted."""
+        assert params.sandbox_id == self.id
+        self.params = params
+        self.recorder = recorder
+        self.created_at = self.last_active = time.time()
+        channel = self._durable_channel()
+        if channel is not None:
+            channel.auto_ack = False  # acks follow checkpoints from now on (as from boot)
+        self._touch()
+
+    def exec_recorded(self, rec: ExecRecord) -> bool:
+        """Whether a checkpoint taken since ``rec`` was started already wrote its record
+        (the checkpoint before an exec reaches the agent upserts every running exec), so the
+        caller need not write it again."""
+        return rec.channel < self._saved[2]
+
     def retained_bytes(self) -> int:
         """Memory this record still holds: replay buffer and exec results."""
         return int(self.events.statistics()["bytes"]) + sum(
@@ -271,6 +339,7 @@ class SandboxActor:
 
     def _fail_soon(self, reason: str) -> None:
         if self._nursery is not None:
+            self.metrics.agent_failed("unresponsive")
             self._nursery.start_soon(self._post_failure, reason, "killed")
 
     async def _call(self, op: Callable[[], Awaitable[T]], *, wait_for_room: bool = False) -> T:
@@ -297,6 +366,7 @@ class SandboxActor:
         self,
         restore_image: Path | None = None,
         *,
+        recovered: Recovered | None = None,
         task_status: trio.TaskStatus[SandboxActor] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Boot, report ready through ``task_status``, then serve until torn down.
@@ -304,21 +374,33 @@ class SandboxActor:
         A boot failure raises to the starter with everything already released. After start-up
         nothing raises out of here: failures end in state ``failed`` with a reason.
         """
+        bind_sandbox(self.id)  # its log lines are about this sandbox, not the creating request
         started = trio.current_time()
         try:
             with trio.fail_after(self.config.boot_timeout_s):
-                if restore_image is None:
+                if recovered is not None:
+                    # A sandbox of a gateway that died: its shim kept it running and journaled
+                    # the agent's output since our last checkpoint, which the reader replays.
+                    instance = await self.runtime.reattach(self.id, recovered.record.agent_offset)
+                    self._instance = instance
+                    self._take_over(recovered)
+                elif restore_image is None:
                     instance = await self.runtime.start(self.params.spec)
+                    self._instance = instance
                 else:
                     instance = await self.runtime.restore(self.params.spec, restore_image)
-                self._instance = instance
-                await self._await_ready(instance, restored=restore_image is not None)
+                    self._instance = instance
+                if recovered is None:
+                    await self._await_ready(instance, restored=restore_image is not None)
         except BaseException as exc:
             with trio.CancelScope(shield=True):
                 await self._release_runtime()
                 await self._reap_instance()
                 self.state = "failed"
+                self._record_state(f"failed to boot: {exc!r}"[:1000])
                 self.finished.set()
+            if not isinstance(exc, trio.Cancelled):
+                self.metrics.agent_failed("boot")
             if isinstance(exc, trio.TooSlowError):
                 raise RuntimeUnavailable(
                     f"sandbox did not boot within {self.config.boot_timeout_s:.0f}s",
@@ -329,28 +411,40 @@ class SandboxActor:
                     f"sandbox failed to boot: {exc}", runtime=self.params.runtime_name
                 ) from exc
             raise
-        if self._on_startup is not None:
+        if self._on_startup is not None and recovered is None:
             self._on_startup((trio.current_time() - started) * 1000)
         self._live.set()
-        self.state = "idle"
-        self._emit_status()
+        if recovered is None:
+            self.state = "idle"
+            self._emit_status()
+        else:
+            # No event: the replayed frames must get the seq numbers they had before the crash.
+            self.state = "running" if self._by_channel else "idle"
         crashed = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._read_agent, instance)
                 nursery.start_soon(self._lifetime_timer)
+                nursery.start_soon(self._checkpoint_forever)
+                for rec in self._by_channel.values():
+                    nursery.start_soon(self._watch_exec, rec)
                 task_status.started(self)
                 await self._serve_mailbox()
                 nursery.cancel_scope.cancel()
         except Exception:
             # A bug in this actor must fail this sandbox only, never the gateway.
             log.exception("sandbox %s crashed", self.id)
+            self.metrics.agent_failed("internal")
             crashed = True
         finally:
             self._refuse_pending()
-            # Cancelled (gateway shutdown) or crashed: the sandbox still goes down fully.
-            if self.alive:
+            # Cancelled (gateway shutdown) or crashed: the sandbox still goes down fully,
+            # unless the gateway hands it over to its successor (detach).
+            if self.alive and self._detached and not crashed:
+                with trio.CancelScope(shield=True):
+                    await self._hand_over()
+            elif self.alive:
                 with trio.CancelScope(shield=True):
                     if crashed:
                         await self._teardown("failed", "internal error in the sandbox actor")
@@ -429,6 +523,7 @@ class SandboxActor:
     async def _read_agent(self, instance: RuntimeInstance) -> None:
         channel = instance.channel
         reason: str | None = None
+        failure_class = "exited"
         try:
             stall = self.config.stream_stall_timeout_s
             while True:
@@ -436,11 +531,14 @@ class SandboxActor:
                 if frame is None:
                     break
                 self._dispatch(frame.kind, frame.channel, frame.payload)
+                if channel.offset - self._saved[0] >= PROGRESS_BYTES:
+                    self._progress_wanted.set()
                 # Flow control: a stream client that reads slower than the program writes
                 # pauses the program (its pipe fills) instead of losing output.
                 await self.events.wait_for_readers(stall)
         except AgentProtocolError as exc:
             reason = f"agent protocol violation: {exc}"
+            failure_class = "protocol"
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         if self._expect_eof:
@@ -462,6 +560,7 @@ class SandboxActor:
             reason = "sandbox stopped responding"
         if not oom and (diag := instance.diagnostics()):
             reason += f"; runtime log: {diag[-300:]}"
+        self.metrics.agent_failed("oom" if oom else failure_class)
         await self._post_failure(reason, "oom" if oom else "killed")
 
     async def _post_failure(self, reason: str, verdict: str) -> None:
@@ -515,8 +614,12 @@ class SandboxActor:
             self._kill_soon(rec)
 
     def _finish(self, rec: ExecRecord, info: ExitInfo | None) -> None:
+        if rec.running:
+            self.metrics.exec_finished(self.params.runtime_name, rec.finish(info))
         result = rec.finish(info)
         self._by_channel.pop(rec.channel, None)
+        if self.recorder is not None:
+            self.recorder.exec_finished(self.id, self.params.tenant, rec.started_at, result)
         self.events.append(
             lambda seq, ts: ExitEvent(seq=seq, ts=ts, exec_id=rec.exec_id, result=result)
         )
@@ -553,6 +656,7 @@ class SandboxActor:
             await pong.wait()
             return
         if self.alive:
+            self.metrics.agent_failed("unresponsive")
             await self._post_failure(
                 f"the agent did not answer for {PROBE_TIMEOUT_S:.0f}s (stopped or hung)", "killed"
             )
@@ -563,6 +667,7 @@ class SandboxActor:
         if self.state not in ("idle", "running") or self._instance is None:
             raise SandboxNotRunning(f"sandbox {self.id} is {self.state}", state=self.state)
         if len(self._by_channel) >= self.config.max_execs_per_sandbox:
+            self.metrics.refused("quota_exceeded", "exec")
             raise QuotaExceeded(
                 f"sandbox already runs {len(self._by_channel)} execs", retry_after=1
             )
@@ -583,7 +688,13 @@ class SandboxActor:
         self.events.append(
             lambda seq, ts: ExecStartedEvent(seq=seq, ts=ts, exec_id=rec.exec_id, argv=rec.argv)
         )
+        if self.state == "idle":
+            self.state = "running"
+            self._emit_status()
         try:
+            # Durable before the agent hears of it: a gateway that dies from here on finds the
+            # exec's channel on restart and maps the journaled output back to it.
+            await self._checkpoint()
             await self._to_agent(lambda ch: ch.send_exec(num, plan.argv, plan.env, plan.cwd))
             if plan.stdin:
                 stdin = plan.stdin
@@ -598,9 +709,6 @@ class SandboxActor:
                 self._finish(rec, None)
             raise
         self._touch()
-        if self.state == "idle":
-            self.state = "running"
-            self._emit_status()
         assert self._nursery is not None
         self._nursery.start_soon(self._watch_exec, rec)
         return rec
@@ -639,7 +747,9 @@ class SandboxActor:
                 raise InvalidRequest(f"cannot write {path}: {error}", field=f"files.{path}")
 
     async def _watch_exec(self, rec: ExecRecord) -> None:
-        with trio.move_on_after(rec.timeout_s):
+        # From the exec's start, which for a sandbox taken over after a restart was earlier.
+        remaining = rec.started_mono + rec.timeout_s - time.monotonic()
+        with trio.move_on_after(max(0.0, remaining)):
             await rec.done.wait()
             return
         if rec.running:
@@ -649,8 +759,9 @@ class SandboxActor:
 
     async def _lifetime_timer(self) -> None:
         """Destroy the sandbox after keep_alive idle seconds, or at max_lifetime, busy or not."""
-        lifetime_end = self.created_at + self.config.max_lifetime_s
         while self.alive:
+            # Read every time: a claimed pool sandbox's life starts again at its claim.
+            lifetime_end = self.created_at + self.config.max_lifetime_s
             activity = self._activity = trio.Event()
             busy = self._held or bool(self._by_channel)
             idle_end = self.last_active + self.params.keep_alive_s
@@ -692,7 +803,9 @@ class SandboxActor:
             with trio.fail_after(CHECKPOINT_DRAIN_S):
                 await self._incarnation_done.wait()  # every frame written before it is read
                 await old.wait()
-            meta = await self.catalog.commit(staging, self._snapshot_meta(snapshot_id))
+            meta = await self.catalog.commit(
+                staging, self._snapshot_meta(snapshot_id), self.params.tenant
+            )
         except BaseException as exc:
             self._expect_eof = False
             with trio.CancelScope(shield=True):
@@ -729,6 +842,10 @@ class SandboxActor:
         self.state = "running" if self._by_channel else "idle"
         self._emit_status()
         self._touch()
+        # A new shim and stream (offset 0): checkpoint against it at once, so a crash from
+        # here on reattaches to the restored sandbox.
+        self._saved = (-1, -1, -1)
+        await self._checkpoint()
         return meta
 
     def _snapshot_meta(self, snapshot_id: str) -> SnapshotMeta:
@@ -789,6 +906,7 @@ class SandboxActor:
                 lambda seq, ts: StatusEvent(seq=seq, ts=ts, state=final, reason=reason or note)
             )
             self.events.close()
+            self._record_state(reason)
             self.ended_at = trio.current_time()
         return released
 
@@ -813,3 +931,170 @@ class SandboxActor:
     def _emit_status(self) -> None:
         state = self.state
         self.events.append(lambda seq, ts: StatusEvent(seq=seq, ts=ts, state=state))
+        self._record_state(None)
+
+    def _record_state(self, reason: str | None) -> None:
+        if self.recorder is not None:
+            self.recorder.sandbox_state(self.id, self.state, reason, self.events.last_seq)
+
+    # ------------------------------------------------------------------ crash recovery
+
+    def _durable_channel(self) -> ShimChannel | None:
+        """The channel to checkpoint against: only a shim keeps the sandbox (and a journal of
+        its output) across a gateway crash, and only a recorded sandbox can be taken over.
+        Its acks then follow checkpoints (never ``auto_ack``), so the shim keeps every byte
+        written after the last checkpoint."""
+        instance = self._instance
+        if self.recorder is None or instance is None or not self._live.is_set():
+            return None
+        channel = instance.channel
+        if not isinstance(channel, ShimChannel):
+            return None
+        channel.auto_ack = False
+        return channel
+
+    async def _checkpoint(self) -> None:
+        """Save what a restarted gateway needs to go on from here — the actor's state, the
+        output running execs wrote since the last checkpoint (raw bytes), the event seq and
+        the agent-stream offset — then let the shim drop the journal before that offset.
+
+        The state is read in one go with no checkpoint in between, so it matches the offset
+        exactly; frames after the offset are replayed on top of it after a crash."""
+        channel = self._durable_channel()
+        recorder = self.recorder
+        if channel is None or recorder is None:
+            return
+        async with self._progress_lock:
+            offset, seq = channel.offset, self.events.last_seq
+            key = (offset, seq, self._next_channel)
+            if key == self._saved:
+                return
+            running = [rec for rec in self._by_channel.values() if rec.running]
+            now_epoch, now_mono = time.time(), time.monotonic()
+            progress = SandboxProgress(
+                event_seq=seq,
+                next_channel=self._next_channel,
+                last_active=self.last_active,
+                execs=[
+                    RunningExecState(
+                        id=rec.exec_id,
+                        channel=rec.channel,
+                        timeout_s=rec.timeout_s,
+                        started_epoch=now_epoch - (now_mono - rec.started_mono),
+                        stdout_total=rec.stdout.total,
+                        stderr_total=rec.stderr.total,
+                        kill_verdict=rec.kill_verdict,
+                        stdin_closed=rec.stdin_closed,
+                    )
+                    for rec in running
+                ],
+            )
+            # Only what was kept since the last checkpoint (kept output only grows, to the cap).
+            output: list[tuple[str, int, bytes]] = []
+            saved_output: dict[str, tuple[int, int]] = {}
+            for rec in running:
+                out, err = self._saved_output.get(rec.exec_id, (0, 0))
+                output.append((rec.exec_id, 1, bytes(rec.stdout.kept[out:])))
+                output.append((rec.exec_id, 2, bytes(rec.stderr.kept[err:])))
+                saved_output[rec.exec_id] = (len(rec.stdout.kept), len(rec.stderr.kept))
+            rows = [ProgressExec(id=r.exec_id, started_at=r.started_at) for r in running]
+            # Finished execs and states reported so far go first (the store's one worker thread
+            # runs writes in order): the ack below lets the shim drop the frames they came from.
+            await recorder.write_pending()
+            try:
+                await recorder.store.save_progress(self.id, seq, offset, rows, progress, output)
+            except Exception:
+                log.exception("sandbox %s: could not save its progress", self.id)
+                return
+            self._saved_output = saved_output
+            self._saved = key
+            if not recorder.healthy:
+                return  # a record before this checkpoint is not written: keep the journal
+            with (
+                trio.move_on_after(AGENT_SEND_TIMEOUT_S),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                await channel.send_ack(offset)
+
+    async def _checkpoint_forever(self) -> None:
+        while self.alive:
+            with trio.move_on_after(PROGRESS_INTERVAL_S):
+                await self._progress_wanted.wait()
+            self._progress_wanted = trio.Event()
+            await self._checkpoint()
+
+    async def _hand_over(self) -> None:
+        """Gateway shutdown with sandboxes kept: checkpoint, then let go of the sandbox without
+        stopping it; the next gateway takes it over from the checkpoint. Bounded: a shim that
+        stopped reading must not hold the shutdown up."""
+        with trio.move_on_after(HAND_OVER_S):
+            await self._checkpoint()
+        instance = self._instance
+        if isinstance(instance, ShimInstance):
+            with trio.move_on_after(HAND_OVER_S):
+                await instance.detach()
+
+    def _take_over(self, recovered: Recovered) -> None:
+        """Rebuild this actor from the last checkpoint of a gateway that died."""
+        record = recovered.record
+        progress = record.progress or SandboxProgress(
+            event_seq=record.last_event_seq,
+            next_channel=self.params.first_channel,
+            last_active=record.created_at,
+        )
+        self.created_at = record.created_at
+        self.last_active = progress.last_active
+        self._held = False  # the request that created it is gone with the old gateway
+        self._next_channel = progress.next_channel
+        self.events = EventLog(self.config.replay_buffer_bytes, last_seq=progress.event_seq)
+        rows = {row.id: row for row in recovered.execs}
+        for row in recovered.execs:
+            if row.state == "finished" and row.result is not None:
+                self.execs[row.id] = _finished_record(row.id, row.started_at, row.result)
+        cap = self.config.result_output_cap
+        now_epoch, now_mono = time.time(), time.monotonic()
+        for state in progress.execs:
+            stored = rows.get(state.id)
+            if stored is not None and stored.state == "finished":
+                continue  # its exit was recorded after the checkpoint; replayed frames skip it
+            rec = ExecRecord(
+                exec_id=state.id,
+                channel=state.channel,
+                argv=[],  # never stored (it can hold secrets); the result does not need it
+                timeout_s=state.timeout_s,
+                stdout=OutputBuffer(cap),
+                stderr=OutputBuffer(cap),
+                started_at=stored.started_at if stored is not None else rfc3339(),
+                started_mono=now_mono - (now_epoch - state.started_epoch),
+                kill_verdict=state.kill_verdict,  # type: ignore[arg-type]
+                stdin_closed=state.stdin_closed,
+            )
+            out, err = recovered.output.get(state.id, (b"", b""))
+            rec.stdout.restore(out, state.stdout_total)
+            rec.stderr.restore(err, state.stderr_total)
+            self._saved_output[rec.exec_id] = (len(rec.stdout.kept), len(rec.stderr.kept))
+            self._remember(rec)
+        watched = {state.id for state in progress.execs}
+        for row in recovered.execs:
+            if row.state == "running" and row.id not in watched and self.recorder is not None:
+                # Started but never checkpointed with its channel: nothing can finish it now.
+                lost = _finished_record(row.id, row.started_at, None).finish(None, verdict="killed")
+                self.recorder.exec_finished(self.id, self.params.tenant, row.started_at, lost)
+        self._saved = (record.agent_offset, progress.event_seq, self._next_channel)
+
+
+def _finished_record(exec_id: str, started_at: str, result: ExecResult | None) -> ExecRecord:
+    """An exec record for history only (a restarted gateway's view of a finished exec)."""
+    rec = ExecRecord(
+        exec_id=exec_id,
+        channel=0,
+        argv=[],
+        timeout_s=0.0,
+        stdout=OutputBuffer(0),
+        stderr=OutputBuffer(0),
+        started_at=started_at,
+    )
+    if result is not None:
+        rec.result = result
+        rec.done.set()
+    return rec

@@ -37,6 +37,7 @@ STDOUT = 4
 STDERR = 5
 STDIN = 6
 START = -1  # internal: the fd is an exec's start (error) pipe, not a frame kind
+ZYGOTE = -2  # internal: the fd is the zygote's socket
 STDIN_CLOSE = 7
 SIGNAL = 8
 EXIT = 9
@@ -57,6 +58,23 @@ MAX_FINAL_DRAIN = 4 * 1024 * 1024
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXIT_NOT_FOUND = 127
 EXIT_CANNOT_EXECUTE = 126
+
+# The python zygote (see "Python zygote" in protocol/agent.md).
+ZYGOTE_PYTHON = b"/usr/bin/python3"
+# The start-up environment it runs with: what the gateway gives every exec (router BASE_ENV).
+# A python exec is served by the zygote only if every variable that python reads at start-up
+# (see _startup_env) has the same value; anything else falls back to a normal exec.
+ZYGOTE_ENV = {
+    b"PATH": DEFAULT_PATH.encode(),
+    b"HOME": b"/workspace",
+    b"LANG": b"C.UTF-8",
+    b"PYTHONUNBUFFERED": b"1",
+}
+ZYGOTE_IDLE_S = 0.2  # started once the agent has been idle this long: never on the cold path
+ZYGOTE_LATEST_S = 1.0  # ... or this long after it was wanted, for a sandbox never idle
+ZYGOTE_REPLY_S = 2.0  # a zygote that does not report a pid by then (stopped?) is replaced
+ZYGOTE_MAX_FAILURES = 5  # early deaths in a row before the agent stops restarting it
+MAX_ORPHAN_STATUSES = 256
 
 POLLIN = select.POLLIN
 POLLOUT = select.POLLOUT
@@ -238,14 +256,19 @@ class Exec(object):
     __slots__ = (
         "channel",
         "close_requested",
+        "deadline",
+        "held",
         "pending",
         "pid",
+        "request",
+        "signals",
         "start_error",
         "start_fd",
         "started",
         "stderr_fd",
         "stdin_fd",
         "stdout_fd",
+        "zygote",
     )
 
     def __init__(self, channel):
@@ -260,6 +283,12 @@ class Exec(object):
         # The child's close-on-exec error pipe until execve is known to have succeeded or failed.
         self.start_fd = -1
         self.start_error = bytearray()
+        # Zygote execs: no pid yet and stdin held back until the zygote reports one.
+        self.held = False
+        self.request = None  # (argv, env, cwd) to fall back to a normal exec
+        self.deadline = 0.0
+        self.signals = []  # signals asked for before the pid was known
+        self.zygote = False
 
 
 class ExecRequestError(Exception):
@@ -313,6 +342,46 @@ def _candidates(file, env):
     for directory in path.split(b":"):
         result.append((directory or b".").rstrip(b"/") + b"/" + file)
     return result
+
+
+def _startup_env(env):
+    """The variables python reads while starting (locale, user site via HOME, PYTHON*)."""
+    return dict(
+        (k, v)
+        for k, v in env.items()
+        if k in (b"HOME", b"LANG") or k.startswith(b"PYTHON") or k.startswith(b"LC_")
+    )
+
+
+_ZYGOTE_STARTUP = _startup_env(ZYGOTE_ENV)
+
+
+def zygote_can_serve(argv, env):
+    """True for exactly the python command lines the zygote reproduces: ``python3 -c CODE
+    [args]`` and ``python3 FILE [args]`` resolving to the zygote's interpreter, with the
+    zygote's start-up environment. Everything else is a normal exec."""
+    if len(argv) < 2 or os.path.basename(argv[0]) != b"python3":
+        return False
+    if argv[1] == b"-c":
+        if len(argv) < 3:
+            return False
+    elif not argv[1] or argv[1].startswith(b"-"):
+        return False  # other flags, or "-" (stdin)
+    if _startup_env(env) != _ZYGOTE_STARTUP:
+        return False
+    # The interpreter execvpe would run, and the sys.executable python would compute.
+    for candidate in _candidates(argv[0], env):
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate == ZYGOTE_PYTHON
+    return False
+
+
+def zygote_request(argv, env, cwd):
+    """What a zygote exec reads from its stdin before anything else: length, then
+    cwd, argc, argv and env NUL-separated (none of them can hold a NUL)."""
+    fields = [cwd, b"%d" % len(argv)] + list(argv) + [k + b"=" + v for k, v in env.items()]
+    body = b"\0".join(fields)
+    return len(body).to_bytes(4, "big") + body
 
 
 def _child(argv, env, cwd, stdin_r, stdout_w, stderr_w, err_w):
@@ -382,6 +451,19 @@ class Agent(object):
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
+        # The python zygote: its pid and socket while it runs, execs waiting for its reply.
+        self.zygote_enabled = os.environ.get("SANDSTORM_ZYGOTE", "1") != "0"
+        self.zygote_pid = 0
+        self.zygote_sock = None
+        self.zygote_started = 0.0
+        self.zygote_waiting = []  # Execs in the order they were sent (the zygote keeps it)
+        self.zygote_failures = 0
+        self.zygote_due = time.monotonic() + ZYGOTE_IDLE_S
+        self.zygote_latest = time.monotonic() + ZYGOTE_LATEST_S
+        self.zygote_source = None
+        # Exit statuses of pids reaped before anyone claimed them, for a zygote exec whose pid
+        # report comes after its death (only possible if something else killed it early).
+        self.orphans = {}
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -404,9 +486,10 @@ class Agent(object):
         self.reap()  # children we inherited before the handler was installed
         while True:
             try:
-                events = self.poller.poll()
+                events = self.poller.poll(self.poll_timeout())
             except InterruptedError:  # pragma: no cover - PEP 475 retries already
                 continue
+            self.zygote_tick()
             for fd, _mask in events:
                 if fd == 0:
                     if not self.read_gateway():
@@ -419,7 +502,9 @@ class Agent(object):
                     if owner is None:
                         continue  # closed earlier in this batch
                     ex, kind = owner
-                    if kind == STDIN:
+                    if kind == ZYGOTE:
+                        self.zygote_reply()
+                    elif kind == STDIN:
                         self.flush_stdin(ex)
                     elif kind == START:
                         self.check_start(ex)
@@ -436,6 +521,197 @@ class Agent(object):
                 pass
         except BlockingIOError:
             pass
+
+    # -- the python zygote -------------------------------------------------------------------
+
+    def poll_timeout(self):
+        """Milliseconds until the zygote needs attention (a start or a reply deadline)."""
+        if self.zygote_waiting:
+            due = self.zygote_waiting[0].deadline
+        elif self.zygote_wanted():
+            due = self.zygote_due
+        else:
+            return None
+        return max(0, int((due - time.monotonic()) * 1000) + 1)
+
+    def zygote_wanted(self):
+        return (
+            self.zygote_enabled
+            and self.zygote_sock is None
+            and self.zygote_failures < ZYGOTE_MAX_FAILURES
+        )
+
+    def zygote_busy(self):
+        """Activity postpones the zygote's start (it would compete for the CPU), up to a
+        limit."""
+        if self.zygote_sock is None:
+            later = min(time.monotonic() + ZYGOTE_IDLE_S, self.zygote_latest)
+            self.zygote_due = max(self.zygote_due, later)
+
+    def zygote_tick(self):
+        now = time.monotonic()
+        if self.zygote_waiting and now >= self.zygote_waiting[0].deadline:
+            self.zygote_gone()  # stopped or wedged: replace it; what waits falls back
+        elif self.zygote_wanted() and now >= self.zygote_due:
+            self.start_zygote()
+
+    def start_zygote(self):
+        import _socket
+
+        if self.zygote_source is None:
+            if os.getpid() != 1:
+                _become_subreaper()  # outside a sandbox (tests): orphans must still be ours
+            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zygote.py")
+            try:
+                with open(path, "rb") as f:
+                    self.zygote_source = f.read()
+            except OSError:
+                self.zygote_enabled = False
+                return
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+        fds = []
+        try:
+            null_r, null_w = os.pipe()
+            fds += [null_r, null_w]
+            err_r, err_w = os.pipe()
+            fds += [err_r, err_w]
+            pid = os.fork()
+        except OSError:
+            pid = -1
+        if pid == 0:
+            argv = [ZYGOTE_PYTHON, b"-c", self.zygote_source]
+            _child(argv, ZYGOTE_ENV, b"/", theirs.fileno(), null_w, null_w, err_w)
+        theirs.close()
+        for fd in fds:
+            os.close(fd)  # its stdout/stderr lead nowhere: it never writes there
+        if pid < 0:
+            ours.close()
+            self.zygote_failures += 1
+            self.zygote_due = time.monotonic() + ZYGOTE_IDLE_S * (1 << self.zygote_failures)
+            return
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+        ours.setblocking(False)
+        self.zygote_pid = pid
+        self.zygote_sock = ours
+        self.zygote_started = time.monotonic()
+        self.fd_owner[ours.fileno()] = (None, ZYGOTE)
+        self.poller.register(ours.fileno(), POLLIN)
+
+    def zygote_gone(self):
+        """The zygote died, closed its socket or stopped answering: kill it, run what waited
+        for it as normal execs, and start a new one later."""
+        sock = self.zygote_sock
+        if sock is not None:
+            self.poller.unregister(sock.fileno())
+            del self.fd_owner[sock.fileno()]
+            sock.close()
+            self.zygote_sock = None
+        if self.zygote_pid:
+            try:
+                os.killpg(self.zygote_pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self.zygote_pid = 0
+            self.zygote_failures += 1  # reset by every exec it serves
+        self.zygote_due = time.monotonic() + ZYGOTE_IDLE_S * (1 << self.zygote_failures)
+        self.zygote_latest = self.zygote_due + ZYGOTE_LATEST_S
+        waiting, self.zygote_waiting = self.zygote_waiting, []
+        for ex in waiting:
+            self.zygote_fallback(ex)
+
+    def zygote_reply(self):
+        try:
+            message = self.zygote_sock.recv(32)
+        except BlockingIOError:
+            return
+        except OSError:
+            message = b""
+        if not message or not self.zygote_waiting:
+            self.zygote_gone()  # EOF, or a reply nobody asked for
+            return
+        ex = self.zygote_waiting.pop(0)
+        try:
+            pid = int(message)
+        except ValueError:
+            pid = -1
+        if pid <= 0:
+            self.zygote_fallback(ex)  # it could not fork: "-errno"
+            return
+        self.zygote_failures = 0
+        ex.pid = pid
+        ex.held = False
+        ex.zygote = True
+        self.leaders[pid] = ex
+        # The process is waiting for its request on stdin: it goes ahead of any input.
+        ex.pending[0:0] = zygote_request(*ex.request)
+        ex.request = None
+        self.deliver_signals(ex)
+        early = self.orphans.pop(pid, None)
+        if early is not None:  # killed before it could read its request
+            del self.leaders[pid]
+            self.finish(ex, early[0], early[1])
+            return
+        self.flush_stdin(ex)
+
+    def zygote_fallback(self, ex):
+        """Run an exec the zygote did not take as a normal exec: same channel and input."""
+        argv, env, cwd = ex.request
+        ex.request = None
+        ex.held = False
+        if ex.stdout_fd >= 0:
+            self.close_output(ex, ex.stdout_fd, STDOUT)
+        if ex.stderr_fd >= 0:
+            self.close_output(ex, ex.stderr_fd, STDERR)
+        for fd in (ex.start_fd, ex.stdin_fd):
+            if fd >= 0:
+                if fd in self.fd_owner:
+                    del self.fd_owner[fd]
+                    self.poller.unregister(fd)
+                os.close(fd)
+        ex.start_fd = ex.stdin_fd = -1
+        self.spawn(ex.channel, argv, env, cwd, ex)
+
+    def spawn_zygote(self, channel, argv, env, cwd):
+        import _socket
+
+        fds = []
+        try:
+            stdin_r, stdin_w = os.pipe()
+            fds += [stdin_r, stdin_w]
+            stdout_r, stdout_w = os.pipe()
+            fds += [stdout_r, stdout_w]
+            stderr_r, stderr_w = os.pipe()
+            fds += [stderr_r, stderr_w]
+            err_r, err_w = os.pipe()
+            fds += [err_r, err_w]
+            passed = b"".join(
+                fd.to_bytes(4, sys.byteorder) for fd in (stdin_r, stdout_w, stderr_w, err_w)
+            )
+            self.zygote_sock.sendmsg([b"x"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, passed)])
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            self.zygote_gone()
+            self.spawn(channel, argv, env, cwd)
+            return
+        ex = Exec(channel)
+        ex.held = True
+        ex.request = (argv, env, cwd)
+        self.zygote_waiting.append(ex)
+        self.track(ex, 0, time.monotonic(), (stdin_r, stdin_w, stdout_r, stdout_w,
+                                             stderr_r, stderr_w, err_r, err_w))  # fmt: skip
+        ex.deadline = ex.started + ZYGOTE_REPLY_S
+
+    def deliver_signals(self, ex):
+        signals, ex.signals = ex.signals, []
+        for signum in signals:
+            try:
+                os.killpg(ex.pid, signum)
+            except OSError:
+                pass
 
     # -- frames from the gateway -------------------------------------------------------------
 
@@ -521,7 +797,11 @@ class Agent(object):
             send_error(channel, "invalid EXEC request: %s" % (exc,))
             self.send_exit_without_child(channel)
             return
-        self.spawn(channel, argv, env, cwd)
+        self.zygote_busy()
+        if self.zygote_sock is not None and zygote_can_serve(argv, env):
+            self.spawn_zygote(channel, argv, env, cwd)
+        else:
+            self.spawn(channel, argv, env, cwd)
 
     def send_exit_without_child(self, channel):
         send_json(
@@ -536,7 +816,8 @@ class Agent(object):
             },
         )
 
-    def spawn(self, channel, argv, env, cwd):
+    def spawn(self, channel, argv, env, cwd, ex=None):
+        """A normal exec: fork and execve. ``ex`` is an exec the zygote did not take."""
         fds = []
         try:
             stdin_r, stdin_w = os.pipe()
@@ -552,6 +833,8 @@ class Agent(object):
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
+            if ex is not None:
+                self.execs.pop(channel, None)
             send_error(channel, "cannot start process: %s" % (exc.strerror or exc,))
             self.send_exit_without_child(channel)
             return
@@ -561,13 +844,29 @@ class Agent(object):
             os.setpgid(pid, pid)  # also in the parent: no window where signals miss the group
         except OSError:
             pass  # already exec'd (EACCES) or already gone (ESRCH): the child did it
+        if ex is None:
+            ex = Exec(channel)
+            self.track(ex, pid, started, fds)
+            return
+        # A fallback from the zygote: its input and signals were held for it; its duration
+        # counts from the request.
+        self.track(ex, pid, ex.started, fds)
+        self.deliver_signals(ex)
+        self.flush_stdin(ex)
+        if ex.close_requested and not ex.pending:
+            self.close_stdin(ex)
+
+    def track(self, ex, pid, started, fds):
+        """Keep the parent's ends of an exec's pipes (``fds`` as os.pipe() pairs: stdin,
+        stdout, stderr, start) and close the child's."""
+        stdin_r, stdin_w, stdout_r, stdout_w, stderr_r, stderr_w, err_r, err_w = fds
         for fd in (stdin_r, stdout_w, stderr_w, err_w):
             os.close(fd)
-        ex = Exec(channel)
         ex.pid = pid
         ex.started = started
-        self.execs[channel] = ex
-        self.leaders[pid] = ex
+        self.execs[ex.channel] = ex
+        if pid:
+            self.leaders[pid] = ex
         for fd in (stdin_w, stdout_r, stderr_r, err_r):
             os.set_blocking(fd, False)
         ex.stdin_fd = stdin_w
@@ -608,7 +907,7 @@ class Agent(object):
             self.close_stdin(ex)
             send_error(ex.channel, bytes(ex.start_error).decode("utf-8", "replace"))
         else:
-            send_json(STARTED, ex.channel, {"pid": ex.pid})
+            send_json(STARTED, ex.channel, {"pid": ex.pid, "zygote": ex.zygote})
 
     # -- stdin -------------------------------------------------------------------------------
 
@@ -632,14 +931,14 @@ class Agent(object):
         if ex is None or ex.stdin_fd < 0:
             return
         ex.close_requested = True
-        if not ex.pending:
+        if not ex.pending and not ex.held:
             self.close_stdin(ex)
 
     def flush_stdin(self, ex):
         """Write as much pending input as the pipe takes; poll for POLLOUT if some remains."""
         fd = ex.stdin_fd
-        if fd < 0:
-            return
+        if fd < 0 or ex.held:
+            return  # a zygote exec's input waits behind its request
         registered = fd in self.fd_owner
         while ex.pending:
             try:
@@ -689,6 +988,9 @@ class Agent(object):
         ex = self.execs.get(channel)
         if ex is None:
             return  # unknown or finished exec: ignored
+        if not ex.pid:
+            ex.signals.append(signum)  # the zygote has not reported its pid yet
+            return
         try:
             os.killpg(ex.pid, signum)
         except ProcessLookupError:
@@ -747,9 +1049,17 @@ class Agent(object):
                 continue
             if pid == 0:
                 return
+            if pid == self.zygote_pid:
+                self.zygote_gone()
+                continue
             ex = self.leaders.pop(pid, None)
             if ex is not None:
                 self.finish(ex, status, usage)
+            elif self.zygote_waiting:
+                # Maybe a zygote exec killed before its pid report was read: keep the status.
+                if len(self.orphans) >= MAX_ORPHAN_STATUSES:
+                    del self.orphans[next(iter(self.orphans))]
+                self.orphans[pid] = (status, usage)
             # any other pid is an orphan we inherited as PID 1: reaped, nothing else to do
 
     def finish(self, ex, status, usage):
@@ -778,6 +1088,7 @@ class Agent(object):
             },
         )
         self.execs.pop(ex.channel, None)
+        self.zygote_busy()
         self.close_stdin(ex)
         if ex.stdout_fd >= 0:
             self.close_output(ex, ex.stdout_fd, STDOUT)
@@ -842,6 +1153,8 @@ class Agent(object):
         """Gateway gone: kill every exec's process group, reap briefly, return."""
         groups = set(self.finished_pgids)
         groups.update(ex.pid for ex in self.execs.values())
+        groups.add(self.zygote_pid)
+        groups.discard(0)  # an exec still waiting for the zygote; killpg(0) would be ours
         for pgid in groups:
             try:
                 os.killpg(pgid, signal.SIGKILL)
@@ -865,6 +1178,17 @@ class Agent(object):
 
 
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
+def _become_subreaper():
+    """Orphans (zygote execs, once their intermediate exits) come to us, not to init. PID 1
+    gets them anyway; outside a sandbox (tests) this asks for the same."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except Exception:
+        pass
 
 
 def _close_inherited_on_exec():

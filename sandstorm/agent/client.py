@@ -258,7 +258,11 @@ class AgentChannel:
     """
 
     def __init__(
-        self, send_stream: trio.abc.SendStream, receive_stream: trio.abc.ReceiveStream
+        self,
+        send_stream: trio.abc.SendStream,
+        receive_stream: trio.abc.ReceiveStream,
+        *,
+        offset: int = 0,
     ) -> None:
         self._send_stream = send_stream
         self._receive_stream = receive_stream
@@ -270,6 +274,7 @@ class AgentChannel:
         self._eof = False
         self._frames_sent = 0
         self._frames_received = 0
+        self._offset = offset
 
     async def __aenter__(self) -> Self:
         return self
@@ -283,6 +288,12 @@ class AgentChannel:
             frames_received=self._frames_received,
             bytes_buffered=len(self._buffer),
         )
+
+    @property
+    def offset(self) -> int:
+        """Stream offset just past the last whole frame received (``offset`` given at start
+        plus every byte of every frame returned): where a replay would resume cleanly."""
+        return self._offset
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -337,6 +348,7 @@ class AgentChannel:
                     payload = bytes(self._buffer[HEADER.size : end])
                     del self._buffer[:end]
                     self._frames_received += 1
+                    self._offset += end
                     return Frame(kind, channel, payload)
             if self._eof:
                 if self._buffer:
@@ -384,16 +396,20 @@ class AgentChannel:
             raise ValueError(
                 f"{kind.name} payload of {len(payload)} bytes exceeds {MAX_GATEWAY_FRAME}"
             )
-        data = HEADER.pack(kind, channel, len(payload)) + payload
         async with self._send_lock:
-            if self._send_broken:
-                raise trio.BrokenResourceError("an earlier send to the agent did not complete")
-            try:
-                await self._send_stream.send_all(data)
-            except BaseException:
-                self._send_broken = True
-                raise
-            self._frames_sent += 1
+            await self._send_locked(HEADER.pack(kind, channel, len(payload)) + payload)
+        self._frames_sent += 1
+
+    async def _send_locked(self, data: bytes) -> None:
+        """Write ``data`` whole; the caller holds the send lock (subclasses that carry their own
+        frames on the same stream, like the shim's, go through here too)."""
+        if self._send_broken:
+            raise trio.BrokenResourceError("an earlier send to the agent did not complete")
+        try:
+            await self._send_stream.send_all(data)
+        except BaseException:
+            self._send_broken = True
+            raise
 
     async def send_exec(self, channel: int, argv: list[str], env: dict[str, str], cwd: str) -> None:
         """Start ``argv`` with exactly ``env`` in ``cwd`` as exec ``channel`` (>= 1, unique)."""

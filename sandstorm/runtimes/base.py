@@ -116,3 +116,14 @@ class SandboxRuntime(Protocol):
         """Sandbox ids this runtime still holds resources for that are not in ``live()``
         (called after the runtime has looked, so nothing booting meanwhile is missed)."""
         ...
+
+    async def surviving(self) -> list[str]:
+        """Sandbox ids still running from an earlier gateway (held by a live shim, or the
+        runtime's equivalent), which :meth:`reattach` can resume; ``[]`` if it has none."""
+        ...
+
+    async def reattach(self, sandbox_id: str, offset: int) -> RuntimeInstance:
+        """Resume a surviving sandbox: a new instance whose channel replays the agent stream
+        from ``offset`` (``channel.offset`` of the last instance), then goes on live.
+        Raises :class:`RuntimeStartError` with the reason when it cannot."""
+        ...

@@ -17,10 +17,11 @@ from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
-# runsc creates its leaf in every v1 hierarchy it finds; teardown must sweep them all.
+# runsc creates its leaf in every v1 hierarchy it finds, runc also in the hybrid host's v2
+# one ("unified"); teardown must sweep them all.
 V1_ALL = (
     "memory", "cpu", "cpuacct", "cpuset", "pids", "devices", "freezer", "blkio",
-    "net_cls", "net_prio", "perf_event", "hugetlb", "rdma", "systemd",
+    "net_cls", "net_prio", "perf_event", "hugetlb", "rdma", "systemd", "unified",
 )  # fmt: skip
 CPU_PERIOD_US = 100_000
 OOM_SLACK_BYTES = 1 << 20
@@ -50,6 +51,9 @@ class SandboxCgroups:
         self.parent = parent
         self.root = root
         self.v2 = (root / "cgroup.controllers").exists()
+        # Where each v1 controller is mounted, resolved once: every create, teardown and
+        # usage read asks, and resolving is a few syscalls each time.
+        self._hierarchies: dict[str, Path] = {}
 
     def runtime_path(self, sandbox_id: str) -> str:
         """The ``cgroupsPath`` handed to the runtime: a leaf inside the gateway's group."""
@@ -58,7 +62,10 @@ class SandboxCgroups:
     def _hierarchy(self, controller: str) -> Path:
         """Where a v1 controller is mounted; co-mounted ones (``cpu -> cpu,cpuacct``) resolve
         to the same directory."""
-        return (self.root / controller).resolve()
+        found = self._hierarchies.get(controller)
+        if found is None:
+            found = self._hierarchies[controller] = (self.root / controller).resolve()
+        return found
 
     def _dirs(self, sandbox_id: str, controllers: tuple[str, ...]) -> list[Path]:
         if self.v2:
@@ -98,6 +105,50 @@ class SandboxCgroups:
         _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
         _write(cpu / "cpu.cfs_quota_us", str(quota))
         _write(self._hierarchy("pids") / self.parent / sandbox_id / "pids.max", str(limits.pids))
+
+    def update(self, sandbox_id: str, old: Limits, new: Limits) -> None:
+        """Change the limits of a live sandbox's group (a warm pool sandbox claimed by a
+        request with other limits). Raises OSError when the kernel refuses, e.g. a memory
+        limit below what the group holds (v1 answers EBUSY); callers check usage first, since
+        v2 would reclaim and OOM-kill instead, and put ``old`` back on failure."""
+        quota = max(1000, int(new.cpu * CPU_PERIOD_US))
+        if self.v2:
+            d = self.root / self.parent / sandbox_id
+            _write(d / "memory.max", str(new.memory_bytes))
+            _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            _write(d / "pids.max", str(new.pids))
+            return
+        mem = self._hierarchy("memory") / self.parent / sandbox_id
+        # memsw must stay >= the memory limit at every step: raise it first, lower it last.
+        order = ["memory.memsw.limit_in_bytes", "memory.limit_in_bytes"]
+        if new.memory_bytes < old.memory_bytes:
+            order.reverse()
+        for name in order:
+            try:
+                _write(mem / name, str(new.memory_bytes))
+            except OSError:
+                if name == "memory.limit_in_bytes":
+                    raise
+                # memsw is optional (swap accounting off): create() tolerates its absence too.
+        _write(self._hierarchy("cpu") / self.parent / sandbox_id / "cpu.cfs_quota_us", str(quota))
+        _write(self._hierarchy("pids") / self.parent / sandbox_id / "pids.max", str(new.pids))
+
+    def memory_limit(self, sandbox_id: str) -> int:
+        """The group's memory limit now (0 if it cannot be read)."""
+        if self.v2:
+            path = self.root / self.parent / sandbox_id / "memory.max"
+        else:
+            path = self._hierarchy("memory") / self.parent / sandbox_id / "memory.limit_in_bytes"
+        try:
+            return int(_read(path))
+        except (OSError, ValueError):
+            return 0
+
+    def attach(self, sandbox_id: str, pid: int) -> None:
+        """Move ``pid`` into the sandbox's group itself, for runtimes (QEMU) that make no leaf
+        of their own; its threads and children follow."""
+        for d in self._dirs(sandbox_id, V1_CONTROLLERS):
+            _write(d / "cgroup.procs", str(pid))
 
     def memory_bytes(self, sandbox_id: str) -> int:
         if self.v2:
@@ -153,11 +204,13 @@ class SandboxCgroups:
         """Remove the group (and any leaf the runtime left) in every hierarchy; idempotent."""
         removed = False
         for d in self._dirs(sandbox_id, V1_ALL):
-            if not d.exists():
+            if not d.is_dir():
                 continue
-            # Deepest first: the runtime's leaf, then ours.
-            for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                _rmdir_cgroup(sub)
+            # Deepest first: the runtime's leaf, then ours (a bottom-up walk lists only
+            # directories' names; a cgroup directory holds no regular files to remove).
+            for parent, subdirs, _files in os.walk(d, topdown=False):
+                for name in subdirs:
+                    _rmdir_cgroup(Path(parent, name))
             _rmdir_cgroup(d)
             removed = True
         return removed

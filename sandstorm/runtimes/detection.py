@@ -1,8 +1,11 @@
-"""Detection of the VM-tier runtimes (Kata, Firecracker, QEMU).
+"""Detection of the VM-tier runtimes (Kata, Firecracker, QEMU) that have no driver registered.
 
 Each function finds the binary on the configured search paths, reads its version and says exactly
-why the runtime cannot be used. Their drivers are the VM tier's work; until a driver is registered
-a found binary is reported with that as the reason, never as available.
+why the runtime cannot be used; until a driver is registered a found binary is reported with that
+as the reason, never as available. QEMU has its driver (``runtimes/qemu.py``), whose own
+``detect`` also probes the accelerator (KVM only if a VM really boots under it, else TCG) and
+needs the VM image; ``detect_qemu`` stays for a registry built without it. Kata has only its
+driver (``runtimes/kata.py``): it is found through containerd, not by a binary of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import shutil
 import trio
 
 from sandstorm.runtimes.base import Detection
+from sandstorm.runtimes.kvm_probe import kvm_runs_guests
 
 _ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
@@ -47,14 +51,6 @@ async def read_version(argv: list[str]) -> str | None:
 NO_DRIVER = "binary found, but this gateway has no {name} driver registered"
 
 
-async def detect_kata(paths: list[str]) -> Detection:
-    binary = first_executable(paths)
-    if binary is None:
-        return Detection(False, None, None, not_found(paths))
-    version = await read_version([binary, "--version"])
-    return Detection(False, binary, version, NO_DRIVER.format(name="kata"))
-
-
 async def detect_firecracker(paths: list[str], jailer_paths: list[str]) -> Detection:
     binary = first_executable(paths)
     if binary is None:
@@ -64,6 +60,9 @@ async def detect_firecracker(paths: list[str], jailer_paths: list[str]) -> Detec
         return Detection(False, binary, version, "jailer " + not_found(jailer_paths))
     if not os.path.exists("/dev/kvm"):
         return Detection(False, binary, version, "/dev/kvm does not exist")
+    # /dev/kvm can exist and still not run guests: only running one says (kvm_probe.py).
+    if (reason := await kvm_runs_guests()) is not None:
+        return Detection(False, binary, version, reason)
     return Detection(False, binary, version, NO_DRIVER.format(name="firecracker"))
 
 

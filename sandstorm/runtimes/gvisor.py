@@ -1,8 +1,10 @@
 """gVisor (runsc) as an OCI runtime: one bundle per sandbox, the agent as PID 1 on its stdio.
 
-``runsc run`` is kept in the foreground: its stdin/stdout are the container's stdio, which is the
-agent channel, and its exit is the sandbox's exit, so the sandbox actor supervises one process.
-(``create`` + ``start`` would cost a second runsc invocation on the cold path for nothing.)
+``runsc run`` is kept in the foreground of a per-sandbox shim (``sandstorm/shim``): its
+stdin/stdout are the container's stdio, which is the agent channel, and its exit is the sandbox's
+exit. The shim holds them, journals the output and serves them on a Unix socket, so a gateway
+that dies (even SIGKILL) leaves the sandbox running and a new gateway reattaches (``surviving``,
+``reattach``). (``create`` + ``start`` would cost a second runsc invocation on the cold path.)
 Checkpoint stops the container (``--leave-running`` hangs in Debian's runsc), so "leave running"
 is done by the caller as checkpoint then restore, whose stdio become the new agent channel.
 """
@@ -12,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
-import subprocess
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,10 +24,23 @@ import msgspec
 import trio
 
 from sandstorm.agent import AGENT_COMMAND, AGENT_MOUNT_POINT, AGENT_SOURCE_PATH
-from sandstorm.agent.client import AgentChannel
+from sandstorm.ids import is_id
 from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.runtimes.base import Detection, ResourceUsage, RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import Limits, SandboxCgroups
+from sandstorm.shim import (
+    DEFAULT_JOURNAL_MAX,
+    ShimInstance,
+    ShimPaths,
+    attach,
+    is_shim_process,
+    read_exit_status,
+    read_pids,
+    remove_socket,
+    shim_paths,
+    shim_process_ids,
+    spawn_shim,
+)
 
 # The only environment runsc itself sees: nothing of the gateway's, nothing of the request's.
 RUNSC_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -36,44 +52,12 @@ AGENT_ENV = [
 ]
 SANDBOX_UID = 1000
 CONTROL_TIMEOUT_S = 15.0
+# After runsc is told to stop, how long its shim may take to record the exit and leave.
+SHIM_EXIT_GRACE_S = 3.0
 
 
 class RunscError(RuntimeStartError):
     pass
-
-
-class GvisorInstance:
-    """A ``runsc run``/``runsc restore`` process in the foreground and the agent on its stdio."""
-
-    def __init__(self, process: trio.Process, log_path: Path) -> None:
-        assert process.stdin is not None and process.stdout is not None
-        self.process = process
-        self.log_path = log_path
-        self._channel = AgentChannel(process.stdin, process.stdout)
-
-    @property
-    def channel(self) -> AgentChannel:
-        return self._channel
-
-    async def wait(self) -> int:
-        return await self.process.wait()
-
-    @property
-    def exited(self) -> bool:
-        return self.process.returncode is not None
-
-    def kill(self) -> None:
-        if self.process.returncode is None:
-            self.process.kill()
-
-    def diagnostics(self) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 2048))
-                return f.read().decode("utf-8", "replace").strip()
-        except OSError:
-            return ""
 
 
 class GvisorRuntime:
@@ -81,11 +65,21 @@ class GvisorRuntime:
     isolation_levels: tuple[IsolationLevel, ...] = ("standard", "strong")
     capabilities = RuntimeCapabilities(snapshot=True, exec=True, streaming=True, network=False)
 
-    def __init__(self, search_paths: list[str], data_dir: Path, cgroups: SandboxCgroups) -> None:
+    def __init__(
+        self,
+        search_paths: list[str],
+        data_dir: Path,
+        cgroups: SandboxCgroups,
+        *,
+        journal_max: int = DEFAULT_JOURNAL_MAX,
+    ) -> None:
         self.search_paths = search_paths
+        self.data_dir = data_dir
         self.state_root = data_dir / "runsc"
         self.sandboxes_dir = data_dir / "sandboxes"
+        self.shims_dir = data_dir / "shims"
         self.cgroups = cgroups
+        self.journal_max = journal_max
         self.binary: str | None = None
 
     # ------------------------------------------------------------------ detection
@@ -108,6 +102,7 @@ class GvisorRuntime:
         self.binary = found
         self.state_root.mkdir(parents=True, exist_ok=True)
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        self.shims_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return Detection(True, found, version, None)
 
     # ------------------------------------------------------------------ lifecycle
@@ -134,27 +129,100 @@ class GvisorRuntime:
             f.write(msgspec.json.encode(config))
         return bundle
 
-    async def _spawn(self, spec: SandboxSpec, argv_tail: list[str]) -> GvisorInstance:
-        bundle = self._bundle_dir(spec.sandbox_id)
-        log = bundle / "runsc.log"
-        # Opening a local log file for append does not block in practice; it goes to the child.
-        stderr = open(log, "ab")  # noqa: SIM115, ASYNC230
-        try:
-            process = await trio.lowlevel.open_process(
-                [*self._global_flags(log), *argv_tail],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                env=RUNSC_ENV,
-                # Its own session: a terminal's Ctrl-C reaches the gateway, which then tears
-                # sandboxes down deliberately, instead of killing every runsc at once.
-                start_new_session=True,
-            )
-        finally:
-            stderr.close()
-        return GvisorInstance(process, log)
+    def _shim_paths(self, sandbox_id: str) -> ShimPaths:
+        return shim_paths(self.data_dir, sandbox_id)
 
-    async def start(self, spec: SandboxSpec) -> GvisorInstance:
+    @property
+    def _ack_every(self) -> int:
+        return max(64 * 1024, self.journal_max // 4)
+
+    async def _spawn(self, spec: SandboxSpec, argv_tail: list[str]) -> ShimInstance:
+        log = self._bundle_dir(spec.sandbox_id) / "runsc.log"
+        paths = self._shim_paths(spec.sandbox_id)
+        # A restore after a checkpoint reuses the id: the last incarnation's shim has ended,
+        # its journal and exit file go, and the new one starts from offset 0.
+        await self._end_shim(paths, grace=0)
+        # The shim runs runsc with the environment and limits it gets here (runsc sees only
+        # PATH), in a session of its own: a terminal's Ctrl-C or a SIGKILL of the gateway's
+        # process group reaches neither.
+        process = await spawn_shim(
+            paths,
+            [*self._global_flags(log), *argv_tail],
+            env=RUNSC_ENV,
+            journal_max=self.journal_max,
+            log_path=log,
+        )
+        try:
+            stream, handshake = await attach(paths, 0)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                process.kill()
+                await process.wait()
+            raise
+        return ShimInstance(
+            paths, stream, handshake, log, process=process, ack_every=self._ack_every
+        )
+
+    async def surviving(self) -> list[str]:
+        """Sandbox ids whose shim is alive under this data directory and whose runtime has
+        not exited (a restarted gateway reattaches to these)."""
+        found: list[str] = []
+        with contextlib.suppress(OSError):
+            for entry in self.shims_dir.iterdir():
+                if not is_id(entry.name, "sbx"):
+                    continue
+                paths = self._shim_paths(entry.name)
+                pids = read_pids(paths)
+                if pids is None or read_exit_status(paths) is not None:
+                    continue
+                if is_shim_process(pids[0], paths):
+                    found.append(entry.name)
+        return sorted(found)
+
+    async def reattach(self, sandbox_id: str, offset: int) -> ShimInstance:
+        """Connect to the live shim of ``sandbox_id`` and resume its agent stream at ``offset``
+        (a frame boundary: ``channel.offset`` of the last instance). Output written meanwhile is
+        replayed from the shim's journal, then the stream goes on live.
+
+        Raises :class:`RuntimeStartError` with the reason when there is no live shim, its
+        journal no longer holds ``offset``, or it does not answer.
+        """
+        if not is_id(sandbox_id, "sbx"):
+            raise RuntimeStartError(f"not a sandbox id: {sandbox_id!r}")
+        if offset < 0:
+            raise RuntimeStartError(f"offset {offset} is negative")
+        paths = self._shim_paths(sandbox_id)
+        stream, handshake = await attach(paths, offset)
+        log = self._bundle_dir(sandbox_id) / "runsc.log"
+        return ShimInstance(paths, stream, handshake, log, ack_every=self._ack_every)
+
+    async def _end_shim(self, paths: ShimPaths, *, grace: float) -> list[str]:
+        """Make sure the shim of ``paths`` is gone (waiting ``grace`` seconds for it to leave on
+        its own, then SIGKILL), then remove its directory and socket."""
+        released: list[str] = []
+        pids = read_pids(paths)
+        if pids is not None and is_shim_process(pids[0], paths):
+            with contextlib.suppress(OSError):
+                fd = os.pidfd_open(pids[0])
+                try:
+                    with trio.move_on_after(grace):
+                        await trio.lowlevel.wait_readable(fd)
+                    if not _pidfd_exited(fd):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        with trio.move_on_after(2):
+                            await trio.lowlevel.wait_readable(fd)
+                finally:
+                    trio.lowlevel.notify_closing(fd)
+                    os.close(fd)
+                released.append(f"shim process {pids[0]}")
+        if paths.directory.exists():
+            await trio.to_thread.run_sync(shutil.rmtree, paths.directory, True)
+            released.append(f"shim directory {paths.directory}")
+        if remove_socket(paths) and paths.socket.parent != paths.directory:
+            released.append(f"shim socket {paths.socket}")
+        return released
+
+    async def start(self, spec: SandboxSpec) -> ShimInstance:
         try:
             self.cgroups.create(spec.sandbox_id, host_limits(spec))
             bundle = self._write_bundle(spec)
@@ -170,7 +238,7 @@ class GvisorRuntime:
         # The checkpointed container is stopped; its name must be free for a restore.
         await self._control(log, "delete", "--force", spec.sandbox_id, check=False)
 
-    async def restore(self, spec: SandboxSpec, image_dir: Path) -> GvisorInstance:
+    async def restore(self, spec: SandboxSpec, image_dir: Path) -> ShimInstance:
         bundle = self._bundle_dir(spec.sandbox_id)
         fresh = not bundle.exists()
         try:
@@ -196,6 +264,8 @@ class GvisorRuntime:
             await self._control(log, "kill", "--all", sandbox_id, "KILL", check=False)
             await self._control(log, "delete", "--force", sandbox_id, check=False)
             released.append(f"runsc container {sandbox_id}")
+        # runsc has exited now, so its shim records that and leaves; one that does not is killed.
+        released += await self._end_shim(self._shim_paths(sandbox_id), grace=SHIM_EXIT_GRACE_S)
         for attempt in range(20):
             try:
                 if self.cgroups.remove(sandbox_id):
@@ -255,11 +325,26 @@ class GvisorRuntime:
     def out_of_memory(self, sandbox_id: str) -> bool:
         return self.cgroups.out_of_memory(sandbox_id)
 
+    def adjust_limits(self, old: SandboxSpec, new: SandboxSpec) -> None:
+        """Set a live sandbox's host limits from ``old`` to ``new`` (a warm pool claim). The
+        host cgroup is the only place they live (the OCI spec has none), so this is the same
+        limit a sandbox booted with ``new`` gets. Raises OSError; the old limits are restored
+        when the new ones could not be set in full."""
+        try:
+            self.cgroups.update(new.sandbox_id, host_limits(old), host_limits(new))
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.cgroups.update(new.sandbox_id, host_limits(new), host_limits(old))
+            raise
+
     async def list_orphans(self, live: Callable[[], set[str]]) -> list[str]:
         held: set[str] = set()
         held |= await self.list_containers()
         with contextlib.suppress(OSError):
             held |= {p.name for p in self.sandboxes_dir.iterdir()}
+        with contextlib.suppress(OSError):
+            held |= {p.name for p in self.shims_dir.iterdir()}
+        held |= set(await trio.to_thread.run_sync(shim_process_ids, self.shims_dir))
         held |= self.cgroups.list_ids()
         # Ask who is live only now, after the last await: a sandbox that started booting
         # while runsc listed its containers is in that set by the time we look.
@@ -325,6 +410,12 @@ def oci_config(spec: SandboxSpec, cgroups_path: str) -> dict[str, object]:
             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")],
         },
     }
+
+
+def _pidfd_exited(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _is_executable(path: str) -> bool:

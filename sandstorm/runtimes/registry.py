@@ -22,7 +22,10 @@ from sandstorm.protocol import (
 from sandstorm.runtimes import detection
 from sandstorm.runtimes.base import Detection, SandboxRuntime
 from sandstorm.runtimes.cgroups import SandboxCgroups
+from sandstorm.runtimes.firecracker import FirecrackerRuntime
 from sandstorm.runtimes.gvisor import GvisorRuntime
+from sandstorm.runtimes.kata import KataRuntime
+from sandstorm.runtimes.qemu import QemuRuntime
 from sandstorm.selection import LEVEL_DEFAULTS, SUPPORTED_LEVELS
 
 _NO_CAPABILITIES = RuntimeCapabilities(snapshot=False, exec=False, streaming=False, network=False)
@@ -111,13 +114,34 @@ class RuntimeRegistry:
 def build_registry(config: Config, cgroups: SandboxCgroups | None = None) -> RuntimeRegistry:
     paths = config.runtime_paths
     data_dir = Path(config.data_dir)
+    cgroups = cgroups or SandboxCgroups(config.cgroup_parent or "sandstorm")
     gvisor = GvisorRuntime(
-        paths["gvisor"], data_dir, cgroups or SandboxCgroups(config.cgroup_parent or "sandstorm")
+        paths["gvisor"],
+        data_dir,
+        cgroups,
+        journal_max=config.shim_journal_max,
+    )
+    qemu = QemuRuntime(paths["qemu"], data_dir, config.image, cgroups)
+    firecracker = FirecrackerRuntime(
+        paths["firecracker"],
+        config.jailer_paths,
+        data_dir,
+        config.image,
+        cgroups,
+        uid=config.firecracker_uid,
+        gid=config.firecracker_gid,
+    )
+    kata = KataRuntime(
+        paths["kata"],
+        data_dir,
+        cgroups,
+        runtime_type=config.kata_runtime_type,
+        address=config.containerd_address,
+        journal_max=config.shim_journal_max,
     )
     return RuntimeRegistry(
-        drivers={"gvisor": gvisor},
+        drivers={"gvisor": gvisor, "qemu": qemu, "firecracker": firecracker, "kata": kata},
         detectors={
-            "kata": lambda: detection.detect_kata(paths["kata"]),
             "firecracker": lambda: detection.detect_firecracker(
                 paths["firecracker"], config.jailer_paths
             ),

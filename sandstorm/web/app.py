@@ -6,6 +6,7 @@ It owns no tasks: every request becomes a call on the gateway's actors.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -13,8 +14,17 @@ from quart import Response, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from sandstorm.errors import AtCapacity, GatewayError, OriginNotAllowed, QuotaExceeded
+from sandstorm.errors import (
+    AtCapacity,
+    GatewayError,
+    OriginNotAllowed,
+    QuotaExceeded,
+    Unauthorized,
+)
+from sandstorm.logs import RequestIdMiddleware, bind
 from sandstorm.protocol import JSON_ENCODER, ErrorDetail, ErrorResponse
+from sandstorm.store import StoreError
+from sandstorm.web import auth
 
 if TYPE_CHECKING:
     from sandstorm.gateway import Gateway
@@ -49,6 +59,17 @@ def create_app(gateway: Gateway) -> QuartTrio:
     app.register_blueprint(blueprint)
     app.register_blueprint(stream_blueprint)
     app.register_blueprint(console_blueprint)
+    # Outermost: every response carries X-Request-Id, errors and WebSocket upgrades included.
+    app.asgi_app = RequestIdMiddleware(app.asgi_app)  # type: ignore[method-assign,assignment]
+
+    async def bind_ids() -> None:
+        """Name the sandbox and exec in the request's log lines (they come from the path)."""
+        ctx = websocket if has_websocket_context() else request
+        args = ctx.view_args or {}
+        bind(sandbox_id=args.get("sandbox_id"), exec_id=args.get("exec_id"))
+
+    app.before_request(bind_ids)
+    app.before_websocket(bind_ids)
 
     async def same_origin_only() -> None:
         """Refuse what a browser sends on behalf of another site's page: state-changing
@@ -65,6 +86,12 @@ def create_app(gateway: Gateway) -> QuartTrio:
 
     app.before_request(same_origin_only)
     app.before_websocket(same_origin_only)
+    # Every route but the probes and the console page requires the caller's API key (once
+    # any exists), and every mutating call leaves an audit record (see web/auth.py).
+    app.before_request(auth.authenticate)
+    app.before_websocket(auth.authenticate)
+    app.after_request(auth.audit)
+    app.teardown_request(auth.audit_abandoned)
 
     @app.errorhandler(GatewayError)
     async def gateway_error(exc: GatewayError) -> Response:
@@ -74,6 +101,8 @@ def create_app(gateway: Gateway) -> QuartTrio:
             response.headers["Connection"] = "close"
         if isinstance(exc, (QuotaExceeded, AtCapacity)):
             response.headers["Retry-After"] = str(exc.retry_after)
+        if isinstance(exc, Unauthorized):
+            auth.challenge(response)
         return response
 
     @app.errorhandler(HTTPException)
@@ -88,6 +117,18 @@ def create_app(gateway: Gateway) -> QuartTrio:
         if status == 413:
             # The body was refused unread: the connection cannot carry another request.
             response.headers["Connection"] = "close"
+        return response
+
+    @app.errorhandler(sqlite3.Error)
+    @app.errorhandler(StoreError)
+    async def store_failed(exc: Exception) -> Response:
+        # The store could not write a record the answer depends on (disk full, locked): the
+        # call is refused, retryable, never a 500.
+        log.error("store error: %s", exc)
+        response = error_response(
+            503, "at_capacity", "the gateway could not write its records; try again", {}
+        )
+        response.headers["Retry-After"] = "5"
         return response
 
     @app.errorhandler(Exception)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, TypeVar, cast
 
 import msgspec
-import trio
 from quart import Blueprint, Response, current_app, request
 
 from sandstorm.actors.router import Router
@@ -13,6 +12,9 @@ from sandstorm.actors.sandbox import SandboxActor
 from sandstorm.decoding import decode_request
 from sandstorm.errors import NotFound, SandboxNotRunning
 from sandstorm.gateway import Gateway
+from sandstorm.ids import is_id
+from sandstorm.logs import bind
+from sandstorm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sandstorm.protocol import (
     JSON_ENCODER,
     DeleteResponse,
@@ -27,9 +29,14 @@ from sandstorm.protocol import (
     SnapshotList,
     SnapshotRequest,
 )
+from sandstorm.store import SandboxRecord
 from sandstorm.timestamps import rfc3339_from_epoch
+from sandstorm.web import records
+from sandstorm.web.auth import current_tenant
 
 blueprint = Blueprint("rest", __name__)
+# A listing shows at most this many sandboxes from the store (the newest), besides live ones.
+MAX_LISTED_RECORDS = 1000
 T = TypeVar("T")
 _DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {
     t: msgspec.json.Decoder(t) for t in (RunRequest, ExecRequest, SnapshotRequest, ResumeRequest)
@@ -66,6 +73,30 @@ async def _body(kind: type[T], *, optional: bool = False, raw: bytes | None = No
     return cast(T, await decode_request(_DECODERS[kind], raw))
 
 
+async def _sandbox(sandbox_id: str) -> SandboxActor | SandboxRecord:
+    """The caller's sandbox: live (or recently ended) in the router, else its stored record.
+    Another tenant's id is NotFound, exactly as an unknown one."""
+    tenant = current_tenant().name
+    router = _router()
+    try:
+        return router.get(sandbox_id, tenant)
+    except NotFound:
+        if sandbox_id in router.live_ids():  # booting: the router has no actor yet
+            raise
+        record = await _gateway().store.get_sandbox(sandbox_id)
+        if record is None or record.tenant != tenant:
+            raise
+        return record
+
+
+async def _live(sandbox_id: str) -> SandboxActor:
+    """The caller's sandbox held by the router; a stored one has ended (409)."""
+    found = await _sandbox(sandbox_id)
+    if not isinstance(found, SandboxActor):
+        raise SandboxNotRunning(f"sandbox {sandbox_id} is {found.state}", state=found.state)
+    return found
+
+
 def _expires(actor: SandboxActor) -> str | None:
     expires = actor.expires_at()
     return rfc3339_from_epoch(expires) if expires is not None else None
@@ -77,9 +108,10 @@ def _expires(actor: SandboxActor) -> str | None:
 @blueprint.post("/v1/sandboxes/run")
 async def run_sandbox() -> Response:
     req = await _body(RunRequest)
-    created = await _router().create(req)
+    created = await _router().create(req, current_tenant())
     actor = created.actor
     record = actor.execs[created.exec_id]
+    bind(sandbox_id=actor.id, exec_id=record.exec_id)
     if req.wait:
         await record.done.wait()
     body = RunResponse(
@@ -102,10 +134,11 @@ async def exec_in_sandbox(sandbox_id: str) -> Response:
     # keep-alive connection stuck (Hypercorn stops reading it), so the next request hangs.
     raw = await _raw_body()
     router = _router()
-    router.get(sandbox_id)  # 404 before 400: an unknown sandbox is the first thing to say
+    await _live(sandbox_id)  # 404 before 400: an unknown sandbox is the first thing to say
     req = await _body(ExecRequest, raw=raw)
-    actor, exec_id = await router.exec(sandbox_id, req)
+    actor, exec_id = await router.exec(sandbox_id, req, tenant=current_tenant())
     record = actor.execs[exec_id]
+    bind(exec_id=exec_id)
     if req.wait:
         await record.done.wait()
     body = ExecResponse(id=actor.id, exec_id=exec_id, result=record.result if req.wait else None)
@@ -114,30 +147,47 @@ async def exec_in_sandbox(sandbox_id: str) -> Response:
 
 @blueprint.get("/v1/sandboxes/<sandbox_id>/status")
 async def sandbox_status(sandbox_id: str) -> Response:
-    return _json(_router().get(sandbox_id).status())
+    found = await _sandbox(sandbox_id)
+    if isinstance(found, SandboxActor):
+        return _json(found.status())
+    execs = await _gateway().store.list_execs(found.id)
+    return _json(records.sandbox_status(found, execs))
 
 
 @blueprint.get("/v1/sandboxes/<sandbox_id>/execs/<exec_id>")
 async def exec_status(sandbox_id: str, exec_id: str) -> Response:
-    actor = _router().get(sandbox_id)
-    record = actor.execs.get(exec_id)
-    if record is None:
+    found = await _sandbox(sandbox_id)
+    record = found.execs.get(exec_id) if isinstance(found, SandboxActor) else None
+    if record is not None:
+        return _json(record.summary())
+    # Ended before a restart, or beyond the live history: the stored result.
+    row = await _gateway().store.get_exec(exec_id) if is_id(exec_id, "exe") else None
+    if row is None or row.sandbox_id != sandbox_id:
         raise NotFound(f"exec {exec_id!r} not found in {sandbox_id}", exec_id=exec_id)
-    return _json(record.summary())
+    return _json(records.exec_summary(row))
 
 
 @blueprint.delete("/v1/sandboxes/<sandbox_id>")
 async def delete_sandbox(sandbox_id: str) -> Response:
-    actor = _router().get(sandbox_id)
-    released = await actor.destroy()
-    return _json(DeleteResponse(id=actor.id, state="destroyed", released=released))
+    found = await _sandbox(sandbox_id)
+    if not isinstance(found, SandboxActor):
+        return _json(DeleteResponse(id=found.id, state="destroyed", released=[]))
+    released = await found.destroy()
+    return _json(DeleteResponse(id=found.id, state="destroyed", released=released))
 
 
 @blueprint.get("/v1/sandboxes")
 async def list_sandboxes() -> Response:
     router = _router()
+    tenant = current_tenant().name
     state = request.args.get("state")
-    statuses = [a.status() for a in router.sandboxes.values()]
+    actors = [a for a in router.sandboxes.values() if a.params.tenant == tenant]
+    statuses = [a.status() for a in actors]
+    # Sandboxes of earlier runs, and ended ones the router no longer holds (without their
+    # execs: a listing stays one query; their status has them).
+    held = {a.id for a in actors} | router.live_ids()
+    stored = await _gateway().store.list_sandboxes(tenant, MAX_LISTED_RECORDS)
+    statuses = [records.sandbox_status(r, []) for r in stored if r.id not in held] + statuses
     if state is not None:
         statuses = [s for s in statuses if s.state == state]
     return _json(SandboxList(sandboxes=statuses))
@@ -149,7 +199,7 @@ async def list_sandboxes() -> Response:
 @blueprint.post("/v1/sandboxes/<sandbox_id>/snapshot")
 async def snapshot_sandbox(sandbox_id: str) -> Response:
     raw = await _raw_body()  # before any answer (see exec_in_sandbox)
-    actor = _router().get(sandbox_id)
+    actor = await _live(sandbox_id)
     req = await _body(SnapshotRequest, optional=True, raw=raw)
     meta = await actor.snapshot(req.leave_running)
     return _json(meta.info, 201)
@@ -158,25 +208,24 @@ async def snapshot_sandbox(sandbox_id: str) -> Response:
 @blueprint.post("/v1/sandboxes/resume")
 async def resume_sandbox() -> Response:
     req = await _body(ResumeRequest)
-    actor = await _router().resume(req.snapshot_id, req.keep_alive)
+    actor = await _router().resume(req.snapshot_id, req.keep_alive, current_tenant())
     return _json(actor.status(), 201)
 
 
 @blueprint.get("/v1/snapshots")
 async def list_snapshots() -> Response:
-    # Reads every meta.json: off the event loop.
-    snapshots = await trio.to_thread.run_sync(_gateway().catalog.list)
+    snapshots = await _gateway().catalog.list(current_tenant().name)
     return _json(SnapshotList(snapshots=snapshots))
 
 
 @blueprint.get("/v1/snapshots/<snapshot_id>")
 async def get_snapshot(snapshot_id: str) -> Response:
-    return _json(_gateway().catalog.load(snapshot_id).info)
+    return _json((await _gateway().catalog.load(snapshot_id, current_tenant().name)).info)
 
 
 @blueprint.delete("/v1/snapshots/<snapshot_id>")
 async def delete_snapshot(snapshot_id: str) -> Response:
-    await _gateway().catalog.delete(snapshot_id)
+    await _gateway().catalog.delete(snapshot_id, current_tenant().name)
     return _json(SnapshotDeleted(snapshot_id=snapshot_id, deleted=True))
 
 
@@ -202,3 +251,11 @@ async def health() -> Response:
 async def ready() -> Response:
     state = _gateway().ready()
     return _json(state, 200 if state.ready else 503)
+
+
+@blueprint.get("/metrics")
+async def metrics() -> Response:
+    # Rendering reads /proc and walks the router's tables: small, and kept on the loop so the
+    # gauges are read between two actor steps, never in the middle of one.
+    body = _gateway().metrics.render()
+    return Response(body, status=200, content_type=METRICS_CONTENT_TYPE)

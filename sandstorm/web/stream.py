@@ -13,11 +13,12 @@ import base64
 import binascii
 import contextlib
 import logging
+import time
 from typing import cast
 
 import msgspec
 import trio
-from quart import Blueprint, current_app, websocket
+from quart import Blueprint, current_app, g, websocket
 
 from sandstorm.actors.events import Subscriber
 from sandstorm.actors.sandbox import SandboxActor
@@ -37,6 +38,8 @@ from sandstorm.protocol import (
     StdinCloseFrame,
     StdinFrame,
 )
+from sandstorm.store import AuditRecord, Tenant
+from sandstorm.web.auth import current_request_id, current_tenant, record_audit
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("stream", __name__)
@@ -59,12 +62,15 @@ async def stream(sandbox_id: str) -> None:
         raise SandboxNotRunning("the gateway is shutting down")
     # Everything that can refuse the stream happens before the upgrade, so the client gets the
     # SPEC's HTTP error (404 for an unknown sandbox) instead of a socket that closes at once.
-    actor = router.get(sandbox_id)
+    tenant = current_tenant()
+    actor = router.get(sandbox_id, tenant.name)
     since = _since(websocket.args.get("since"))
     config = gateway.config
     if router.open_streams >= config.max_streams:
+        gateway.metrics.refused("at_capacity", "stream")
         raise AtCapacity(f"the gateway already serves {router.open_streams} streams")
     if actor.open_streams >= config.max_streams_per_sandbox:
+        gateway.metrics.refused("at_capacity", "stream")
         raise AtCapacity(f"sandbox {sandbox_id} already has {actor.open_streams} streams")
     router.open_streams += 1
     actor.open_streams += 1
@@ -72,9 +78,11 @@ async def stream(sandbox_id: str) -> None:
         since, config.stream_outbox_events, config.stream_outbox_bytes
     )
     try:
-        await websocket.accept()
+        # A key offered as the subprotocol "bearer.<key>" must be echoed (RFC 6455).
+        await websocket.accept(subprotocol=g.get("subprotocol"))
+        gateway.metrics.streams_opened.inc()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_client, actor, config)
+            nursery.start_soon(_read_client, actor, config, tenant)
             code = await _write_events(actor, subscriber, missed)
             nursery.cancel_scope.cancel()
         with contextlib.suppress(Exception), trio.move_on_after(LAGGED_SEND_TIMEOUT_S):
@@ -124,7 +132,7 @@ async def _send_error(code: str, message: str) -> None:
     await websocket.send(JSON_ENCODER.encode(ErrorEvent(code=code, message=message)).decode())
 
 
-async def _read_client(actor: SandboxActor, config: Config) -> None:
+async def _read_client(actor: SandboxActor, config: Config, tenant: Tenant) -> None:
     """Apply client frames; a bad frame gets an ``error`` frame and the socket stays usable."""
     while True:
         message = await websocket.receive()
@@ -145,12 +153,34 @@ async def _read_client(actor: SandboxActor, config: Config) -> None:
             await _send_error("invalid_frame", exc.message)
             continue
         try:
-            await _apply(actor, frame)
+            exec_id = await _apply(actor, frame, tenant)
         except GatewayError as exc:
+            await _audit(actor, frame, tenant, f"{exc.status} {exc.code}", None)
             await _send_error(exc.code, exc.message)
+        else:
+            await _audit(actor, frame, tenant, "ok", exec_id)
 
 
-async def _apply(actor: SandboxActor, frame: ClientFrame) -> None:
+async def _audit(
+    actor: SandboxActor, frame: ClientFrame, tenant: Tenant, outcome: str, exec_id: str | None
+) -> None:
+    """exec and signal frames are mutating calls: one audit record each (never their body)."""
+    if isinstance(frame, (ExecFrame, SignalFrame)):
+        action = "stream_exec" if isinstance(frame, ExecFrame) else "stream_signal"
+        record = AuditRecord(
+            time=time.time(),
+            tenant=tenant.name,
+            action=action,
+            sandbox_id=actor.id,
+            exec_id=exec_id or getattr(frame, "exec_id", None),
+            outcome=outcome,
+            request_id=current_request_id(),
+        )
+        await record_audit(_gateway(), record)
+
+
+async def _apply(actor: SandboxActor, frame: ClientFrame, tenant: Tenant) -> str | None:
+    """Apply one client frame; returns the id of an exec it started."""
     if isinstance(frame, StdinFrame):
         if frame.data is not None and frame.data_b64 is not None:
             raise InvalidRequest("give data or data_b64, not both", field="data")
@@ -173,6 +203,10 @@ async def _apply(actor: SandboxActor, frame: ClientFrame) -> None:
         router = _gateway().router
         if router is None:
             raise SandboxNotRunning("the gateway is shutting down")
-        _, exec_id = await router.exec(actor.id, ExecRequest(**fields), interactive=True)
+        _, exec_id = await router.exec(
+            actor.id, ExecRequest(**fields), interactive=True, tenant=tenant
+        )
         accepted = ExecAcceptedEvent(id=request_id, exec_id=exec_id)
         await websocket.send(JSON_ENCODER.encode(accepted).decode())
+        return exec_id
+    return None

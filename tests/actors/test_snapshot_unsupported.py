@@ -16,6 +16,7 @@ from sandstorm.errors import SnapshotUnsupported
 from sandstorm.protocol import RuntimeCapabilities
 from sandstorm.runtimes.base import SandboxSpec
 from sandstorm.snapshots import SnapshotCatalog
+from sandstorm.store import AsyncStore
 
 
 class NoSnapshots:
@@ -37,7 +38,8 @@ async def test_snapshot_of_a_runtime_without_snapshots_is_422(tmp_path: Path) ->
         keep_alive_s=10,
     )
     config = load_config(None, data_dir=str(tmp_path))
-    actor = SandboxActor(params, NoSnapshots(), config, SnapshotCatalog(tmp_path))  # type: ignore[arg-type]
+    catalog = SnapshotCatalog(tmp_path, AsyncStore(tmp_path))
+    actor = SandboxActor(params, NoSnapshots(), config, catalog)  # type: ignore[arg-type]
     actor.state = "idle"
     with trio.fail_after(5), pytest.raises(SnapshotUnsupported) as info:
         await actor._snapshot(leave_running=True)

@@ -95,8 +95,12 @@ async def test_memory_beyond_the_limit_is_oom_and_the_host_cgroup_stays_bounded(
             finished.update(await _wait_exec(gw, sid, eid))
     assert finished["result"]["verdict"] == "oom", finished
     assert peaks, "the gateway-owned cgroup was never readable while the sandbox ran"
-    # The whole sandbox (sentry, gofer, application) was charged, and never beyond the limit.
-    assert max(peaks) <= limit, (max(peaks), limit)
+    # The whole sandbox (sentry, gofer, application) was charged, and never beyond the limit —
+    # give or take the kernel's own accounting: cgroup v1 may record a charge of up to one
+    # per-cpu batch (64 pages) past the limit in max_usage while it reclaims or OOM-kills
+    # (seen here: one page, now and then).
+    slack = 64 * 4096
+    assert max(peaks) <= limit + slack, (max(peaks), limit)
     assert max(peaks) > limit // 2, peaks[-5:]
 
 

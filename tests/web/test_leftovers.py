@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import trio
 
+from sandstorm.config import DEFAULT_RUNTIME_PATHS
 from tests.harness import never_500
 from tests.hoststate import CONTROLLERS, HostState, host_state, settled_state
 
@@ -38,7 +39,12 @@ async def test_failed_creates_leave_nothing_behind(
     (tmp_path / "outside").mkdir()
     (allowed / "escape").symlink_to(tmp_path / "outside")
     with trio.fail_after(90):
-        async with start_gateway(mount_allow_list=[str(allowed)], max_sandboxes=2) as gw:
+        # No VM runtime, so that "maximum" is a refused create (qemu may run VMs here).
+        no_vms = {name: list(p) for name, p in DEFAULT_RUNTIME_PATHS.items()}
+        no_vms["qemu"] = ["/nonexistent/qemu-system-x86_64"]
+        async with start_gateway(
+            mount_allow_list=[str(allowed)], max_sandboxes=2, runtime_paths=no_vms
+        ) as gw:
             never_500(gw)
             assert gw.config.cgroup_parent == cgroup_parent
             # One sandbox alive throughout, so "before" is not trivially empty.

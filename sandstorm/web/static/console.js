@@ -51,6 +51,7 @@ const MAX_OUTPUT_CHARS = 2_000_000; // beyond this the pane stops growing (the r
 
 const $ = (id) => document.getElementById(id);
 const ui = {
+  apiKey: $("api-key"),
   gateway: $("gateway-status"),
   language: $("language"),
   isolation: $("isolation"),
@@ -85,8 +86,30 @@ let languagesLoaded = false;
 
 // ------------------------------------------------------------------------------- helpers
 
+// The API key lives in this tab's sessionStorage only (never a URL: URLs land in logs). REST
+// calls send it as a Bearer token; the WebSocket, which a browser cannot give headers, offers
+// it as the subprotocol "bearer.<key>".
+const KEY_STORAGE = "sandstorm.apiKey";
+
+function apiKey() {
+  return sessionStorage.getItem(KEY_STORAGE) || "";
+}
+
+function authHeaders() {
+  const key = apiKey();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function onApiKeyChange() {
+  const key = ui.apiKey.value.trim();
+  if (key) sessionStorage.setItem(KEY_STORAGE, key);
+  else sessionStorage.removeItem(KEY_STORAGE);
+  loadRuntimes();
+  loadLanguages();
+}
+
 async function api(method, path, body) {
-  const init = { method, headers: {} };
+  const init = { method, headers: authHeaders() };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -318,7 +341,8 @@ async function run() {
 function openStream(run) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const url = `${scheme}//${location.host}/v1/sandboxes/${encodeURIComponent(run.id)}/stream?since=0`;
-  const ws = new WebSocket(url);
+  const key = apiKey();
+  const ws = key ? new WebSocket(url, [`bearer.${key}`]) : new WebSocket(url);
   run.ws = ws;
   ws.addEventListener("open", () => {
     if (run.pendingStop) {
@@ -509,6 +533,8 @@ async function loadHealth() {
 }
 
 function init() {
+  ui.apiKey.value = apiKey();
+  ui.apiKey.addEventListener("change", onApiKeyChange);
   ui.run.addEventListener("click", run);
   ui.stop.addEventListener("click", stop);
   ui.clear.addEventListener("click", clearOutput);
@@ -526,7 +552,9 @@ function init() {
   // Leaving the page mid-run: do not leave the sandbox to its keep_alive.
   window.addEventListener("pagehide", () => {
     if (current && current.id && !current.finished) {
-      fetch(`/v1/sandboxes/${encodeURIComponent(current.id)}`, { method: "DELETE", keepalive: true });
+      fetch(`/v1/sandboxes/${encodeURIComponent(current.id)}`, {
+        method: "DELETE", keepalive: true, headers: authHeaders(),
+      });
     }
   });
   resetResult();

@@ -1,0 +1,210 @@
+# mypy: ignore-errors
+# ruff: noqa: SIM105, UP031  (contextlib would be one more import; the agent's style)
+# Sandstorm python zygote (see "Python zygote" in protocol/agent.md). Standard library only, run
+# by the agent as `python3 -c <this source>` so that its interpreter starts exactly like a user's
+# `python3 -c CODE` / `python3 FILE` (same flags, site, sys.path, locale, std streams on pipes).
+# It never runs user code itself: per request it forks an intermediate, which forks the exec's
+# process and exits, so the exec is re-parented to the agent (PID 1) and reaped by it like any
+# other exec (exit status and rusage from the agent's own wait4).
+# fd 0 is a SOCK_SEQPACKET socket to the agent. A request is one byte with SCM_RIGHTS
+# [stdin_r, stdout_w, stderr_w, err_w]; the reply (once the intermediate is reaped) is the
+# exec's pid in ASCII, or "-errno". The exec then reads its request (argv, env, cwd) from its
+# own stdin: the agent writes it there only after it has registered the pid, so the exec cannot
+# run (or exit) before the agent knows it.
+import sys
+
+_BASELINE = frozenset(sys.modules)  # what a fresh interpreter has; the exec gets exactly this
+
+import _socket  # noqa: E402 - after the baseline on purpose
+import os  # noqa: E402
+
+_FDS = 4
+
+
+def _read_exact(fd, size):
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            os._exit(0)  # the agent gave up on this exec (fallback or shutdown)
+        data += chunk
+    return data
+
+
+def _fail(err_w, message):
+    os.write(err_w, message.encode("utf-8", "replace"))
+    os._exit(126)
+
+
+def _execve(argv, env, err_w):
+    # Anything this zygote does not reproduce exactly (a directory or zip to run, a .pyc, a
+    # file it cannot read) is left to the real interpreter: the process is already set up like
+    # a normal exec's, so an execve here is a normal exec. Python ignores SIGPIPE and SIGXFSZ;
+    # an exec'd process must get them back at their defaults.
+    import _signal
+
+    for signum in (_signal.SIGPIPE, _signal.SIGXFSZ):
+        _signal.signal(signum, _signal.SIG_DFL)
+    os.set_inheritable(err_w, False)  # received without O_CLOEXEC; EOF at execve = started
+    try:
+        os.execve(b"/usr/bin/python3", argv, env)
+    except OSError as exc:
+        _fail(err_w, "python3: %s" % (exc.strerror,))
+
+
+def _compile(source, filename, err_w):
+    try:
+        return compile(source, filename, "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        os.close(err_w)  # started, as python would have been
+        # As python reports it: the error's location, no traceback (of this zygote's frames).
+        sys.excepthook(type(exc), exc.with_traceback(None), None)
+        raise SystemExit(1) from None
+
+
+def _prepare(fds):
+    """In the exec's process: become it, then return (code, globals) for the top level."""
+    stdin_r, stdout_w, stderr_w, err_w = fds
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    os.dup2(stdin_r, 0)  # also replaces the agent socket, which was fd 0
+    os.dup2(stdout_w, 1)
+    os.dup2(stderr_w, 2)
+    for fd in (stdin_r, stdout_w, stderr_w):
+        if fd > 2:
+            os.close(fd)
+    size = int.from_bytes(_read_exact(0, 4), "big")
+    fields = _read_exact(0, size).split(b"\0")
+    cwd, argc = fields[0], int(fields[1])
+    argv = fields[2 : 2 + argc]
+    env = dict(item.split(b"=", 1) for item in fields[2 + argc :])
+    try:
+        os.chdir(cwd)
+    except OSError as exc:
+        _fail(err_w, "cannot change directory to %s: %s" % (os.fsdecode(cwd), exc.strerror))
+    os.environb.clear()
+    os.environb.update(env)
+    main = type(sys)("__main__")
+    names = main.__dict__
+    names["__annotations__"] = {}
+    names["__builtins__"] = sys.modules["builtins"]
+    args = [os.fsdecode(a) for a in argv]
+    bootstrap = sys.modules["_frozen_importlib"]
+    if args[1] == "-c":
+        names["__loader__"] = bootstrap.BuiltinImporter
+        sys.argv = ["-c", *args[3:]]
+        code = _compile(args[2], "<string>", err_w)
+    else:
+        # As CPython 3.11: __file__ is cwd + name (not normalised), sys.path[0] the directory
+        # of the script with symlinks resolved.
+        path = args[1] if args[1].startswith("/") else os.getcwd() + "/" + args[1]
+        try:
+            with open(path, "rb") as f:
+                source = f.read()
+        except OSError:
+            _execve(argv, env, err_w)
+        magic = sys.modules["_frozen_importlib_external"].MAGIC_NUMBER
+        if path.endswith(".pyc") or source[:4] == magic or b"PK\x05\x06" in source:
+            _execve(argv, env, err_w)  # compiled code or a zip archive: not source
+        if b"\0" in source:
+            _execve(argv, env, err_w)  # python's own message for it
+        external = sys.modules["_frozen_importlib_external"]
+        names["__file__"] = path
+        names["__cached__"] = None
+        names["__loader__"] = external.SourceFileLoader("__main__", path)
+        sys.argv = args[1:]
+        sys.path[0] = os.path.dirname(os.path.realpath(path))
+        code = _compile(source, path, err_w)
+    sys.orig_argv = args
+    sys.modules["__main__"] = main
+    for name in [n for n in sys.modules if n not in _BASELINE]:
+        del sys.modules[name]  # this zygote's own imports: the exec starts with a fresh set
+    if "random" in sys.modules:  # not at start-up today; re-seeded should that change
+        sys.modules["random"].seed()
+    os.close(err_w)  # EOF: the agent reports STARTED
+    return code, names
+
+
+def _serve():
+    sock = _socket.socket(fileno=0)
+    space = _socket.CMSG_SPACE(_FDS * 4)
+    while True:
+        try:
+            message, ancillary, _flags, _addr = sock.recvmsg(16, space)
+        except InterruptedError:
+            continue
+        if not message:
+            os._exit(0)  # the agent is gone
+        fds = []
+        for level, kind, data in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                usable = len(data) - len(data) % 4
+                fds += [int.from_bytes(data[i : i + 4], sys.byteorder) for i in range(0, usable, 4)]
+        if len(fds) != _FDS:
+            for fd in fds:
+                os.close(fd)
+            sock.send(b"-22")  # EINVAL: the agent falls back to a normal exec
+            continue
+        # The pid goes to the agent only once the intermediate is reaped, so the exec is
+        # already the agent's child (os.getppid() never shows a short-lived middleman).
+        report_r, report_w = os.pipe()
+        try:
+            middle = os.fork()
+        except OSError as exc:
+            middle = -1
+            os.write(report_w, b"-%d" % exc.errno)
+        if middle == 0:
+            try:
+                child = os.fork()
+            except OSError as exc:
+                os.write(report_w, b"-%d" % exc.errno)
+                os._exit(0)
+            if child == 0:
+                sock.detach()  # fd 0 is replaced by the exec's stdin in _prepare
+                os.close(report_r)
+                os.close(report_w)
+                return _prepare(fds)
+            try:
+                os.setpgid(child, child)  # as the agent does: no window without the group
+            except OSError:
+                pass
+            os.write(report_w, b"%d" % child)
+            os._exit(0)
+        os.close(report_w)
+        for fd in fds:
+            os.close(fd)
+        if middle > 0:
+            os.waitpid(middle, 0)
+        sock.send(os.read(report_r, 32) or b"-5")  # EIO: the intermediate died silently
+        os.close(report_r)
+
+
+def _uncaught(exc):
+    """Report an exception that ended the program as python would, without this frame."""
+    tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+    sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+    if isinstance(exc, KeyboardInterrupt):
+        # CPython exits by SIGINT after finalising, so the parent sees the signal.
+        import _signal
+        import atexit
+
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+        os.kill(os.getpid(), _signal.SIGINT)
+    raise SystemExit(1)
+
+
+_code, _globals = _serve()
+try:
+    exec(_code, _globals)
+except SystemExit:
+    raise
+except BaseException as _exc:
+    _uncaught(_exc)

@@ -1,0 +1,533 @@
+"""QEMU microVMs (``-M microvm``): the VM tier on hosts without Kata or Firecracker.
+
+One ``qemu-system-x86_64`` process per sandbox, kept in the foreground like ``runsc run``: its
+own stdin/stdout are the agent channel (``-chardev stdio`` wired to a virtio-serial port the guest
+init hands to the agent), so a :class:`QemuInstance` is used exactly like a ``GvisorInstance``.
+The guest (kernel, initramfs, ext4 root) is built by ``sandstorm image build --vm``
+(``sandstorm/images/vm.py``); the agent and its command line travel in a small cpio appended to
+the initramfs, so the agent is the gateway's own, read-only at ``/.sandstorm`` as in gVisor.
+
+No network device at all. KVM is used only when a probe VM really boots under it (``/dev/kvm``
+can exist and still not run guests); otherwise TCG. Checkpoint: QMP ``stop``, then ``migrate``
+to a file descriptor passed over the QMP socket, then ``quit``; restore: the same command line
+with ``-incoming fd:N``. Guest writes live in guest RAM (a tmpfs overlay), so the memory image is
+the whole sandbox state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from sandstorm.agent import AGENT_COMMAND, AGENT_SOURCE_PATH
+from sandstorm.agent.client import AgentChannel
+from sandstorm.images.vm import CpioWriter, load_vm_manifest, vm_dir
+from sandstorm.protocol import MIB, IsolationLevel, RuntimeCapabilities, RuntimeName
+from sandstorm.runtimes.base import Detection, ResourceUsage, RuntimeStartError, SandboxSpec
+from sandstorm.runtimes.cgroups import Limits, SandboxCgroups
+from sandstorm.runtimes.detection import first_executable, not_found, read_version
+from sandstorm.runtimes.gvisor import AGENT_ENV
+from sandstorm.runtimes.qmp import Qmp, QmpError
+
+QEMU_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+#: The user QEMU drops to after opening its files (``-runas``); it owns nothing on the host.
+QEMU_USER = "nobody"
+PORT_NAME = "org.sandstorm.agent"  # the guest init looks for this name (vm_init.c)
+#: Below this the Debian kernel and the guest's own page cache leave a program too little.
+MIN_GUEST_RAM = 128 * MIB
+#: QEMU's own memory on top of guest RAM: the TCG translation cache (capped below), device
+#: state and its heap. The host cgroup's limit is guest RAM plus this.
+QEMU_OVERHEAD = 256 * MIB
+TCG_TB_MIB = 64
+HOST_PIDS = 512  # QEMU threads: one per vCPU, the I/O thread and the block worker pool
+KERNEL_ARGS = (
+    "console=ttyS0 quiet loglevel=4 panic=-1 reboot=t pci=off edd=off mitigations=off "
+    "i8042.noaux i8042.nokbd i8042.nopnp tsc=reliable no_timer_check cryptomgr.notests"
+)
+PROBE_TIMEOUT_S = 8.0
+CONTROL_TIMEOUT_S = 60.0
+STATE_FILE = "memory.qemu"
+LAUNCH_FILE = "qemu.json"
+INITRD_FILE = "initrd.cpio"
+_probe_cache: dict[str, str] = {}
+
+
+class QemuError(RuntimeStartError):
+    pass
+
+
+class QemuInstance:
+    """A ``qemu-system-x86_64`` process in the foreground and the agent on its stdio."""
+
+    def __init__(self, process: trio.Process, log_path: Path) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        self.process = process
+        self.log_path = log_path
+        self._channel = AgentChannel(process.stdin, process.stdout)
+
+    @property
+    def channel(self) -> AgentChannel:
+        return self._channel
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+    @property
+    def exited(self) -> bool:
+        return self.process.returncode is not None
+
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+
+    def diagnostics(self) -> str:
+        """QEMU's own errors (qemu.log), then the tail of the guest kernel's console."""
+        parts = [_tail(self.log_path.with_name("qemu.log")), _tail(self.log_path)]
+        return "\n".join(p for p in parts if p)
+
+
+class QemuRuntime:
+    name: RuntimeName = "qemu"
+    isolation_levels: tuple[IsolationLevel, ...] = ("strong", "maximum")
+    capabilities = RuntimeCapabilities(snapshot=True, exec=True, streaming=True, network=False)
+
+    def __init__(
+        self, search_paths: list[str], data_dir: Path, image: str, cgroups: SandboxCgroups
+    ) -> None:
+        self.search_paths = search_paths
+        self.data_dir = data_dir
+        self.image = image
+        self.state_root = data_dir / "qemu"
+        self.cache_dir = data_dir / "qemu-cache"
+        self.cgroups = cgroups
+        self.binary: str | None = None
+        self.accel = "tcg"
+
+    # ------------------------------------------------------------------ detection
+
+    async def detect(self) -> Detection:
+        binary = first_executable(self.search_paths)
+        if binary is None:
+            return Detection(False, None, None, not_found(self.search_paths) + " (PATH)")
+        line = await read_version([binary, "--version"])
+        version = (line or "unknown").removeprefix("QEMU emulator version ").strip()
+        if os.geteuid() != 0:
+            return Detection(False, binary, version, "the qemu runtime needs root (cgroups)")
+        if load_vm_manifest(self.data_dir, self.image) is None:
+            return Detection(
+                False, binary, version, "no VM image: run `sandstorm image build --vm`"
+            )
+        self.binary = binary
+        self.state_root.mkdir(parents=True, exist_ok=True)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.accel = await self._probe_accel()
+        details = {"accel": self.accel}
+        return Detection(True, binary, f"{version}, accel {self.accel}", None, details)
+
+    async def _probe_accel(self) -> str:
+        """``kvm`` if a probe VM boots to user space under KVM, else ``tcg``. Cached per boot
+        of the host: the answer cannot change before a reboot."""
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            return "tcg"
+        try:
+            boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+            key = f"{self.binary}:{boot_id}"
+        except OSError:
+            key = str(self.binary)
+        cache = Path("/run/sandstorm-qemu-accel")
+        if key not in _probe_cache:
+            with contextlib.suppress(OSError, ValueError):
+                _probe_cache.update(json.loads(cache.read_text()))
+        if key not in _probe_cache:
+            _probe_cache[key] = "kvm" if await self._boot_probe() else "tcg"
+            with contextlib.suppress(OSError):
+                cache.write_text(json.dumps(_probe_cache))
+        return _probe_cache[key]
+
+    async def _boot_probe(self) -> bool:
+        argv = self._argv(
+            self.cache_dir, 1, MIN_GUEST_RAM, 0, self._agent_initrd(), accel="kvm", probe=True
+        )
+        # stdin stays open while it runs: a closed one tells the guest the host went away.
+        process = await trio.lowlevel.open_process(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=QEMU_ENV,
+            cwd=self.cache_dir,
+            start_new_session=True,
+        )
+        assert process.stdout is not None and process.stdin is not None
+        seen = b""
+        try:
+            with trio.move_on_after(PROBE_TIMEOUT_S):
+                while b"sandstorm-probe-ok" not in seen and len(seen) < 4096:
+                    chunk = await process.stdout.receive_some(4096)
+                    if not chunk:
+                        break
+                    seen += chunk
+        finally:
+            with trio.CancelScope(shield=True):
+                process.kill()
+                await process.wait()
+                await process.stdin.aclose()
+                await process.stdout.aclose()
+        return b"sandstorm-probe-ok" in seen
+
+    # ------------------------------------------------------------------ command line
+
+    def _vm_dir(self, sandbox_id: str) -> Path:
+        return self.state_root / sandbox_id
+
+    def _agent_initrd(self) -> Path:
+        """The image's initramfs plus a cpio with the agent and its command line, cached by
+        content so that every sandbox of this gateway boots the same file."""
+        base = vm_dir(self.data_dir, self.image) / "initramfs.cpio"
+        extra = CpioWriter()
+        for source in sorted(AGENT_SOURCE_PATH.parent.glob("*.py")):
+            extra.add_file(f"agent/{source.name}", source.read_bytes(), 0o644)
+        launch = "\n".join(AGENT_COMMAND) + "\n\n" + "\n".join(AGENT_ENV) + "\n"
+        extra.add_file("launch", launch.encode(), 0o644)
+        tail = extra.finish()
+        stat = base.stat()
+        digest = hashlib.sha256(tail + f"{stat.st_ino}:{stat.st_mtime_ns}".encode()).hexdigest()
+        path = self.cache_dir / f"initrd-{digest[:16]}.cpio"
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+            with open(base, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+                dst.write(tail)
+            tmp.rename(path)
+            # QEMU reads its initramfs whole at start-up and snapshots carry their own copy,
+            # so the initramfs of an older agent is no longer needed by anyone.
+            for old in self.cache_dir.glob("initrd-*.cpio"):
+                if old != path:
+                    with contextlib.suppress(OSError):
+                        old.unlink()
+        return path
+
+    def _argv(
+        self,
+        directory: Path,
+        vcpus: int,
+        ram: int,
+        nproc: int,
+        initrd: Path,
+        *,
+        accel: str,
+        probe: bool = False,
+    ) -> list[str]:
+        assert self.binary is not None, "detect() first"
+        image = vm_dir(self.data_dir, self.image)
+        ram_mib = ram // MIB
+        append = f"{KERNEL_ARGS} sandstorm.overlay={ram // 2} sandstorm.nproc={nproc}"
+        if probe:
+            append += " sandstorm.probe=1"
+        if accel == "tcg" and (khz := host_tsc_khz()):
+            # Under TCG the guest reads the host's TSC. Calibrating it against the emulated PIT
+            # fails on a busy host (the kernel then marks the TSC unstable and boots without a
+            # usable clock); the host knows the frequency, so say it.
+            append += f" tsc_early_khz={khz}"
+        accel_args = (
+            ["-accel", "kvm", "-cpu", "host"]
+            if accel == "kvm"
+            else ["-accel", f"tcg,tb-size={TCG_TB_MIB}", "-cpu", "max"]
+        )
+        return [
+            self.binary,
+            "-M", "microvm",
+            *accel_args,
+            "-smp", str(vcpus),
+            "-m", f"{ram_mib}M",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            # The uncompressed kernel boots through PVH: no decompression (about 4 s under TCG).
+            "-kernel", str(image / "vmlinux"),
+            "-initrd", str(initrd),
+            "-append", append,
+            "-serial", f"file:{directory / 'console.log'}",
+            "-drive", f"id=root,file={image / 'root.ext4'},format=raw,if=none,readonly=on",
+            "-device", "virtio-blk-device,drive=root",
+            "-device", "virtio-serial-device",
+            "-chardev", "stdio,id=agent,signal=off",
+            "-device", f"virtserialport,chardev=agent,name={PORT_NAME}",
+            # Relative: the VM directory may be too deep for sun_path (see qmp.py).
+            "-qmp", "unix:qmp.sock,server=on,wait=off",
+            "-pidfile", str(directory / "qemu.pid"),
+            # No network device, no USB, no default devices: nothing but the above.
+            "-nic", "none",
+            # QEMU's own seccomp filter: no exec, no obsolete syscalls, no resource control.
+            # (Snapshots go to a descriptor passed over QMP, so nothing needs to spawn.) It
+            # drops root for QEMU_USER once its files are open; that drop is itself a set*id
+            # call, so elevateprivileges stays allowed (as nobody there is nothing to elevate).
+            "-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
+            "-runas", QEMU_USER,
+        ]  # fmt: skip
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _spawn(
+        self, spec: SandboxSpec, initrd: Path, incoming: int | None = None, ram: int = 0
+    ) -> QemuInstance:
+        directory = self._vm_dir(spec.sandbox_id)
+        vcpus = max(1, min(math.ceil(spec.cpu_limit), os.cpu_count() or 1))
+        argv = self._argv(
+            directory, vcpus, ram or guest_ram(spec), spec.pids_limit, initrd, accel=self.accel
+        )
+        if incoming is not None:
+            argv += ["-incoming", f"fd:{incoming}"]
+        log = directory / "qemu.log"
+        stderr = open(log, "ab")  # noqa: SIM115, ASYNC230 - local file handed to the child
+        try:
+            process = await trio.lowlevel.open_process(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=QEMU_ENV,
+                cwd=directory,
+                pass_fds=() if incoming is None else (incoming,),
+                start_new_session=True,
+            )
+        finally:
+            stderr.close()
+        instance = QemuInstance(process, directory / "console.log")
+        try:
+            # Straight into the sandbox's cgroup; guest RAM is only touched as the guest boots.
+            self.cgroups.attach(spec.sandbox_id, process.pid)
+        except BaseException:
+            instance.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+            raise
+        return instance
+
+    def _prepare(self, spec: SandboxSpec) -> None:
+        if spec.mounts:
+            # Host directories would need a shared file system device (virtio-9p or virtiofs)
+            # that this driver does not wire yet: refuse rather than silently drop them.
+            raise QemuError("the qemu runtime does not support mounts yet")
+        self.cgroups.create(spec.sandbox_id, host_limits(spec))
+        # The id is fresh random; an existing directory means a bug or an attack: refuse.
+        self._vm_dir(spec.sandbox_id).mkdir(mode=0o700)
+
+    async def start(self, spec: SandboxSpec) -> QemuInstance:
+        try:
+            self._prepare(spec)
+            initrd = await trio.to_thread.run_sync(self._agent_initrd)
+            return await self._spawn(spec, initrd)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.destroy(spec.sandbox_id)
+            raise
+
+    async def checkpoint(self, spec: SandboxSpec, image_dir: Path) -> None:
+        directory = self._vm_dir(spec.sandbox_id)
+        initrd = _current_initrd(directory)
+        await trio.Path(image_dir).mkdir(parents=True, exist_ok=True)
+        fd = os.open(image_dir / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            with trio.fail_after(CONTROL_TIMEOUT_S):
+                qmp = await Qmp.connect(directory)
+                try:
+                    await qmp.execute("stop")
+                    await qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+                    await qmp.execute("getfd", fd=fd, fdname="snapshot")
+                    await qmp.execute("migrate", uri="fd:snapshot")
+                    while True:
+                        status = (await qmp.execute("query-migrate")).get("status")
+                        if status == "completed":
+                            break
+                        if status in ("failed", "cancelled", None):
+                            raise QemuError(f"QEMU migration to the snapshot {status}")
+                        await trio.sleep(0.05)
+                    await qmp.execute("quit")
+                finally:
+                    qmp.close()
+        except (QmpError, OSError, trio.TooSlowError) as exc:
+            raise QemuError(f"qemu checkpoint failed: {exc}") from exc
+        finally:
+            os.close(fd)
+        if initrd is not None:
+            await trio.to_thread.run_sync(shutil.copyfile, initrd, image_dir / INITRD_FILE)
+        launch = {"accel": self.accel, "ram": guest_ram(spec), "cpu_limit": spec.cpu_limit}
+        await trio.Path(image_dir / LAUNCH_FILE).write_text(json.dumps(launch))
+
+    async def restore(self, spec: SandboxSpec, image_dir: Path) -> QemuInstance:
+        directory = self._vm_dir(spec.sandbox_id)
+        fresh = not directory.exists()
+        try:
+            if fresh:
+                self._prepare(spec)
+            # The guest's RAM holds the kernel and initramfs it booted: restore with the very
+            # same files (the snapshot carries its initramfs), on the same accelerator.
+            launch = json.loads(await trio.Path(image_dir / LAUNCH_FILE).read_text())
+            if launch.get("accel") != self.accel:
+                raise QemuError(
+                    f"snapshot taken under {launch.get('accel')}, host runs {self.accel}"
+                )
+            initrd = directory / INITRD_FILE
+            await trio.to_thread.run_sync(shutil.copyfile, image_dir / INITRD_FILE, initrd)
+            fd = os.open(image_dir / STATE_FILE, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                instance = await self._spawn(spec, initrd, incoming=fd, ram=int(launch["ram"]))
+            finally:
+                os.close(fd)
+            try:
+                await _continue_after_incoming(directory)
+            except BaseException:
+                instance.kill()
+                with trio.CancelScope(shield=True):
+                    await instance.wait()
+                raise
+            return instance
+        except BaseException:
+            if fresh:
+                with trio.CancelScope(shield=True):
+                    await self.destroy(spec.sandbox_id)
+            raise
+
+    async def destroy(self, sandbox_id: str) -> list[str]:
+        released: list[str] = []
+        directory = self._vm_dir(sandbox_id)
+        pid = _qemu_pid(directory)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                released.append(f"qemu process {pid}")
+        for attempt in range(40):
+            try:
+                if self.cgroups.remove(sandbox_id):
+                    released.append(f"cgroup /{self.cgroups.parent}/{sandbox_id}")
+                break
+            except OSError:
+                if attempt == 39:
+                    raise
+                await trio.sleep(0.05)
+        if directory.exists():
+            await trio.to_thread.run_sync(shutil.rmtree, directory)
+            released.append(f"VM directory {directory}")
+        return released
+
+    async def surviving(self) -> list[str]:
+        # The QEMU process is the gateway's child and its stdio the channel: a VM does not
+        # outlive its gateway (no shim holds it yet), so there is never one to reattach.
+        return []
+
+    async def reattach(self, sandbox_id: str, offset: int) -> QemuInstance:
+        raise QemuError(f"qemu sandbox {sandbox_id} did not survive the gateway restart")
+
+    # ------------------------------------------------------------------ observation
+
+    def usage(self, sandbox_id: str) -> ResourceUsage:
+        return ResourceUsage(
+            self.cgroups.memory_bytes(sandbox_id), self.cgroups.cpu_time_ms(sandbox_id)
+        )
+
+    def out_of_memory(self, sandbox_id: str) -> bool:
+        return self.cgroups.out_of_memory(sandbox_id)
+
+    async def list_orphans(self, live: Callable[[], set[str]]) -> list[str]:
+        held: set[str] = set()
+        with contextlib.suppress(OSError):
+            held |= {p.name for p in self.state_root.iterdir()}
+        return sorted(i for i in held - live() if i.startswith("sbx_"))
+
+
+async def _continue_after_incoming(directory: Path) -> None:
+    """Wait for the incoming migration to finish, then run the VM: it arrives paused, as the
+    checkpoint left it (``stop`` before ``migrate``)."""
+    while True:
+        try:
+            qmp = await Qmp.connect(directory)
+            break
+        except OSError:  # QEMU has not created its QMP socket yet
+            await trio.sleep(0.01)
+    try:
+        while True:
+            status = await qmp.execute("query-status")
+            if status.get("running"):
+                return
+            if status.get("status") not in ("inmigrate", "prelaunch"):
+                break
+            await trio.sleep(0.02)
+        if (await qmp.execute("query-migrate")).get("status") != "completed":
+            raise QemuError(f"restoring the snapshot failed (VM {status.get('status')})")
+        await qmp.execute("cont")
+    except QmpError as exc:
+        raise QemuError(f"restoring the snapshot failed: {exc}") from exc
+    finally:
+        qmp.close()
+
+
+def guest_ram(spec: SandboxSpec) -> int:
+    """Guest RAM: the memory limit (at least MIN_GUEST_RAM), whole MiB."""
+    return max(MIN_GUEST_RAM, spec.memory_limit) // MIB * MIB
+
+
+def host_limits(spec: SandboxSpec) -> Limits:
+    """The host cgroup around the QEMU process: guest RAM plus QEMU's own overhead. Inside the
+    guest the kernel enforces the memory limit (it has no more RAM) and RLIMIT_NPROC the
+    process limit."""
+    return Limits(spec.cpu_limit, guest_ram(spec) + QEMU_OVERHEAD, HOST_PIDS)
+
+
+def host_tsc_khz() -> int | None:
+    """The host CPU's (constant) TSC frequency in kHz, from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return round(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _current_initrd(directory: Path) -> Path | None:
+    """The initramfs this VM booted, read back from its pid's command line."""
+    pid = _qemu_pid(directory)
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return None
+    for flag, value in itertools.pairwise(args):
+        if flag == b"-initrd":
+            return Path(os.fsdecode(value))
+    return None
+
+
+def _tail(path: Path, size: int = 2048) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def _qemu_pid(directory: Path) -> int | None:
+    """The pid in the VM's pidfile, if that process is still the QEMU of this directory."""
+    try:
+        pid = int((directory / "qemu.pid").read_text().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (OSError, ValueError):
+        return None
+    return pid if os.fsencode(directory) in cmdline else None

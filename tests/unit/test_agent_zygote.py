@@ -1,0 +1,259 @@
+"""The python zygote in the real agent, run as a host subprocess: a python exec it serves must be
+indistinguishable from a normal one (compared side by side), and anything it cannot reproduce
+exactly falls back to a normal exec without the caller noticing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+
+from sandstorm.agent import FrameKind, decode_started
+from tests.unit.test_agent_process import Agent, Result, running_agent
+
+ZYGOTE_PYTHON = "/usr/bin/python3"
+# The start-up environment the zygote runs with (the gateway's BASE_ENV), plus a variable
+# python does not read at start-up: it must reach the exec all the same.
+ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/workspace",
+    "LANG": "C.UTF-8",
+    "PYTHONUNBUFFERED": "1",
+    "USER": "sandbox",
+    "GREETING": "hi",
+}
+TIMEOUT = 20
+
+pytestmark = pytest.mark.skipif(
+    not os.access(ZYGOTE_PYTHON, os.X_OK), reason="the zygote runs the image's /usr/bin/python3"
+)
+
+# Everything about the interpreter state an exec could observe.
+PROBE = r"""
+import os, sys, json, signal
+print(json.dumps({
+    "argv": sys.argv, "orig_argv": sys.orig_argv, "path0": sys.path[0], "path": sys.path,
+    "executable": sys.executable, "name": __name__, "file": globals().get("__file__"),
+    "globals": sorted(globals()), "loader": type(__loader__).__name__ if __loader__ else None,
+    "modules": sorted(m for m in sys.modules if m not in ("json", "json.decoder",
+        "json.scanner", "json.encoder", "re", "enum", "functools", "signal")),
+    "env": dict(os.environ), "cwd": os.getcwd(), "flags": list(sys.flags),
+    "pgid_is_pid": os.getpgrp() == os.getpid(), "ppid": os.getppid(),
+    "fds": sorted(os.listdir("/proc/self/fd")), "umask": os.umask(0o22),
+    "mask": sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+    "handlers": {s.name: str(signal.getsignal(s)) for s in
+                 (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGCHLD)},
+    "encoding": [sys.stdin.encoding, sys.stdout.encoding, sys.getfilesystemencoding()],
+    "buffered": [sys.stdout.line_buffering, sys.stdout.write_through],
+    "limits": __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE),
+    "uid": [os.getuid(), os.getgid()], "stdin": sys.stdin.read(),
+}, sort_keys=True))
+"""
+
+
+async def run(agent: Agent, argv: list[str], *, cwd: str | Path = "/", stdin: bytes = b"",
+              env: dict[str, str] | None = None) -> tuple[Result, bool]:  # fmt: skip
+    """Run an exec; returns its result and whether the zygote served it."""
+    number = await agent.start(argv, env=ENV if env is None else env, cwd=cwd)
+    await agent.channel.send_stdin(number, stdin) if stdin else None
+    await agent.channel.send_stdin_close(number)
+    result = await agent.finish(number)
+    started = [f for f in agent.log if f.channel == number and f.kind is FrameKind.STARTED]
+    zygote = bool(started) and json.loads(started[0].payload).get("zygote", False)
+    return result, zygote
+
+
+async def wait_for_zygote(agent: Agent) -> None:
+    """Until a python exec is served by the zygote (it starts once the agent is idle)."""
+    while not (await run(agent, ["python3", "-c", "pass"]))[1]:
+        await trio.sleep(0.1)
+
+
+async def both(tmp_path: Path, argv: list[str], **kw: object) -> tuple[Result, Result]:
+    """The same exec through the zygote and as a normal exec (zygote disabled)."""
+    results = []
+    for enabled in ("1", "0"):
+        os.environ["SANDSTORM_ZYGOTE"] = enabled
+        try:
+            async with running_agent(tmp_path) as agent:
+                if enabled == "1":
+                    await wait_for_zygote(agent)
+                result, zygote = await run(agent, argv, **kw)  # type: ignore[arg-type]
+                assert zygote == (enabled == "1"), argv
+                results.append(result)
+        finally:
+            del os.environ["SANDSTORM_ZYGOTE"]
+    return results[0], results[1]
+
+
+def probe_view(result: Result) -> dict[str, object]:
+    data: dict[str, object] = json.loads(result.stdout)
+    data.pop("ppid")  # the agent's pid: differs between the two agents, checked separately
+    return data
+
+
+async def test_dash_c_is_equivalent(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        z, n = await both(tmp_path, ["python3", "-c", PROBE, "a", "b c"], stdin=b"input\n")
+    assert z.exit is not None and n.exit is not None
+    assert z.stderr == n.stderr == b""
+    assert probe_view(z) == probe_view(n)
+    view = probe_view(z)
+    assert view["argv"] == ["-c", "a", "b c"] and view["path0"] == ""
+    assert view["env"] == ENV and view["stdin"] == "input\n"
+    assert view["fds"] == ["0", "1", "2", "3"]  # 3: the directory listdir itself opened
+    assert z.exit.exit_code == n.exit.exit_code == 0
+    assert z.exit.max_rss_bytes > 0 and z.exit.cpu_time_ms >= 0  # rusage from the agent's wait4
+
+
+async def test_file_is_equivalent(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "probe.py").write_text(PROBE)
+    (tmp_path / "link.py").symlink_to(tmp_path / "d" / "probe.py")
+    for name in ("d/probe.py", "link.py", str(tmp_path / "d" / "../d/probe.py")):
+        with trio.fail_after(TIMEOUT):
+            z, n = await both(tmp_path, ["python3", name, "x"], cwd=tmp_path)
+        assert z.stderr == n.stderr == b"", name
+        assert probe_view(z) == probe_view(n), name
+    # sys.path[0] is the script's real directory, __file__ the path as given made absolute.
+    assert probe_view(z)["path0"] == str(tmp_path / "d")
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["python3", "-c", "import sys; sys.exit(3)"], 3),
+        (["python3", "-c", "raise SystemExit('bye')"], 1),
+        (["python3", "-c", "def f():\n    1/0\nf()"], 1),
+        (["python3", "-c", "if x"], 1),  # a syntax error
+        (["python3", "-c", "raise ValueError('x') from KeyError('y')"], 1),
+        (["python3", "-c", "import atexit; atexit.register(print, 'bye'); print('hi', end='')"], 0),
+        (["python3", "-c", "raise KeyboardInterrupt"], None),
+        (["python3", "-c", "import os; os.kill(os.getpid(), 15)"], None),
+        (["python3", "/nonexistent.py"], 2),  # python's own message (fallback by execve)
+    ],
+)
+async def test_exits_and_errors_are_equivalent(
+    tmp_path: Path, argv: list[str], code: int | None
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        z, n = await both(tmp_path, argv)
+    assert z.exit is not None and n.exit is not None
+    assert (z.exit.exit_code, z.exit.signal) == (n.exit.exit_code, n.exit.signal)
+    assert z.exit.exit_code == code
+    assert z.stdout == n.stdout
+    assert z.stderr == n.stderr
+
+
+async def test_syntax_error_in_file_is_equivalent(tmp_path: Path) -> None:
+    (tmp_path / "bad.py").write_text("x = (\n")
+    with trio.fail_after(TIMEOUT):
+        z, n = await both(tmp_path, ["python3", "bad.py"], cwd=tmp_path)
+    assert z.exit is not None and n.exit is not None
+    assert z.exit.exit_code == n.exit.exit_code == 1
+    assert z.stderr == n.stderr and b"SyntaxError" in z.stderr
+
+
+async def test_execs_get_their_own_process_and_clean_state(tmp_path: Path) -> None:
+    """Two execs from one zygote: different pids, the agent as parent, no state carried over,
+    and a different `random` stream (the hash secret is shared: documented)."""
+    code = (
+        "import os, random, sys; print(os.getpid(), os.getppid(), random.random(), "
+        "'leak' in globals(), sorted(sys.modules) == sorted(set(sys.modules))); leak = 1"
+    )
+    async with running_agent(tmp_path) as agent:
+        with trio.fail_after(TIMEOUT):
+            await wait_for_zygote(agent)
+            first, z1 = await run(agent, ["python3", "-c", code])
+            second, z2 = await run(agent, ["python3", "-c", code])
+    assert z1 and z2
+    pid1, ppid1, random1, leak1, _ = first.stdout.split()
+    pid2, ppid2, random2, leak2, _ = second.stdout.split()
+    assert pid1 != pid2 and random1 != random2
+    assert int(ppid1) == int(ppid2) == agent.process.pid
+    assert leak1 == leak2 == b"False"
+    assert first.pid == int(pid1)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["python3", "-I", "-c", "pass"], ENV),  # another flag
+        (["python3", "-"], ENV),  # program on stdin
+        (["python3"], ENV),
+        (["python3.11", "-c", "pass"], ENV),  # not the zygote's interpreter name
+        (["python3", "-c", "pass"], {**ENV, "PYTHONHASHSEED": "0"}),
+        (["python3", "-c", "pass"], {**ENV, "PYTHONPATH": "/tmp"}),
+        (["python3", "-c", "pass"], {**ENV, "LC_ALL": "C"}),
+        (["python3", "-c", "pass"], {**ENV, "HOME": "/root"}),
+        (["python3", "-c", "pass"], {**ENV, "PATH": "/nowhere:/usr/bin"}),  # same python3
+    ],
+)
+async def test_fallback_for_what_the_zygote_does_not_reproduce(
+    tmp_path: Path, argv: list[str], env: dict[str, str]
+) -> None:
+    async with running_agent(tmp_path) as agent:
+        with trio.fail_after(TIMEOUT):
+            await wait_for_zygote(agent)
+            result, zygote = await run(agent, argv, env=env)
+    served = argv[0] == "python3" and env["PATH"] != ENV["PATH"]
+    assert zygote == served, (argv, env)
+    assert result.exit is not None and result.exit.exit_code == 0, result
+
+
+async def test_killed_zygote_restarts_and_hostile_execs_cannot_break_later_ones(
+    tmp_path: Path,
+) -> None:
+    async with running_agent(tmp_path) as agent:
+        with trio.fail_after(TIMEOUT):
+            await wait_for_zygote(agent)
+            # A hostile exec kills its parent's group's zygote (it can find it as the same
+            # user): the next exec still works (a normal exec), then the zygote is back.
+            # Only the zygote of this agent (a sibling: same parent), never another test's.
+            hostile = (
+                "import os, signal\n"
+                "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+                "    try:\n"
+                "        cmd = open(f'/proc/{pid}/cmdline', 'rb').read()\n"
+                "        stat = open(f'/proc/{pid}/stat').read()\n"
+                "        ppid = int(stat.rsplit(')', 1)[1].split()[1])\n"
+                "    except (OSError, ValueError):\n"
+                "        continue\n"
+                "    if b'Sandstorm python zygote' in cmd and int(pid) != os.getpid() and "
+                "ppid == os.getppid():\n"
+                "        os.kill(int(pid), signal.SIGKILL); print('killed')\n"
+            )
+            result, _ = await run(agent, ["python3", "-c", hostile])
+            assert result.stdout == b"killed\n"
+            after, _ = await run(agent, ["python3", "-c", "print('still fine')"])
+            assert after.stdout == b"still fine\n"
+            await wait_for_zygote(agent)
+            # Stopping it: a request gets no reply, and falls back after the reply deadline.
+            stop = hostile.replace("SIGKILL", "SIGSTOP")
+            await run(agent, ["python3", "-c", stop])
+            late, zygote = await run(agent, ["python3", "-c", "print('late')"])
+            assert late.stdout == b"late\n" and not zygote
+            await wait_for_zygote(agent)
+
+
+async def test_stdin_signals_and_duration_through_the_zygote(tmp_path: Path) -> None:
+    async with running_agent(tmp_path) as agent:
+        with trio.fail_after(TIMEOUT):
+            await wait_for_zygote(agent)
+            number = await agent.start(
+                ["python3", "-c", "import sys; print(sys.stdin.readline(), end=''); input()"],
+                env=ENV,
+            )
+            await agent.channel.send_stdin(number, b"line\n")
+            frame = await agent.next(number)
+            assert frame.kind is FrameKind.STARTED
+            assert decode_started(frame.payload).pid > 0
+            await agent.read_stdout(number, b"line\n")
+            await agent.channel.send_signal(number, signal.SIGTERM)
+            result = await agent.finish(number)
+    assert result.exit is not None and result.exit.signal == signal.SIGTERM
+    assert result.exit.duration_ms > 0
