@@ -155,6 +155,12 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: object)
     config.mount_allow_list = [os.path.realpath(p) for p in config.mount_allow_list]
     if config.network != "none":
         raise ConfigError("network: only 'none' is supported")
+    if "warm_pool" not in raw:
+        # The default pool gives way to small admission settings (it always leaves room for
+        # one sandbox of its own size); a configured one that does not fit is an error.
+        default = config.warm_pool[0]
+        room = min(config.max_sandboxes - 1, config.memory_budget // default.memory_limit - 1)
+        default.size = max(0, min(default.size, room))
     pooled = sum(c.size for c in config.warm_pool)
     pooled_memory = sum(c.size * c.memory_limit for c in config.warm_pool)
     if pooled > config.max_sandboxes or pooled_memory > config.memory_budget:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import trio
 
+from sandstorm.config import DEFAULT_RUNTIME_PATHS
 from sandstorm.ids import new_id
 from tests.harness import RunningGateway, never_500, send_raw_request
 
@@ -440,10 +441,19 @@ async def test_small_configured_body_limit(start_gateway: Callable[..., Any]) ->
 # ------------------------------------------------------------------ 503
 
 
-async def test_maximum_isolation_is_503_runtime_unavailable(g: RunningGateway) -> None:
+async def test_maximum_isolation_is_503_runtime_unavailable(
+    start_gateway: Callable[..., Any],
+) -> None:
+    # Every VM runtime out of reach (qemu runs VMs here; kata and firecracker might elsewhere).
+    nowhere = {name: [f"/nonexistent/{name}"] for name in ("kata", "firecracker", "qemu")}
+    paths = {name: list(p) for name, p in DEFAULT_RUNTIME_PATHS.items()} | nowhere
+    async with start_gateway(runtime_paths=paths) as g:
+        await _maximum_is_refused(g)
+
+
+async def _maximum_is_refused(g: RunningGateway) -> None:
     runtimes = {r["name"]: r for r in (await g.client.get("/v1/runtimes")).json()}
-    if any(runtimes[n]["available"] for n in ("kata", "firecracker", "qemu")):
-        pytest.skip("a VM runtime is available here; maximum can be served")
+    assert not any(runtimes[n]["available"] for n in ("kata", "firecracker", "qemu")), runtimes
     with trio.fail_after(20):
         response = await g.run(**run_body(isolation_level="maximum"))
         details = assert_error(response, 503, "runtime_unavailable")

@@ -177,6 +177,15 @@ async def test_no_pool_while_host_memory_is_low(start_gateway: Callable[..., Any
             assert made["result"]["stdout"] == "cold\n"
 
 
+async def test_a_kept_shutdown_still_destroys_the_pool(start_gateway: Callable[..., Any]) -> None:
+    # on_shutdown "keep" hands sandboxes over to the next gateway: never the unclaimed pool
+    # ones (no record, nobody's). The fixture then checks the host is empty.
+    async with start_gateway(warm_pool=[{"size": 2}], on_shutdown="keep") as gw:
+        with trio.fail_after(60):
+            await wait_ready(gw, 2)
+            assert len(shim_ids(gw.data_dir)) == 2
+
+
 async def test_a_crash_leaves_no_pool_sandbox(
     runsc_required: None, data_dir: Path, cgroup_parent: str, tmp_path: Path
 ) -> None:
