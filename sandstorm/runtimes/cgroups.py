@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
 # runsc creates its leaf in every v1 hierarchy it finds, runc also in the hybrid host's v2
@@ -199,6 +201,21 @@ class SandboxCgroups:
             return peak >= limit - OOM_SLACK_BYTES
         except (OSError, ValueError):
             return False
+
+    async def release(self, sandbox_id: str, *, tries: int = 40) -> list[str]:
+        """Remove the sandbox's groups once its last task has left them: right after a kill
+        the kernel may still hold a dying task (EBUSY), so removal is retried for up to
+        ``tries`` times 50 ms. Returns what was released, for a teardown's report."""
+        for attempt in range(tries):
+            try:
+                removed = self.remove(sandbox_id)
+            except OSError:
+                if attempt == tries - 1:
+                    raise
+                await trio.sleep(0.05)
+                continue
+            return [f"cgroup /{self.parent}/{sandbox_id}"] if removed else []
+        return []
 
     def remove(self, sandbox_id: str) -> bool:
         """Remove the group (and any leaf the runtime left) in every hierarchy; idempotent."""

@@ -516,16 +516,7 @@ class FirecrackerRuntime:
 
     async def destroy(self, sandbox_id: str) -> list[str]:
         released = await self._remove_jail(self._jail(sandbox_id))
-        for attempt in range(40):
-            try:
-                # Ours and the jailer's leaf inside it (deepest first; cgroups.py).
-                if self.cgroups.remove(sandbox_id):
-                    released.append(f"cgroup /{self.cgroups.parent}/{sandbox_id}")
-                break
-            except OSError:
-                if attempt == 39:
-                    raise
-                await trio.sleep(0.05)
+        released += await self.cgroups.release(sandbox_id)
         return released
 
     async def surviving(self) -> list[str]:

@@ -266,15 +266,7 @@ class GvisorRuntime:
             released.append(f"runsc container {sandbox_id}")
         # runsc has exited now, so its shim records that and leaves; one that does not is killed.
         released += await self._end_shim(self._shim_paths(sandbox_id), grace=SHIM_EXIT_GRACE_S)
-        for attempt in range(20):
-            try:
-                if self.cgroups.remove(sandbox_id):
-                    released.append(f"cgroup /{self.cgroups.parent}/{sandbox_id}")
-                break
-            except OSError:
-                if attempt == 19:
-                    raise
-                await trio.sleep(0.05)
+        released += await self.cgroups.release(sandbox_id, tries=20)
         if bundle.exists():
             await trio.to_thread.run_sync(shutil.rmtree, bundle)
             released.append(f"bundle directory {bundle}")

@@ -236,15 +236,7 @@ class KataRuntime(GvisorRuntime):
             await self._ctr("task", "delete", "--force", sandbox_id)
             await self._ctr("containers", "delete", sandbox_id)
         released += kata_spec.unmount_rootfs(bundle)
-        for attempt in range(20):
-            try:
-                if self.cgroups.remove(sandbox_id):
-                    released.append(f"cgroup /{self.cgroups.parent}/{sandbox_id}")
-                break
-            except OSError:
-                if attempt == 19:
-                    raise
-                await trio.sleep(0.05)
+        released += await self.cgroups.release(sandbox_id, tries=20)
         if bundle.exists():
             if left := kata_spec.mounts_under(bundle):
                 # Never remove a tree with something mounted in it.

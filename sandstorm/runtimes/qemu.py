@@ -407,15 +407,7 @@ class QemuRuntime:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 released.append(f"qemu process {pid}")
-        for attempt in range(40):
-            try:
-                if self.cgroups.remove(sandbox_id):
-                    released.append(f"cgroup /{self.cgroups.parent}/{sandbox_id}")
-                break
-            except OSError:
-                if attempt == 39:
-                    raise
-                await trio.sleep(0.05)
+        released += await self.cgroups.release(sandbox_id)
         if directory.exists():
             await trio.to_thread.run_sync(shutil.rmtree, directory)
             released.append(f"VM directory {directory}")
