@@ -89,7 +89,11 @@ class ExecRecord:
         if verdict is None:
             verdict = self.kill_verdict
         if verdict is None:
-            if info is None or info.signal is not None:
+            if info is not None and info.signal is not None and info.oom_killed:
+                # The kernel's OOM killer ended the process but the sandbox lives on (a VM's
+                # guest kernel, a container's cgroup); a whole-sandbox OOM is the actor's path.
+                verdict = "oom"
+            elif info is None or info.signal is not None:
                 verdict = "killed"
             else:
                 verdict = "ok" if info.exit_code == 0 else "error"

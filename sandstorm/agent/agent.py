@@ -258,6 +258,7 @@ class Exec(object):
         "close_requested",
         "deadline",
         "held",
+        "oom_kills",
         "pending",
         "pid",
         "request",
@@ -289,6 +290,36 @@ class Exec(object):
         self.deadline = 0.0
         self.signals = []  # signals asked for before the pid was known
         self.zygote = False
+        # The kernel's OOM-kill count before the process exists (see oom_kill_count).
+        self.oom_kills = oom_kill_count()
+
+
+VMSTAT = "/proc/vmstat"
+VMSTAT_MAX = 65536
+
+
+def oom_kill_count():
+    """The kernel's count of OOM kills (``oom_kill`` in /proc/vmstat), or None where there is
+    none (gVisor, kernels before 4.13). In a VM it is the guest kernel's own; in a container it
+    is the host's, so an OOM kill elsewhere on the host in the same window is counted too."""
+    try:
+        fd = os.open(VMSTAT, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, VMSTAT_MAX)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    start = data.find(b"\noom_kill ")
+    if start < 0:
+        return None
+    end = data.find(b"\n", start + 1)
+    try:
+        return int(data[start + 10 : end if end >= 0 else len(data)])
+    except ValueError:
+        return None
 
 
 class ExecRequestError(Exception):
@@ -818,6 +849,9 @@ class Agent(object):
 
     def spawn(self, channel, argv, env, cwd, ex=None):
         """A normal exec: fork and execve. ``ex`` is an exec the zygote did not take."""
+        fresh = ex is None
+        if fresh:
+            ex = Exec(channel)  # before the fork: it reads the OOM-kill count
         fds = []
         try:
             stdin_r, stdin_w = os.pipe()
@@ -833,7 +867,7 @@ class Agent(object):
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
-            if ex is not None:
+            if not fresh:
                 self.execs.pop(channel, None)
             send_error(channel, "cannot start process: %s" % (exc.strerror or exc,))
             self.send_exit_without_child(channel)
@@ -844,8 +878,7 @@ class Agent(object):
             os.setpgid(pid, pid)  # also in the parent: no window where signals miss the group
         except OSError:
             pass  # already exec'd (EACCES) or already gone (ESRCH): the child did it
-        if ex is None:
-            ex = Exec(channel)
+        if fresh:
             self.track(ex, pid, started, fds)
             return
         # A fallback from the zygote: its input and signals were held for it; its duration
@@ -1070,9 +1103,15 @@ class Agent(object):
             self.drain_output(ex, ex.stdout_fd, STDOUT)
         if ex.stderr_fd >= 0:
             self.drain_output(ex, ex.stderr_fd, STDERR)
+        oom_killed = False
         if os.WIFSIGNALED(status):
             exit_code = None
             signum = os.WTERMSIG(status)
+            # The kernel's OOM killer ends a process with SIGKILL: if the kernel counted an OOM
+            # kill while this exec ran, the SIGKILL was (most likely) that one.
+            if signum == signal.SIGKILL and ex.oom_kills is not None:
+                now = oom_kill_count()
+                oom_killed = now is not None and now > ex.oom_kills
         else:
             exit_code = os.WEXITSTATUS(status)
             signum = None
@@ -1085,6 +1124,7 @@ class Agent(object):
                 "cpu_time_ms": round((usage.ru_utime + usage.ru_stime) * 1000.0, 3),
                 "max_rss_bytes": max(0, int(usage.ru_maxrss)) * 1024,
                 "duration_ms": round(duration_ms, 3),
+                "oom_killed": oom_killed,
             },
         )
         self.execs.pop(ex.channel, None)

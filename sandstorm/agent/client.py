@@ -144,6 +144,9 @@ class ExitInfo(msgspec.Struct, frozen=True, kw_only=True):
     cpu_time_ms: NonNegFloat = 0.0
     max_rss_bytes: NonNegInt = 0
     duration_ms: NonNegFloat = 0.0
+    #: The process died of SIGKILL while the kernel counted an OOM kill (agent.py
+    #: ``oom_kill_count``); older agents never send it.
+    oom_killed: bool = False
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -7,6 +7,14 @@
  * own stdio. It reaps every orphan and powers the VM off when the agent exits, so the VM's life
  * is the agent's life, exactly as in gVisor where the agent is PID 1.
  *
+ * With sandstorm.channel=vsock on the kernel command line (Firecracker, which has no
+ * virtio-serial) there is no port to open: the launch line is then the vsock bridge
+ * (vm_vsock_bridge.c), which makes its own channel, and gets stdin/stdout on /dev/null.
+ *
+ * Module parameters on the command line (<module>.<param>=<value>) are handed to finit_module
+ * for that module, as modprobe does: the kernel itself applies them only to built-in code, and
+ * Firecracker describes its virtio-mmio devices as virtio_mmio.device=... words.
+ *
  * The agent's argv and environment come from /launch (in the per-agent initramfs part the
  * runtime appends): argv lines, an empty line, then environment lines. Static, no libc beyond
  * the syscalls it wraps: it must start in milliseconds even under TCG.
@@ -99,17 +107,65 @@ static void read_file(const char *path, char *buf, size_t size) {
     buf[n > 0 ? n : 0] = 0;
 }
 
+/* Module names treat '-' and '_' alike (as the kernel and modprobe do). */
+static int same_module(const char *a, size_t alen, const char *b, size_t blen) {
+    if (alen != blen) return 0;
+    for (size_t i = 0; i < alen; i++) {
+        char x = a[i] == '-' ? '_' : a[i], y = b[i] == '-' ? '_' : b[i];
+        if (x != y) return 0;
+    }
+    return 1;
+}
+
+/* The "param=value ..." string finit_module takes for module `name` (a file name such as
+ * "virtio_mmio.ko" or a bare name): every "<name>.<param>[=<value>]" word of `line`, in order,
+ * repeated words included (virtio_mmio.device= names one device each). Words are split on
+ * blanks outside double quotes, as the kernel splits its command line; quotes are passed on for
+ * the kernel's own parser. A word that would overflow `out` is dropped whole, never cut. */
+static void module_params(const char *line, const char *name, char *out, size_t size) {
+    size_t nlen = strlen(name), used = 0;
+    if (nlen > 3 && strcmp(name + nlen - 3, ".ko") == 0) nlen -= 3;
+    out[0] = 0;
+    for (const char *p = line; *p;) {
+        while (*p == ' ' || *p == '\t' || *p == '\n') p++;
+        const char *end = p;
+        int quoted = 0;
+        while (*end && (quoted || (*end != ' ' && *end != '\t' && *end != '\n'))) {
+            if (*end == '"') quoted = !quoted;
+            end++;
+        }
+        const char *dot = memchr(p, '.', end - p), *eq = memchr(p, '=', end - p);
+        if (dot && (!eq || dot < eq) && dot + 1 < end && same_module(p, dot - p, name, nlen)) {
+            size_t wlen = end - (dot + 1);
+            if (used + (used > 0) + wlen < size) {
+                if (used > 0) out[used++] = ' ';
+                memcpy(out + used, dot + 1, wlen);
+                used += wlen;
+                out[used] = 0;
+            }
+        }
+        p = end;
+    }
+}
+
 static void load_modules(void) {
-    static char order[4096];
+    static char order[4096], params[sizeof cmdline];
     read_file("/modules/order", order, sizeof order);
     for (char *name = strtok(order, "\n"); name; name = strtok(NULL, "\n")) {
         char path[256];
         snprintf(path, sizeof path, "/modules/%s", name);
         int fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd < 0) die(path);
-        if (syscall(SYS_finit_module, fd, "", 0) != 0 && errno != EEXIST) die(path);
+        module_params(cmdline, name, params, sizeof params);
+        if (syscall(SYS_finit_module, fd, params, 0) != 0 && errno != EEXIST) die(path);
         close(fd);
     }
+}
+
+/* sandstorm.channel=vsock: the launch line brings its own channel (Firecracker's vsock). */
+static int vsock_channel(void) {
+    char channel[16];
+    return param("sandstorm.channel", channel, sizeof channel) && strcmp(channel, "vsock") == 0;
 }
 
 /* /dev/vportNpM of the virtio-serial port named PORT_NAME (no udev here to make the link). */
@@ -181,7 +237,10 @@ static void start_agent(int port, char **argv, char **envp, long nproc) {
     /* Drop every capability from the bounding set too, while still root. */
     for (int cap = 0; cap <= CAP_LAST_CAP; cap++) prctl(PR_CAPBSET_DROP, cap, 0, 0, 0);
     setsid();
-    if (dup2(port, 0) < 0 || dup2(port, 1) < 0) die("dup2");
+    /* No port (vsock): the bridge opens its own channel; stdin/stdout stay harmless. */
+    int io = port >= 0 ? port : open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (io < 0) die("/dev/null");
+    if (dup2(io, 0) < 0 || dup2(io, 1) < 0) die("dup2");
     /* stderr: the kernel log (rate limited by the kernel), which QEMU writes to console.log. */
     if (dup2(kmsg >= 0 ? kmsg : open("/dev/null", O_WRONLY), 2) < 0) die("dup2");
     struct rlimit nofile = {4096, 4096}, procs = {nproc, nproc};
@@ -203,10 +262,11 @@ int main(void) {
     read_file("/proc/cmdline", cmdline, sizeof cmdline);
     load_modules();
 
-    int port = open_port();
+    int port = vsock_channel() ? -1 : open_port();
     if (param_long("sandstorm.probe", 0)) {
-        /* KVM probe: the VM booted and reached user space; say so and stop. */
-        if (write(port, "sandstorm-probe-ok\n", 19) < 0) die("probe");
+        /* KVM probe: the VM booted and reached user space; say so (where there is a port to
+         * say it on) and stop. */
+        if (port >= 0 && write(port, "sandstorm-probe-ok\n", 19) < 0) die("probe");
         halt_vm();
     }
 
@@ -242,7 +302,7 @@ int main(void) {
     pid_t agent = fork();
     if (agent < 0) die("fork");
     if (agent == 0) start_agent(port, argv, envp, nproc);
-    close(port);
+    if (port >= 0) close(port);
     for (;;) {
         int status;
         pid_t pid = wait(&status);

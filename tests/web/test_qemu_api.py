@@ -130,12 +130,22 @@ async def test_memory_limit_is_the_guest_ram(qgw: RunningGateway) -> None:
     hog = "b = []\nwhile True:\n    b.append(bytearray(16 << 20))\n"
     with trio.fail_after(T):
         body = await qgw.run_ok(
-            code=hog, language="python", isolation_level="maximum", memory_limit=256 << 20
+            code=hog,
+            language="python",
+            isolation_level="maximum",
+            memory_limit=256 << 20,
+            keep_alive=120,
         )
-    result = body["result"]
-    # The guest kernel has no more than memory_limit of RAM; its OOM killer ends the hog.
-    assert result["verdict"] != "ok", result
-    assert result["signal"] == 9 or body["state"] == "failed", body
+        sid = body["id"]
+        result = body["result"]
+        # The guest kernel has no more than memory_limit of RAM; its OOM killer ends the hog,
+        # the agent sees the guest's oom_kill counter move: verdict oom, not killed.
+        assert (result["verdict"], result["signal"]) == ("oom", 9), body
+        # Only the hog died: the VM serves the next exec.
+        after = await _exec(qgw, sid, "echo still here")
+        assert (after["verdict"], after["stdout"]) == ("ok", "still here\n"), after
+        response = await qgw.client.delete(f"/v1/sandboxes/{sid}")
+        assert response.status_code == 200, response.text
 
 
 async def test_snapshot_leave_running_then_resume(qgw: RunningGateway) -> None:
