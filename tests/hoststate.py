@@ -99,11 +99,13 @@ def containerd_state(data_dir: Path) -> frozenset[str]:
 
 
 def qemu_state(data_dir: Path) -> frozenset[str]:
-    """QEMU processes of this data directory and the VM directories under ``<data_dir>/qemu``."""
+    """QEMU processes of this data directory (and their shims), the VM directories under
+    ``<data_dir>/qemu``, and the qemu driver's shim directories and sockets."""
     found = set(_processes(data_dir, lambda cmdline: b"qemu-system" in cmdline))
-    vms = data_dir / "qemu"
-    if vms.is_dir():
-        found |= {str(p) for p in vms.iterdir()}
+    shim_root = data_dir / "qemu-shim"
+    for directory in (data_dir / "qemu", shim_root / "shims", short_socket_dir(shim_root)):
+        if directory.is_dir():
+            found |= {str(p) for p in directory.iterdir()}
     return frozenset(found)
 
 

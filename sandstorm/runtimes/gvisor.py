@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import shutil
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,10 +31,10 @@ from sandstorm.shim import (
     ShimInstance,
     ShimPaths,
     attach,
+    end_shim,
     is_shim_process,
     read_exit_status,
     read_pids,
-    remove_socket,
     shim_paths,
     shim_process_ids,
     spawn_shim,
@@ -197,30 +195,7 @@ class GvisorRuntime:
         return ShimInstance(paths, stream, handshake, log, ack_every=self._ack_every)
 
     async def _end_shim(self, paths: ShimPaths, *, grace: float) -> list[str]:
-        """Make sure the shim of ``paths`` is gone (waiting ``grace`` seconds for it to leave on
-        its own, then SIGKILL), then remove its directory and socket."""
-        released: list[str] = []
-        pids = read_pids(paths)
-        if pids is not None and is_shim_process(pids[0], paths):
-            with contextlib.suppress(OSError):
-                fd = os.pidfd_open(pids[0])
-                try:
-                    with trio.move_on_after(grace):
-                        await trio.lowlevel.wait_readable(fd)
-                    if not _pidfd_exited(fd):
-                        signal.pidfd_send_signal(fd, signal.SIGKILL)
-                        with trio.move_on_after(2):
-                            await trio.lowlevel.wait_readable(fd)
-                finally:
-                    trio.lowlevel.notify_closing(fd)
-                    os.close(fd)
-                released.append(f"shim process {pids[0]}")
-        if paths.directory.exists():
-            await trio.to_thread.run_sync(shutil.rmtree, paths.directory, True)
-            released.append(f"shim directory {paths.directory}")
-        if remove_socket(paths) and paths.socket.parent != paths.directory:
-            released.append(f"shim socket {paths.socket}")
-        return released
+        return await end_shim(paths, grace=grace)
 
     async def start(self, spec: SandboxSpec) -> ShimInstance:
         try:
@@ -402,12 +377,6 @@ def oci_config(spec: SandboxSpec, cgroups_path: str) -> dict[str, object]:
             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")],
         },
     }
-
-
-def _pidfd_exited(fd: int) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def _is_executable(path: str) -> bool:

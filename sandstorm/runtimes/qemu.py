@@ -1,8 +1,11 @@
 """QEMU microVMs (``-M microvm``): the VM tier on hosts without Kata or Firecracker.
 
-One ``qemu-system-x86_64`` process per sandbox, kept in the foreground like ``runsc run``: its
-own stdin/stdout are the agent channel (``-chardev stdio`` wired to a virtio-serial port the guest
-init hands to the agent), so a :class:`QemuInstance` is used exactly like a ``GvisorInstance``.
+One ``qemu-system-x86_64`` process per sandbox, kept in the foreground of a per-sandbox shim
+(``sandstorm/shim``) exactly like ``runsc run``: its stdin/stdout are the agent channel
+(``-chardev stdio`` wired to a virtio-serial port the guest init hands to the agent), which the
+shim holds and journals, so a VM outlives a gateway that dies and a new one reattaches
+(``surviving``, ``reattach``). The shim runs in the VM directory: QEMU makes its QMP socket there
+by a relative path (see qmp.py).
 The guest (kernel, initramfs, ext4 root) is built by ``sandstorm image build --vm``
 (``sandstorm/images/vm.py``); the agent and its command line travel in a small cpio appended to
 the initramfs, so the agent is the gateway's own, read-only at ``/.sandstorm`` as in gVisor.
@@ -10,8 +13,9 @@ the initramfs, so the agent is the gateway's own, read-only at ``/.sandstorm`` a
 No network device at all. KVM is used only when a probe VM really boots under it (``/dev/kvm``
 can exist and still not run guests); otherwise TCG. Checkpoint: QMP ``stop``, then ``migrate``
 to a file descriptor passed over the QMP socket, then ``quit``; restore: the same command line
-with ``-incoming fd:N``. Guest writes live in guest RAM (a tmpfs overlay), so the memory image is
-the whole sandbox state.
+with ``-incoming defer``, then the snapshot's descriptor over QMP (``getfd`` +
+``migrate-incoming``), so the shim passes QEMU nothing but its stdio. Guest writes live in
+guest RAM (a tmpfs overlay), so the memory image is the whole sandbox state.
 """
 
 from __future__ import annotations
@@ -32,14 +36,27 @@ from pathlib import Path
 import trio
 
 from sandstorm.agent import AGENT_COMMAND, AGENT_SOURCE_PATH
-from sandstorm.agent.client import AgentChannel
+from sandstorm.ids import is_id
 from sandstorm.images.vm import CpioWriter, load_vm_manifest, vm_dir
 from sandstorm.protocol import MIB, IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.runtimes.base import Detection, ResourceUsage, RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import Limits, SandboxCgroups
 from sandstorm.runtimes.detection import first_executable, not_found, read_version
-from sandstorm.runtimes.gvisor import AGENT_ENV
+from sandstorm.runtimes.gvisor import AGENT_ENV, SHIM_EXIT_GRACE_S
 from sandstorm.runtimes.qmp import Qmp, QmpError
+from sandstorm.shim import (
+    DEFAULT_JOURNAL_MAX,
+    ShimInstance,
+    ShimPaths,
+    attach,
+    is_shim_process,
+    read_exit_status,
+    read_pids,
+    shim_paths,
+    shim_process_ids,
+    spawn_shim,
+)
+from sandstorm.shim.client import end_shim
 
 QEMU_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 #: The user QEMU drops to after opening its files (``-runas``); it owns nothing on the host.
@@ -68,33 +85,12 @@ class QemuError(RuntimeStartError):
     pass
 
 
-class QemuInstance:
-    """A ``qemu-system-x86_64`` process in the foreground and the agent on its stdio."""
-
-    def __init__(self, process: trio.Process, log_path: Path) -> None:
-        assert process.stdin is not None and process.stdout is not None
-        self.process = process
-        self.log_path = log_path
-        self._channel = AgentChannel(process.stdin, process.stdout)
-
-    @property
-    def channel(self) -> AgentChannel:
-        return self._channel
-
-    async def wait(self) -> int:
-        return await self.process.wait()
-
-    @property
-    def exited(self) -> bool:
-        return self.process.returncode is not None
-
-    def kill(self) -> None:
-        if self.process.returncode is None:
-            self.process.kill()
+class QemuInstance(ShimInstance):
+    """A QEMU process held by its shim; ``runtime_pid`` is QEMU's, ``log_path`` its qemu.log."""
 
     def diagnostics(self) -> str:
-        """QEMU's own errors (qemu.log), then the tail of the guest kernel's console."""
-        parts = [_tail(self.log_path.with_name("qemu.log")), _tail(self.log_path)]
+        """QEMU's own errors (qemu.log, with the shim's), then the tail of the guest's console."""
+        parts = [_tail(self.log_path), _tail(self.log_path.with_name("console.log"))]
         return "\n".join(p for p in parts if p)
 
 
@@ -104,14 +100,24 @@ class QemuRuntime:
     capabilities = RuntimeCapabilities(snapshot=True, exec=True, streaming=True, network=False)
 
     def __init__(
-        self, search_paths: list[str], data_dir: Path, image: str, cgroups: SandboxCgroups
+        self,
+        search_paths: list[str],
+        data_dir: Path,
+        image: str,
+        cgroups: SandboxCgroups,
+        *,
+        journal_max: int = DEFAULT_JOURNAL_MAX,
     ) -> None:
         self.search_paths = search_paths
         self.data_dir = data_dir
         self.image = image
         self.state_root = data_dir / "qemu"
         self.cache_dir = data_dir / "qemu-cache"
+        # Apart from gVisor's shims, so that neither driver takes the other's sandboxes.
+        self.shim_root = data_dir / "qemu-shim"
+        self.shims_dir = self.shim_root / "shims"
         self.cgroups = cgroups
+        self.journal_max = journal_max
         self.binary: str | None = None
         self.accel = "tcg"
 
@@ -132,6 +138,7 @@ class QemuRuntime:
         self.binary = binary
         self.state_root.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.shims_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.accel = await self._probe_accel()
         details = {"accel": self.accel}
         return Detection(True, binary, f"{version}, accel {self.accel}", None, details)
@@ -191,6 +198,13 @@ class QemuRuntime:
 
     def _vm_dir(self, sandbox_id: str) -> Path:
         return self.state_root / sandbox_id
+
+    def _shim_paths(self, sandbox_id: str) -> ShimPaths:
+        return shim_paths(self.shim_root, sandbox_id)
+
+    @property
+    def _ack_every(self) -> int:
+        return max(64 * 1024, self.journal_max // 4)
 
     def _agent_initrd(self) -> Path:
         """The image's initramfs plus a cpio with the agent and its command line, cached by
@@ -279,38 +293,45 @@ class QemuRuntime:
     # ------------------------------------------------------------------ lifecycle
 
     async def _spawn(
-        self, spec: SandboxSpec, initrd: Path, incoming: int | None = None, ram: int = 0
+        self, spec: SandboxSpec, initrd: Path, *, incoming: bool = False, ram: int = 0
     ) -> QemuInstance:
-        directory = self._vm_dir(spec.sandbox_id)
+        sandbox_id = spec.sandbox_id
+        directory = self._vm_dir(sandbox_id)
         vcpus = max(1, min(math.ceil(spec.cpu_limit), os.cpu_count() or 1))
         argv = self._argv(
             directory, vcpus, ram or guest_ram(spec), spec.pids_limit, initrd, accel=self.accel
         )
-        if incoming is not None:
-            argv += ["-incoming", f"fd:{incoming}"]
+        if incoming:
+            # The snapshot is handed over later through QMP (_incoming): the shim gives QEMU
+            # its stdio and nothing else.
+            argv += ["-incoming", "defer"]
         log = directory / "qemu.log"
-        stderr = open(log, "ab")  # noqa: SIM115, ASYNC230 - local file handed to the child
+        paths = self._shim_paths(sandbox_id)
+        # A restore after a checkpoint reuses the id: the last incarnation's shim has ended.
+        await end_shim(paths, grace=0)
+        # QEMU sees only PATH; the shim is in a session of its own (see GvisorRuntime._spawn)
+        # and in the VM directory, which QEMU inherits for its relative QMP socket.
+        process = await spawn_shim(
+            paths, argv, env=QEMU_ENV, journal_max=self.journal_max, log_path=log, cwd=directory
+        )
         try:
-            process = await trio.lowlevel.open_process(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                env=QEMU_ENV,
-                cwd=directory,
-                pass_fds=() if incoming is None else (incoming,),
-                start_new_session=True,
-            )
-        finally:
-            stderr.close()
-        instance = QemuInstance(process, directory / "console.log")
-        try:
-            # Straight into the sandbox's cgroup; guest RAM is only touched as the guest boots.
-            self.cgroups.attach(spec.sandbox_id, process.pid)
+            stream, handshake = await attach(paths, 0)
         except BaseException:
-            instance.kill()
             with trio.CancelScope(shield=True):
+                process.kill()
                 await process.wait()
+            raise
+        instance = QemuInstance(
+            paths, stream, handshake, log, process=process, ack_every=self._ack_every
+        )
+        try:
+            # Into the sandbox's cgroup as soon as its pid is known (the shim answers right
+            # after spawning it); guest RAM is only touched as the guest boots.
+            self.cgroups.attach(sandbox_id, handshake.runtime_pid)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                instance.kill()
+                await instance.wait()
             raise
         return instance
 
@@ -380,16 +401,12 @@ class QemuRuntime:
                 )
             initrd = directory / INITRD_FILE
             await trio.to_thread.run_sync(shutil.copyfile, image_dir / INITRD_FILE, initrd)
-            fd = os.open(image_dir / STATE_FILE, os.O_RDONLY | os.O_CLOEXEC)
+            instance = await self._spawn(spec, initrd, incoming=True, ram=int(launch["ram"]))
             try:
-                instance = await self._spawn(spec, initrd, incoming=fd, ram=int(launch["ram"]))
-            finally:
-                os.close(fd)
-            try:
-                await _continue_after_incoming(directory)
+                await _incoming(directory, image_dir / STATE_FILE)
             except BaseException:
-                instance.kill()
                 with trio.CancelScope(shield=True):
+                    instance.kill()
                     await instance.wait()
                 raise
             return instance
@@ -402,11 +419,14 @@ class QemuRuntime:
     async def destroy(self, sandbox_id: str) -> list[str]:
         released: list[str] = []
         directory = self._vm_dir(sandbox_id)
-        pid = _qemu_pid(directory)
+        paths = self._shim_paths(sandbox_id)
+        pid = _qemu_pid(directory, paths)
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 released.append(f"qemu process {pid}")
+        # QEMU is gone, so its shim records that and leaves; one that does not is killed.
+        released += await end_shim(paths, grace=SHIM_EXIT_GRACE_S)
         released += await self.cgroups.release(sandbox_id)
         if directory.exists():
             await trio.to_thread.run_sync(shutil.rmtree, directory)
@@ -414,12 +434,32 @@ class QemuRuntime:
         return released
 
     async def surviving(self) -> list[str]:
-        # The QEMU process is the gateway's child and its stdio the channel: a VM does not
-        # outlive its gateway (no shim holds it yet), so there is never one to reattach.
-        return []
+        """Sandbox ids whose shim is alive and whose QEMU has not exited (a restarted gateway
+        reattaches to these)."""
+        found: list[str] = []
+        with contextlib.suppress(OSError):
+            for entry in self.shims_dir.iterdir():
+                if not is_id(entry.name, "sbx"):
+                    continue
+                paths = self._shim_paths(entry.name)
+                pids = read_pids(paths)
+                if pids is None or read_exit_status(paths) is not None:
+                    continue
+                if is_shim_process(pids[0], paths):
+                    found.append(entry.name)
+        return sorted(found)
 
     async def reattach(self, sandbox_id: str, offset: int) -> QemuInstance:
-        raise QemuError(f"qemu sandbox {sandbox_id} did not survive the gateway restart")
+        """Connect to the live shim of ``sandbox_id`` and resume the agent stream at ``offset``
+        (see GvisorRuntime.reattach)."""
+        if not is_id(sandbox_id, "sbx"):
+            raise QemuError(f"not a sandbox id: {sandbox_id!r}")
+        if offset < 0:
+            raise QemuError(f"offset {offset} is negative")
+        paths = self._shim_paths(sandbox_id)
+        stream, handshake = await attach(paths, offset)
+        log = self._vm_dir(sandbox_id) / "qemu.log"
+        return QemuInstance(paths, stream, handshake, log, ack_every=self._ack_every)
 
     # ------------------------------------------------------------------ observation
 
@@ -435,33 +475,46 @@ class QemuRuntime:
         held: set[str] = set()
         with contextlib.suppress(OSError):
             held |= {p.name for p in self.state_root.iterdir()}
-        return sorted(i for i in held - live() if i.startswith("sbx_"))
+        with contextlib.suppress(OSError):
+            held |= {p.name for p in self.shims_dir.iterdir()}
+        held |= set(await trio.to_thread.run_sync(shim_process_ids, self.shims_dir))
+        # Who is live is asked only now, after the last await (see GvisorRuntime).
+        return sorted(i for i in held - live() if is_id(i, "sbx"))
 
 
-async def _continue_after_incoming(directory: Path) -> None:
-    """Wait for the incoming migration to finish, then run the VM: it arrives paused, as the
+async def _incoming(directory: Path, state: Path) -> None:
+    """Feed the snapshot to a QEMU started with ``-incoming defer`` (a descriptor passed over
+    QMP), wait for the migration to finish, then run the VM: it arrives paused, as the
     checkpoint left it (``stop`` before ``migrate``)."""
-    while True:
-        try:
-            qmp = await Qmp.connect(directory)
-            break
-        except OSError:  # QEMU has not created its QMP socket yet
-            await trio.sleep(0.01)
+    fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+    status: dict[str, object] = {}
     try:
-        while True:
-            status = await qmp.execute("query-status")
-            if status.get("running"):
-                return
-            if status.get("status") not in ("inmigrate", "prelaunch"):
-                break
-            await trio.sleep(0.02)
-        if (await qmp.execute("query-migrate")).get("status") != "completed":
-            raise QemuError(f"restoring the snapshot failed (VM {status.get('status')})")
-        await qmp.execute("cont")
-    except QmpError as exc:
-        raise QemuError(f"restoring the snapshot failed: {exc}") from exc
+        with trio.fail_after(CONTROL_TIMEOUT_S):
+            while True:
+                try:
+                    qmp = await Qmp.connect(directory)
+                    break
+                except OSError:  # QEMU has not created its QMP socket yet
+                    await trio.sleep(0.01)
+            try:
+                await qmp.execute("getfd", fd=fd, fdname="snapshot")
+                await qmp.execute("migrate-incoming", uri="fd:snapshot")
+                while True:
+                    status = await qmp.execute("query-status")
+                    if status.get("running"):
+                        return
+                    if status.get("status") not in ("inmigrate", "prelaunch"):
+                        break
+                    await trio.sleep(0.02)
+                if (await qmp.execute("query-migrate")).get("status") != "completed":
+                    raise QemuError(f"restoring the snapshot failed (VM {status.get('status')})")
+                await qmp.execute("cont")
+            finally:
+                qmp.close()
+    except (QmpError, trio.TooSlowError) as exc:
+        raise QemuError(f"restoring the snapshot failed: {exc!r}") from exc
     finally:
-        qmp.close()
+        os.close(fd)
 
 
 def guest_ram(spec: SandboxSpec) -> int:
@@ -514,12 +567,20 @@ def _tail(path: Path, size: int = 2048) -> str:
         return ""
 
 
-def _qemu_pid(directory: Path) -> int | None:
-    """The pid in the VM's pidfile, if that process is still the QEMU of this directory."""
-    try:
-        pid = int((directory / "qemu.pid").read_text().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except (OSError, ValueError):
-        return None
-    return pid if os.fsencode(directory) in cmdline else None
+def _qemu_pid(directory: Path, paths: ShimPaths | None = None) -> int | None:
+    """The pid in the VM's pidfile (else the one its shim recorded), if that process is still
+    the QEMU of this directory."""
+    candidates: list[int] = []
+    with contextlib.suppress(OSError, ValueError):
+        candidates.append(int((directory / "qemu.pid").read_text().strip()))
+    if paths is not None and (pids := read_pids(paths)) is not None:
+        candidates.append(pids[1])
+    for pid in candidates:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and os.fsencode(directory) in cmdline:
+            return pid
+    return None

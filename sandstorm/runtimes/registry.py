@@ -121,7 +121,9 @@ def build_registry(config: Config, cgroups: SandboxCgroups | None = None) -> Run
         cgroups,
         journal_max=config.shim_journal_max,
     )
-    qemu = QemuRuntime(paths["qemu"], data_dir, config.image, cgroups)
+    qemu = QemuRuntime(
+        paths["qemu"], data_dir, config.image, cgroups, journal_max=config.shim_journal_max
+    )
     firecracker = FirecrackerRuntime(
         paths["firecracker"],
         config.jailer_paths,

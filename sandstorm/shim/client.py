@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -155,6 +157,35 @@ def _pidfd_of_child(pid: int, parent: int) -> int | None:
     return None
 
 
+async def end_shim(paths: ShimPaths, *, grace: float) -> list[str]:
+    """Make sure the shim of ``paths`` is gone (waiting ``grace`` seconds for it to leave on its
+    own, then SIGKILL), then remove its directory and socket. What was released, described."""
+    released: list[str] = []
+    pids = read_pids(paths)
+    if pids is not None and is_shim_process(pids[0], paths):
+        with contextlib.suppress(OSError):
+            fd = os.pidfd_open(pids[0])
+            try:
+                with trio.move_on_after(grace):
+                    await trio.lowlevel.wait_readable(fd)
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                if not poller.poll(0):  # still running
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    with trio.move_on_after(2):
+                        await trio.lowlevel.wait_readable(fd)
+            finally:
+                trio.lowlevel.notify_closing(fd)
+                os.close(fd)
+            released.append(f"shim process {pids[0]}")
+    if paths.directory.exists():
+        await trio.to_thread.run_sync(shutil.rmtree, paths.directory, True)
+        released.append(f"shim directory {paths.directory}")
+    if remove_socket(paths) and paths.socket.parent != paths.directory:
+        released.append(f"shim socket {paths.socket}")
+    return released
+
+
 # ------------------------------------------------------------------------ start and connect
 
 
@@ -165,11 +196,13 @@ async def spawn_shim(
     env: dict[str, str],
     journal_max: int,
     log_path: Path,
+    cwd: Path | None = None,
 ) -> trio.Process:
     """Start a shim that runs ``runtime_argv``; its listening socket is bound before it starts.
 
-    The shim's stderr (and the runtime's) is appended to ``log_path``. Raises ``OSError`` when
-    the directory or socket cannot be made; nothing is left running then.
+    The shim's stderr (and the runtime's) is appended to ``log_path``. The runtime inherits the
+    shim's working directory, ``cwd`` (for paths its argv gives relative: QEMU's QMP socket).
+    Raises ``OSError`` when the directory or socket cannot be made; nothing is left running then.
     """
     paths.directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     paths.directory.mkdir(mode=0o700)
@@ -199,6 +232,7 @@ async def spawn_shim(
             stderr=stderr,
             env=env,
             pass_fds=(listener.fileno(),),
+            cwd=cwd,
             # Its own session: neither a terminal's Ctrl-C nor a SIGKILL of the gateway's
             # process group reaches it, which is the point of it.
             start_new_session=True,

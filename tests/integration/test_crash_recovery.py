@@ -1,6 +1,7 @@
 """A real gateway process is SIGKILLed with 20 sandboxes, some of them mid-exec and printing;
 the next gateway on the same data directory takes every one of them over: each is usable, every
-exec's whole output is there, and nothing is left on the host afterwards."""
+exec's whole output is there, and nothing is left on the host afterwards. One printer is a QEMU
+microVM (``maximum``, when a VM image is built): its shim holds it like gVisor's."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import Any
 import httpx
 import trio
 
+from sandstorm.images.vm import load_vm_manifest
 from sandstorm.shim.client import read_pids, shim_paths
+from tests.conftest import IMAGE_DATA_DIR
 from tests.hoststate import HostState, settled_state
 from tests.integration.gateway_process import gateway_process
 
@@ -28,6 +31,7 @@ PRINTER = (
     "    print(f'line {i:03d}', flush=True)\n"
     "    time.sleep(0.1)\n"
 )
+SLOW_PRINTER = PRINTER.replace("time.sleep(0.1)", "time.sleep(0.3)")
 
 
 def expected_output() -> str:
@@ -56,16 +60,37 @@ async def test_sigkill_with_20_sandboxes_then_the_next_gateway_takes_them_all_ov
 ) -> None:
     printers: dict[str, str] = {}  # sandbox id -> exec id of the printing exec
     idle: list[str] = []
+    vms: list[str] = []  # the qemu printer, where this host has the VM image
+    with_vm = load_vm_manifest(IMAGE_DATA_DIR) is not None
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
     with trio.fail_after(240):
         async with (
             gateway_process(
                 data_dir, tmp_path / "first", cgroup_parent=cgroup_parent, on_shutdown="keep",
-                max_sandboxes=64,
+                max_sandboxes=64, boot_timeout_s=90.0,  # a TCG boot on a loaded host
             ) as first,
             httpx.AsyncClient(base_url=first.url, timeout=60) as client,
         ):  # fmt: skip
+            if with_vm:
+                # A TCG boot takes seconds (and both cores): the VM boots alone, before the
+                # others, and prints three times slower, so that it is still mid-output when
+                # the gateway dies.
+                made = await _run(client, {"command": ["true"], "isolation_level": "maximum"})
+                assert made["runtime"] == "qemu", made
+                sid = made["id"]
+                vms.append(sid)
+                base = (await client.get(f"/v1/sandboxes/{sid}/status")).json()["last_event_seq"]
+                started = await client.post(
+                    f"/v1/sandboxes/{sid}/exec",
+                    json={"command": ["python3", "-c", SLOW_PRINTER], "wait": False},
+                )
+                assert started.status_code == 202, started.text
+                printers[sid] = started.json()["exec_id"]
+                while (await client.get(f"/v1/sandboxes/{sid}/status")).json()[
+                    "last_event_seq"
+                ] < base + 2:  # started, then its first line
+                    await trio.sleep(0.05)
 
             async def create(n: int) -> None:
                 if n < PRINTERS // 2:
@@ -94,9 +119,12 @@ async def test_sigkill_with_20_sandboxes_then_the_next_gateway_takes_them_all_ov
                 async with limiter:
                     await create(n)
 
-            async with trio.open_nursery() as nursery:
-                for n in range(SANDBOXES):
-                    nursery.start_soon(create_limited, n)
+            # The idle ones first, the printers last: each printer is then sure to be
+            # mid-output when the gateway dies, however slowly this host boots sandboxes.
+            for phase in (range(PRINTERS, SANDBOXES - len(vms)), range(PRINTERS)):
+                async with trio.open_nursery() as nursery:
+                    for n in phase:
+                        nursery.start_soon(create_limited, n)
             # Every printer is mid-output: wait until each has printed something.
             for sid, exec_id in printers.items():
                 while True:
@@ -121,7 +149,7 @@ async def test_sigkill_with_20_sandboxes_then_the_next_gateway_takes_them_all_ov
         async with (
             gateway_process(
                 data_dir, tmp_path / "second", cgroup_parent=cgroup_parent,
-                on_shutdown="destroy", max_sandboxes=64,
+                on_shutdown="destroy", max_sandboxes=64, boot_timeout_s=90.0,
             ) as second,
             httpx.AsyncClient(base_url=second.url, timeout=60) as client,
         ):  # fmt: skip
@@ -132,6 +160,9 @@ async def test_sigkill_with_20_sandboxes_then_the_next_gateway_takes_them_all_ov
             assert took_over, second.stderr.decode()[-3000:]
             print(f"\nrestart to serving: {serving_s * 1000:.0f} ms; {took_over[0]['message']}")
 
+            for sid in vms:
+                status = (await client.get(f"/v1/sandboxes/{sid}/status")).json()
+                assert status["runtime"] == "qemu", status
             failed = (await client.get(f"/v1/sandboxes/{doomed}/status")).json()
             assert failed["state"] == "failed", failed
             assert "no longer running" in failed["failure"]["reason"]

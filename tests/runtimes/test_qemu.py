@@ -138,7 +138,7 @@ async def test_boot_exec_checkpoint_restore_destroy(runtime: QemuRuntime, tmp_pa
         hello = await instance.channel.wait_hello()
         assert hello.protocol == 1
         # QEMU itself dropped root (-runas nobody) once its files were open.
-        status = Path(f"/proc/{instance.process.pid}/status").read_text()
+        status = Path(f"/proc/{instance.runtime_pid}/status").read_text()
         uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
         assert uid_line.split()[1:] == ["65534"] * 4, uid_line
         out = await _run(instance, 1, "id -u; grep NoNewPrivs /proc/self/status; echo x > /tmp/f")
@@ -168,6 +168,48 @@ async def test_boot_exec_checkpoint_restore_destroy(runtime: QemuRuntime, tmp_pa
         assert await runtime.destroy(sid) == []  # idempotent
         assert not qemu_state(runtime.data_dir)
         assert sid not in runtime.cgroups.list_ids()
+
+
+async def test_vm_survives_a_dropped_gateway(runtime: QemuRuntime) -> None:
+    """The shim holds QEMU's stdio: a gateway that lets go mid-exec (as a SIGKILLed one does)
+    leaves the VM running, and a fresh runtime object resumes the stream at its offset."""
+    with trio.fail_after(T):
+        assert (await runtime.detect()).available
+        sid = new_id("sbx")
+        instance = await runtime.start(_spec(sid))
+        shim = instance.process
+        assert shim is not None
+        await instance.channel.wait_hello()
+        script = "for i in $(seq 1 30); do echo $i; sleep 0.05; done"
+        await instance.channel.send_exec(1, ["/bin/sh", "-c", script], {}, "/workspace")
+        seen = b""
+        while b"5\n" not in seen:
+            frame = await instance.channel.receive_frame()
+            assert frame is not None, instance.diagnostics()
+            if frame.kind == FrameKind.STDOUT:
+                seen += frame.payload
+        offset = instance.channel.offset
+        await instance.detach()
+        del instance
+        await trio.sleep(0.5)  # the guest goes on printing into the shim's journal
+
+        fresh = QemuRuntime(["qemu-system-x86_64"], runtime.data_dir, "default", runtime.cgroups)
+        assert await fresh.surviving() == [sid]
+        again = await fresh.reattach(sid, offset)
+        assert again.handshake.end_offset > offset  # written while nobody was attached
+        frames = await _until(again, FrameKind.EXIT)
+        rest = b"".join(f.payload for f in frames if f.kind == FrameKind.STDOUT)
+        assert (seen + rest).split() == [str(i).encode() for i in range(1, 31)]
+        assert await _run(again, 2, "echo still here") == b"still here\n"
+
+        assert await fresh.list_orphans(lambda: {sid}) == []
+        released = await fresh.destroy(sid)
+        assert any(r.startswith("qemu process") for r in released), released
+        assert any(r.startswith("shim process") for r in released), released
+        await again.wait()
+        await shim.wait()  # the first "gateway's" child
+        assert await fresh.surviving() == []
+        assert not qemu_state(runtime.data_dir)
 
 
 async def test_boot_to_first_output_median(runtime: QemuRuntime) -> None:
