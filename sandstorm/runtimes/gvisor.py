@@ -32,9 +32,7 @@ from sandstorm.shim import (
     ShimPaths,
     attach,
     end_shim,
-    is_shim_process,
-    read_exit_status,
-    read_pids,
+    live_shims,
     shim_paths,
     shim_process_ids,
     spawn_shim,
@@ -164,18 +162,7 @@ class GvisorRuntime:
     async def surviving(self) -> list[str]:
         """Sandbox ids whose shim is alive under this data directory and whose runtime has
         not exited (a restarted gateway reattaches to these)."""
-        found: list[str] = []
-        with contextlib.suppress(OSError):
-            for entry in self.shims_dir.iterdir():
-                if not is_id(entry.name, "sbx"):
-                    continue
-                paths = self._shim_paths(entry.name)
-                pids = read_pids(paths)
-                if pids is None or read_exit_status(paths) is not None:
-                    continue
-                if is_shim_process(pids[0], paths):
-                    found.append(entry.name)
-        return sorted(found)
+        return live_shims(self.shims_dir, self._shim_paths)
 
     async def reattach(self, sandbox_id: str, offset: int) -> ShimInstance:
         """Connect to the live shim of ``sandbox_id`` and resume its agent stream at ``offset``

@@ -49,8 +49,7 @@ from sandstorm.shim import (
     ShimInstance,
     ShimPaths,
     attach,
-    is_shim_process,
-    read_exit_status,
+    live_shims,
     read_pids,
     shim_paths,
     shim_process_ids,
@@ -436,18 +435,7 @@ class QemuRuntime:
     async def surviving(self) -> list[str]:
         """Sandbox ids whose shim is alive and whose QEMU has not exited (a restarted gateway
         reattaches to these)."""
-        found: list[str] = []
-        with contextlib.suppress(OSError):
-            for entry in self.shims_dir.iterdir():
-                if not is_id(entry.name, "sbx"):
-                    continue
-                paths = self._shim_paths(entry.name)
-                pids = read_pids(paths)
-                if pids is None or read_exit_status(paths) is not None:
-                    continue
-                if is_shim_process(pids[0], paths):
-                    found.append(entry.name)
-        return sorted(found)
+        return live_shims(self.shims_dir, self._shim_paths)
 
     async def reattach(self, sandbox_id: str, offset: int) -> QemuInstance:
         """Connect to the live shim of ``sandbox_id`` and resume the agent stream at ``offset``

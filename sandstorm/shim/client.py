@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -23,6 +24,7 @@ from typing import Final
 import trio
 
 from sandstorm.agent.client import HEADER, AgentChannel, Frame
+from sandstorm.ids import is_id
 from sandstorm.runtimes.base import RuntimeStartError
 from sandstorm.shim import main as wire
 
@@ -155,6 +157,23 @@ def _pidfd_of_child(pid: int, parent: int) -> int | None:
         pass
     os.close(fd)
     return None
+
+
+def live_shims(shims_dir: Path, paths_of: Callable[[str], ShimPaths]) -> list[str]:
+    """Sandbox ids under ``shims_dir`` whose shim is alive and whose runtime has not exited:
+    what a restarted gateway can take over."""
+    found: list[str] = []
+    with contextlib.suppress(OSError):
+        for entry in shims_dir.iterdir():
+            if not is_id(entry.name, "sbx"):
+                continue
+            paths = paths_of(entry.name)
+            pids = read_pids(paths)
+            if pids is None or read_exit_status(paths) is not None:
+                continue
+            if is_shim_process(pids[0], paths):
+                found.append(entry.name)
+    return sorted(found)
 
 
 async def end_shim(paths: ShimPaths, *, grace: float) -> list[str]:
