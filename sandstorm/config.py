@@ -95,7 +95,8 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     max_body_bytes: Positive = 16 * MIB
     # A client that takes none of a response for this long is disconnected.
     write_timeout_s: Annotated[float, Meta(gt=0)] = 15.0
-    # Admission control: refuse new sandboxes beyond these with 503 at_capacity.
+    # Admission control: refuse new sandboxes beyond these with 503 at_capacity. The budget
+    # counts each sandbox's host memory: memory_limit, plus a VMM's own memory for VM runtimes.
     max_sandboxes: Positive = 64
     memory_budget: Annotated[int, Meta(ge=64 * MIB)] = 16 * 1024 * MIB
     max_execs_per_sandbox: Positive = 32

@@ -343,7 +343,10 @@ class WarmPool:
         if new.memory_limit >= old.memory_limit:
             return True
         # Lowering below what the sandbox holds would make the kernel reclaim or OOM-kill it.
-        held = actor.runtime.usage(actor.id).memory_bytes
+        try:
+            held = actor.runtime.usage(actor.id).memory_bytes
+        except OSError:
+            return False  # its cgroup cannot be read: do not touch it, the run boots its own
         return new.memory_limit >= held + LOWER_HEADROOM_BYTES
 
     def evict_for(self, count: int, memory: int) -> None:

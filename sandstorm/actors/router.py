@@ -397,8 +397,9 @@ class Router:
                     output[row.id] = await self.store.call(self.store.sync.exec_output, row.id)
         memory = spec.memory_limit
         # Admission as for a new sandbox, minus the refusals: it exists and must be counted.
-        self._reservations[record.id] = memory
-        self._reserved_memory += memory
+        host = runtime.host_memory(spec)
+        self._reservations[record.id] = host
+        self._reserved_memory += host
         self.quotas.take_over(params.tenant, memory)
         actor = SandboxActor(
             params,
@@ -452,7 +453,9 @@ class Router:
             self.metrics.refused("quota_exceeded", "sandbox")
             raise
         try:
-            self._admit(params.sandbox_id, memory)
+            # The host's side counts what the runtime adds (a VMM's own memory); the tenant's
+            # quota counts what the tenant asked for.
+            self._admit(params.sandbox_id, runtime.host_memory(params.spec))
         except BaseException:
             self.quotas.release_sandbox(params.tenant, memory)
             raise

@@ -108,6 +108,12 @@ class SandboxRuntime(Protocol):
 
     def usage(self, sandbox_id: str) -> ResourceUsage: ...
 
+    def host_memory(self, spec: SandboxSpec) -> int:
+        """Host memory the sandbox may take: its host cgroup's limit, which is ``memory_limit``
+        plus whatever the runtime itself needs on top (a VMM's own memory). Admission control
+        reserves this much, so VMs cannot overcommit the gateway's memory budget."""
+        ...
+
     def out_of_memory(self, sandbox_id: str) -> bool:
         """Whether the sandbox hit its memory limit (call before destroy)."""
         ...

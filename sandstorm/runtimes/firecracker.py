@@ -393,7 +393,10 @@ class FirecrackerRuntime:
             )
         finally:
             log.close()
-        await trio.Path(jail.pidfile).write_text(str(process.pid))
+        # Synchronous (no checkpoint): a cancellation here must not leave a running VM with no
+        # pidfile, which destroy and the reaper find it by.
+        with open(jail.pidfile, "w") as f:  # noqa: ASYNC230 - a few bytes to a local file
+            f.write(str(process.pid))
         try:
             with trio.fail_after(BOOT_TIMEOUT_S):
                 await fapi.wait_for_socket(
@@ -534,6 +537,9 @@ class FirecrackerRuntime:
         return ResourceUsage(
             self.cgroups.memory_bytes(sandbox_id), self.cgroups.cpu_time_ms(sandbox_id)
         )
+
+    def host_memory(self, spec: SandboxSpec) -> int:
+        return host_limits(spec).memory_bytes
 
     def out_of_memory(self, sandbox_id: str) -> bool:
         return self.cgroups.out_of_memory(sandbox_id)

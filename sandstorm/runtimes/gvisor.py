@@ -276,6 +276,9 @@ class GvisorRuntime:
             self.cgroups.memory_bytes(sandbox_id), self.cgroups.cpu_time_ms(sandbox_id)
         )
 
+    def host_memory(self, spec: SandboxSpec) -> int:
+        return host_limits(spec).memory_bytes
+
     def out_of_memory(self, sandbox_id: str) -> bool:
         return self.cgroups.out_of_memory(sandbox_id)
 

@@ -265,6 +265,9 @@ class KataRuntime(GvisorRuntime):
         # Who is live is asked only now, after the last await (see GvisorRuntime).
         return sorted(i for i in held - live() if is_id(i, "sbx"))
 
+    def host_memory(self, spec: SandboxSpec) -> int:
+        return kata_spec.host_limits(spec, self.runtime_type).memory_bytes
+
     def usage(self, sandbox_id: str) -> ResourceUsage:
         return ResourceUsage(
             self.cgroups.memory_bytes(sandbox_id), self.cgroups.cpu_time_ms(sandbox_id)

@@ -205,3 +205,20 @@ async def test_mounts_are_refused_on_qemu_and_leave_nothing(
             error = response.json()["error"]
             assert error["code"] == "runtime_unavailable" and "mounts" in error["message"]
             assert (await host_state(gw.data_dir, gw.config.cgroup_parent or "")).is_empty()
+
+
+async def test_admission_counts_the_vmm_memory(start_gateway: Callable[..., Any]) -> None:
+    """A VM costs the host its RAM plus QEMU's own memory: the memory budget reserves both, so
+    VMs cannot overcommit it (refused before anything boots)."""
+    if load_vm_manifest(IMAGE_DATA_DIR) is None:
+        pytest.skip(f"no VM image in {IMAGE_DATA_DIR}")
+    async with start_gateway(memory_budget=320 * 1024 * 1024, **QEMU_OVERRIDES) as gw:
+        with trio.fail_after(60):
+            refused = await gw.run(
+                command=["true"], isolation_level="maximum", memory_limit=128 * 1024 * 1024
+            )
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "at_capacity"
+            # The same limit in gVisor (no VMM on top) fits.
+            body = await gw.run_ok(command=["true"], memory_limit=128 * 1024 * 1024, keep_alive=0)
+            assert body["runtime"] == "gvisor"
