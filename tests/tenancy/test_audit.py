@@ -154,3 +154,30 @@ async def test_no_secret_reaches_the_database(start_gateway: Any) -> None:
             assert sid.encode() in raw  # the records are there...
             for secret in (env_secret, code_secret, stdin_secret, arg_secret, file_secret, key):
                 assert secret.encode() not in raw, secret  # ...and no secret is
+
+
+async def test_a_call_whose_client_leaves_before_the_answer_is_still_recorded(
+    gw: RunningGateway,
+) -> None:
+    """A ``wait: true`` run whose client disconnects: the handler is cancelled before any
+    answer, and the record says so instead of being lost."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    body = json.dumps({"command": ["sleep", "30"], "keep_alive": 0}).encode()
+    with trio.fail_after(60):
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(
+            b"POST /v1/sandboxes/run HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        # Wait until the sandbox runs the command, then leave without reading the answer.
+        while not (await gw.client.get("/v1/sandboxes")).json()["sandboxes"]:
+            await trio.sleep(0.05)
+        await stream.aclose()
+        while True:
+            got = await trio.to_thread.run_sync(_records, gw.data_dir)
+            if got:
+                break
+            await trio.sleep(0.1)
+    assert [(r.action, r.outcome) for r in got] == [("run", "499 client_closed")], got
+    assert got[0].tenant == "default"
