@@ -187,7 +187,7 @@ class WarmPool:
         )
         runtime = router.registry.driver(c.runtime)
         # Never at the expense of another pool sandbox, nor of a request (it would evict us).
-        router._admit(sandbox_id, c.memory_limit, evict=False)
+        router._admit(sandbox_id, runtime.host_memory(spec), evict=False)
         actor = SandboxActor(
             params,
             runtime,
@@ -267,7 +267,7 @@ class WarmPool:
             router.metrics.refused("quota_exceeded", "sandbox")
             raise
         try:
-            router._resize(actor.id, spec.memory_limit)
+            router._resize(actor.id, actor.runtime.host_memory(claimed_spec))
         except AtCapacity:
             router.quotas.release_sandbox(params.tenant, spec.memory_limit)
             cls.ready.insert(0, actor)

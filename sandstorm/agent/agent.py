@@ -252,6 +252,15 @@ def send_error(channel, message):
 # --------------------------------------------------------------------------------------------
 
 
+def exec_pipes(fds):
+    """An exec's four pipes (stdin, stdout, stderr, and the start-error pipe), as
+    (r, w, r, w, ...). Each fd is added to ``fds`` as soon as it exists, so the caller can close
+    them all whatever fails."""
+    for _ in range(4):
+        fds.extend(os.pipe())
+    return fds[-8:]
+
+
 class Exec(object):
     __slots__ = (
         "channel",
@@ -710,14 +719,7 @@ class Agent(object):
 
         fds = []
         try:
-            stdin_r, stdin_w = os.pipe()
-            fds += [stdin_r, stdin_w]
-            stdout_r, stdout_w = os.pipe()
-            fds += [stdout_r, stdout_w]
-            stderr_r, stderr_w = os.pipe()
-            fds += [stderr_r, stderr_w]
-            err_r, err_w = os.pipe()
-            fds += [err_r, err_w]
+            stdin_r, _, _, stdout_w, _, stderr_w, _, err_w = exec_pipes(fds)
             passed = b"".join(
                 fd.to_bytes(4, sys.byteorder) for fd in (stdin_r, stdout_w, stderr_w, err_w)
             )
@@ -732,8 +734,7 @@ class Agent(object):
         ex.held = True
         ex.request = (argv, env, cwd)
         self.zygote_waiting.append(ex)
-        self.track(ex, 0, time.monotonic(), (stdin_r, stdin_w, stdout_r, stdout_w,
-                                             stderr_r, stderr_w, err_r, err_w))  # fmt: skip
+        self.track(ex, 0, time.monotonic(), fds)
         ex.deadline = ex.started + ZYGOTE_REPLY_S
 
     def deliver_signals(self, ex):
@@ -854,14 +855,7 @@ class Agent(object):
             ex = Exec(channel)  # before the fork: it reads the OOM-kill count
         fds = []
         try:
-            stdin_r, stdin_w = os.pipe()
-            fds += [stdin_r, stdin_w]
-            stdout_r, stdout_w = os.pipe()
-            fds += [stdout_r, stdout_w]
-            stderr_r, stderr_w = os.pipe()
-            fds += [stderr_r, stderr_w]
-            err_r, err_w = os.pipe()
-            fds += [err_r, err_w]
+            stdin_r, _, _, stdout_w, _, stderr_w, _, err_w = exec_pipes(fds)
             started = time.monotonic()
             pid = os.fork()
         except OSError as exc:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import trio
 
+from sandstorm.runtimes.base import ResourceUsage
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
 # runsc creates its leaf in every v1 hierarchy it finds, runc also in the hybrid host's v2
@@ -254,3 +256,18 @@ def _rmdir_cgroup(path: Path) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), 9)
         raise
+
+
+class CgroupAccounting:
+    """What a runtime whose sandboxes each live in a gateway-owned cgroup reports from it:
+    usage, and whether the kernel OOM-killed in it."""
+
+    cgroups: SandboxCgroups
+
+    def usage(self, sandbox_id: str) -> ResourceUsage:
+        return ResourceUsage(
+            self.cgroups.memory_bytes(sandbox_id), self.cgroups.cpu_time_ms(sandbox_id)
+        )
+
+    def out_of_memory(self, sandbox_id: str) -> bool:
+        return self.cgroups.out_of_memory(sandbox_id)

@@ -46,8 +46,8 @@ from sandstorm.ids import is_id
 from sandstorm.images.vm import CpioWriter, load_vm_manifest, vm_dir
 from sandstorm.protocol import MIB, IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.runtimes import firecracker_api as fapi
-from sandstorm.runtimes.base import Detection, ResourceUsage, RuntimeStartError, SandboxSpec
-from sandstorm.runtimes.cgroups import CPU_PERIOD_US, Limits, SandboxCgroups
+from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec
+from sandstorm.runtimes.cgroups import CPU_PERIOD_US, CgroupAccounting, Limits, SandboxCgroups
 from sandstorm.runtimes.detection import first_executable, not_found, read_version
 from sandstorm.runtimes.gvisor import AGENT_ENV
 from sandstorm.runtimes.kvm_probe import kvm_runs_guests
@@ -214,7 +214,7 @@ class FirecrackerInstance:
         return _tail(self.log_path)
 
 
-class FirecrackerRuntime:
+class FirecrackerRuntime(CgroupAccounting):
     name: RuntimeName = "firecracker"
     isolation_levels: tuple[IsolationLevel, ...] = ("strong", "maximum")
     capabilities = RuntimeCapabilities(snapshot=True, exec=True, streaming=True, network=False)
@@ -533,16 +533,8 @@ class FirecrackerRuntime:
 
     # ------------------------------------------------------------------ observation
 
-    def usage(self, sandbox_id: str) -> ResourceUsage:
-        return ResourceUsage(
-            self.cgroups.memory_bytes(sandbox_id), self.cgroups.cpu_time_ms(sandbox_id)
-        )
-
     def host_memory(self, spec: SandboxSpec) -> int:
         return host_limits(spec).memory_bytes
-
-    def out_of_memory(self, sandbox_id: str) -> bool:
-        return self.cgroups.out_of_memory(sandbox_id)
 
     async def list_orphans(self, live: Callable[[], set[str]]) -> list[str]:
         held: set[str] = set()

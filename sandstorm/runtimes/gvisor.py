@@ -24,8 +24,8 @@ import trio
 from sandstorm.agent import AGENT_COMMAND, AGENT_MOUNT_POINT, AGENT_SOURCE_PATH
 from sandstorm.ids import is_id
 from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
-from sandstorm.runtimes.base import Detection, ResourceUsage, RuntimeStartError, SandboxSpec
-from sandstorm.runtimes.cgroups import Limits, SandboxCgroups
+from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec
+from sandstorm.runtimes.cgroups import CgroupAccounting, Limits, SandboxCgroups
 from sandstorm.shim import (
     DEFAULT_JOURNAL_MAX,
     ShimInstance,
@@ -56,7 +56,7 @@ class RunscError(RuntimeStartError):
     pass
 
 
-class GvisorRuntime:
+class GvisorRuntime(CgroupAccounting):
     name: RuntimeName = "gvisor"
     isolation_levels: tuple[IsolationLevel, ...] = ("standard", "strong")
     capabilities = RuntimeCapabilities(snapshot=True, exec=True, streaming=True, network=False)
@@ -271,16 +271,8 @@ class GvisorRuntime:
 
     # ------------------------------------------------------------------ observation
 
-    def usage(self, sandbox_id: str) -> ResourceUsage:
-        return ResourceUsage(
-            self.cgroups.memory_bytes(sandbox_id), self.cgroups.cpu_time_ms(sandbox_id)
-        )
-
     def host_memory(self, spec: SandboxSpec) -> int:
         return host_limits(spec).memory_bytes
-
-    def out_of_memory(self, sandbox_id: str) -> bool:
-        return self.cgroups.out_of_memory(sandbox_id)
 
     def adjust_limits(self, old: SandboxSpec, new: SandboxSpec) -> None:
         """Set a live sandbox's host limits from ``old`` to ``new`` (a warm pool claim). The

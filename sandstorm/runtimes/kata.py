@@ -26,7 +26,7 @@ import trio
 from sandstorm.ids import is_id
 from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.runtimes import kata_spec
-from sandstorm.runtimes.base import Detection, ResourceUsage, RuntimeStartError, SandboxSpec
+from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import SandboxCgroups
 from sandstorm.runtimes.detection import first_executable, not_found, read_version
 from sandstorm.runtimes.gvisor import RUNSC_ENV, SHIM_EXIT_GRACE_S, GvisorRuntime
@@ -267,8 +267,3 @@ class KataRuntime(GvisorRuntime):
 
     def host_memory(self, spec: SandboxSpec) -> int:
         return kata_spec.host_limits(spec, self.runtime_type).memory_bytes
-
-    def usage(self, sandbox_id: str) -> ResourceUsage:
-        return ResourceUsage(
-            self.cgroups.memory_bytes(sandbox_id), self.cgroups.cpu_time_ms(sandbox_id)
-        )

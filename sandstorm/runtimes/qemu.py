@@ -39,8 +39,8 @@ from sandstorm.agent import AGENT_COMMAND, AGENT_SOURCE_PATH
 from sandstorm.ids import is_id
 from sandstorm.images.vm import CpioWriter, load_vm_manifest, vm_dir
 from sandstorm.protocol import MIB, IsolationLevel, RuntimeCapabilities, RuntimeName
-from sandstorm.runtimes.base import Detection, ResourceUsage, RuntimeStartError, SandboxSpec
-from sandstorm.runtimes.cgroups import Limits, SandboxCgroups
+from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec
+from sandstorm.runtimes.cgroups import CgroupAccounting, Limits, SandboxCgroups
 from sandstorm.runtimes.detection import first_executable, not_found, read_version
 from sandstorm.runtimes.gvisor import AGENT_ENV, SHIM_EXIT_GRACE_S
 from sandstorm.runtimes.qmp import Qmp, QmpError
@@ -93,7 +93,7 @@ class QemuInstance(ShimInstance):
         return "\n".join(p for p in parts if p)
 
 
-class QemuRuntime:
+class QemuRuntime(CgroupAccounting):
     name: RuntimeName = "qemu"
     isolation_levels: tuple[IsolationLevel, ...] = ("strong", "maximum")
     capabilities = RuntimeCapabilities(snapshot=True, exec=True, streaming=True, network=False)
@@ -451,16 +451,8 @@ class QemuRuntime:
 
     # ------------------------------------------------------------------ observation
 
-    def usage(self, sandbox_id: str) -> ResourceUsage:
-        return ResourceUsage(
-            self.cgroups.memory_bytes(sandbox_id), self.cgroups.cpu_time_ms(sandbox_id)
-        )
-
     def host_memory(self, spec: SandboxSpec) -> int:
         return host_limits(spec).memory_bytes
-
-    def out_of_memory(self, sandbox_id: str) -> bool:
-        return self.cgroups.out_of_memory(sandbox_id)
 
     async def list_orphans(self, live: Callable[[], set[str]]) -> list[str]:
         held: set[str] = set()
