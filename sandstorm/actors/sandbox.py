@@ -62,6 +62,7 @@ from sandstorm.protocol import (
     SelectionReason,
     StatusEvent,
     Usage,
+    Verdict,
 )
 from sandstorm.recorder import Recorder
 from sandstorm.runtimes.base import (
@@ -615,7 +616,11 @@ class SandboxActor:
 
     def _finish(self, rec: ExecRecord, info: ExitInfo | None) -> None:
         if rec.running:
-            self.metrics.exec_finished(self.params.runtime_name, rec.finish(info))
+            verdict: Verdict | None = None
+            failed = info is not None and (info.signal is not None or info.exit_code != 0)
+            if failed and rec.kill_verdict is None and self.runtime.exec_ran_out_of_memory(self.id):
+                verdict = "oom"  # the sandbox reached memory_limit: allocations failed
+            self.metrics.exec_finished(self.params.runtime_name, rec.finish(info, verdict=verdict))
         result = rec.finish(info)
         self._by_channel.pop(rec.channel, None)
         if self.recorder is not None:
@@ -695,6 +700,7 @@ class SandboxActor:
             # Durable before the agent hears of it: a gateway that dies from here on finds the
             # exec's channel on restart and maps the journaled output back to it.
             await self._checkpoint()
+            self.runtime.exec_starting(self.id, alone=len(self._by_channel) == 1)
             await self._to_agent(lambda ch: ch.send_exec(num, plan.argv, plan.env, plan.cwd))
             if plan.stdin:
                 stdin = plan.stdin

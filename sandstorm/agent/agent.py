@@ -504,6 +504,9 @@ class Agent(object):
         # Exit statuses of pids reaped before anyone claimed them, for a zygote exec whose pid
         # report comes after its death (only possible if something else killed it early).
         self.orphans = {}
+        # The agent's own directory, to return to after starting an exec in its cwd (a path,
+        # not a held fd: PID 1 keeps no descriptor of the filesystem).
+        self.home = os.getcwd()
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -857,7 +860,9 @@ class Agent(object):
         try:
             stdin_r, _, _, stdout_w, _, stderr_w, _, err_w = exec_pipes(fds)
             started = time.monotonic()
-            pid = os.fork()
+            pid = self.spawn_direct(argv, env, cwd, stdin_r, stdout_w, stderr_w)
+            if not pid:
+                pid = os.fork()  # the exact error (or a program posix_spawn cannot start)
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
@@ -882,6 +887,41 @@ class Agent(object):
         self.flush_stdin(ex)
         if ex.close_requested and not ex.pending:
             self.close_stdin(ex)
+
+    def spawn_direct(self, argv, env, cwd, stdin_r, stdout_w, stderr_w):
+        """Start an exec with posix_spawn: vfork semantics, so no copy of the agent's address
+        space (in gVisor a fork is the dearest part of an exec: here /bin/true costs 4 ms this
+        way against 14-21 ms by fork + execve). The child is set up exactly as ``_child``
+        does it. Returns its pid, or 0 when it did not start (cwd or every PATH candidate
+        failed): the fork path then reproduces the failure and its exact message."""
+        try:
+            os.chdir(cwd)  # posix_spawn has no chdir; the agent is single-threaded
+        except OSError:
+            return 0
+        try:
+            for candidate in _candidates(argv[0], env):
+                try:
+                    return os.posix_spawn(
+                        candidate,
+                        argv,
+                        env,
+                        file_actions=[
+                            (os.POSIX_SPAWN_DUP2, stdin_r, 0),
+                            (os.POSIX_SPAWN_DUP2, stdout_w, 1),
+                            (os.POSIX_SPAWN_DUP2, stderr_w, 2),
+                        ],
+                        setpgroup=0,
+                        setsigmask=(),
+                        setsigdef=_RESET_SIGNALS,
+                    )
+                except OSError:
+                    continue  # as execvpe: the next directory on PATH
+            return 0
+        finally:
+            try:
+                os.chdir(self.home)
+            except OSError:
+                os.chdir("/")  # code in the sandbox removed it; nothing relies on it
 
     def track(self, ex, pid, started, fds):
         """Keep the parent's ends of an exec's pipes (``fds`` as os.pipe() pairs: stdin,

@@ -3,9 +3,9 @@
 # Sandstorm python zygote (see "Python zygote" in protocol/agent.md). Standard library only, run
 # by the agent as `python3 -c <this source>` so that its interpreter starts exactly like a user's
 # `python3 -c CODE` / `python3 FILE` (same flags, site, sys.path, locale, std streams on pipes).
-# It never runs user code itself: per request it forks an intermediate, which forks the exec's
-# process and exits, so the exec is re-parented to the agent (PID 1) and reaped by it like any
-# other exec (exit status and rusage from the agent's own wait4).
+# It never runs user code itself: ahead of each request it forks an intermediate, which forks the
+# standby process that will become the exec and exits, so the exec is re-parented to the agent
+# (PID 1) and reaped by it like any other exec (exit status and rusage from the agent's own wait4).
 # fd 0 is a SOCK_SEQPACKET socket to the agent. A request is one byte with SCM_RIGHTS
 # [stdin_r, stdout_w, stderr_w, err_w]; the reply (once the intermediate is reaped) is the
 # exec's pid in ASCII, or "-errno". The exec then reads its request (argv, env, cwd) from its
@@ -127,58 +127,128 @@ def _prepare(fds):
     return code, names
 
 
+def _fork_standby():
+    """Fork, ahead of time, the process that will run the next exec: the forks (the dear part
+    of a zygote exec in gVisor) then happen while the sandbox is otherwise idle, not on the
+    exec's path. An intermediate forks it and exits, so it is re-parented to the agent (PID 1)
+    and reaped by the agent like any other exec. In the zygote returns (pid, socket to it) or
+    (-errno, None); in the standby process returns (0, socket from the zygote)."""
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    report_r, report_w = os.pipe()
+    try:
+        middle = os.fork()
+    except OSError as exc:
+        for fd in (report_r, report_w):
+            os.close(fd)
+        ours.close()
+        theirs.close()
+        return -exc.errno, None
+    if middle == 0:
+        try:
+            child = os.fork()
+        except OSError as exc:
+            os.write(report_w, b"-%d" % exc.errno)
+            os._exit(0)
+        if child == 0:
+            os.close(report_r)
+            os.close(report_w)
+            ours.close()
+            return 0, theirs
+        try:
+            os.setpgid(child, child)  # as the agent does: no window without the group
+        except OSError:
+            pass
+        os.write(report_w, b"%d" % child)
+        os._exit(0)
+    os.close(report_w)
+    theirs.close()
+    os.waitpid(middle, 0)
+    reply = os.read(report_r, 32)
+    os.close(report_r)
+    pid = int(reply) if reply else -5  # EIO: the intermediate died silently
+    if pid <= 0:
+        ours.close()
+        return pid, None
+    return pid, ours
+
+
+def _stand_by(agent, zygote):
+    """In the standby process: wait for an exec's pipes from the zygote, then become it."""
+    agent.detach()
+    os.close(0)  # the agent's socket: only the zygote talks to the agent
+    try:
+        _message, fds = _receive(zygote)
+    except BaseException:
+        os._exit(0)
+    if len(fds) != _FDS:
+        os._exit(0)  # the zygote is gone (EOF) or replaced this standby
+    zygote.close()
+    return _prepare(fds)
+
+
+def _receive(sock):
+    """One message and the fds that came with it (SCM_RIGHTS)."""
+    message, ancillary, _flags, _addr = sock.recvmsg(16, _socket.CMSG_SPACE(_FDS * 4))
+    fds = []
+    for level, kind, data in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds += [int.from_bytes(data[i : i + 4], sys.byteorder) for i in range(0, usable, 4)]
+    return message, fds
+
+
+def _hand_over(standby, fds):
+    """Pass an exec's pipes to the standby process; False if it is gone."""
+    array = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+    try:
+        standby.sendmsg([b"x"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array)])
+    except OSError:
+        return False
+    return True
+
+
 def _serve():
     sock = _socket.socket(fileno=0)
-    space = _socket.CMSG_SPACE(_FDS * 4)
+    standby_pid, standby = _fork_standby()
+    if standby_pid == 0:
+        return _stand_by(sock, standby)
     while True:
         try:
-            message, ancillary, _flags, _addr = sock.recvmsg(16, space)
+            message, fds = _receive(sock)
         except InterruptedError:
             continue
         if not message:
             os._exit(0)  # the agent is gone
-        fds = []
-        for level, kind, data in ancillary:
-            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-                usable = len(data) - len(data) % 4
-                fds += [int.from_bytes(data[i : i + 4], sys.byteorder) for i in range(0, usable, 4)]
         if len(fds) != _FDS:
             for fd in fds:
                 os.close(fd)
             sock.send(b"-22")  # EINVAL: the agent falls back to a normal exec
             continue
-        # The pid goes to the agent only once the intermediate is reaped, so the exec is
-        # already the agent's child (os.getppid() never shows a short-lived middleman).
-        report_r, report_w = os.pipe()
-        try:
-            middle = os.fork()
-        except OSError as exc:
-            middle = -1
-            os.write(report_w, b"-%d" % exc.errno)
-        if middle == 0:
-            try:
-                child = os.fork()
-            except OSError as exc:
-                os.write(report_w, b"-%d" % exc.errno)
-                os._exit(0)
-            if child == 0:
-                sock.detach()  # fd 0 is replaced by the exec's stdin in _prepare
-                os.close(report_r)
-                os.close(report_w)
-                return _prepare(fds)
-            try:
-                os.setpgid(child, child)  # as the agent does: no window without the group
-            except OSError:
-                pass
-            os.write(report_w, b"%d" % child)
-            os._exit(0)
-        os.close(report_w)
+        # The standby forked while idle takes the exec; one forked now if it is missing or
+        # gone (code in the sandbox can kill it). Its pid goes to the agent only once it holds
+        # the pipes, and it is already the agent's child.
+        reply = b"-5"
+        for _attempt in range(2):
+            if standby is None:
+                standby_pid, standby = _fork_standby()
+                if standby_pid == 0:
+                    return _stand_by(sock, standby)
+                if standby is None:
+                    reply = b"%d" % standby_pid  # -errno
+                    break
+            handed = _hand_over(standby, fds)
+            standby.close()
+            standby = None
+            if handed:
+                reply = b"%d" % standby_pid
+                break
         for fd in fds:
             os.close(fd)
-        if middle > 0:
-            os.waitpid(middle, 0)
-        sock.send(os.read(report_r, 32) or b"-5")  # EIO: the intermediate died silently
-        os.close(report_r)
+        sock.send(reply)
+        if standby is None:
+            standby_pid, standby = _fork_standby()  # for the next exec, while this one runs
+            if standby_pid == 0:
+                return _stand_by(sock, standby)
 
 
 def _uncaught(exc):

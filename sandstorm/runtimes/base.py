@@ -118,6 +118,15 @@ class SandboxRuntime(Protocol):
         """Whether the sandbox hit its memory limit (call before destroy)."""
         ...
 
+    def exec_starting(self, sandbox_id: str, alone: bool) -> None:
+        """An exec is about to start (``alone``: no other exec runs in the sandbox)."""
+        ...
+
+    def exec_ran_out_of_memory(self, sandbox_id: str) -> bool:
+        """Whether an exec that just failed did so because the sandbox was at its memory
+        limit, for a runtime where that fails allocations instead of OOM-killing."""
+        ...
+
     async def list_orphans(self, live: Callable[[], set[str]]) -> list[str]:
         """Sandbox ids this runtime still holds resources for that are not in ``live()``
         (called after the runtime has looked, so nothing booting meanwhile is missed)."""

@@ -58,6 +58,10 @@ class SandboxCgroups:
         # Where each v1 controller is mounted, resolved once: every create, teardown and
         # usage read asks, and resolving is a few syscalls each time.
         self._hierarchies: dict[str, Path] = {}
+        # v2: each sandbox's memory.events "max" count when its current exec started.
+        self._max_events: dict[str, int] = {}
+        # Sandboxes whose current window started at the limit already (see reset_memory_peak).
+        self._saturated: set[str] = set()
 
     def runtime_path(self, sandbox_id: str) -> str:
         """The ``cgroupsPath`` handed to the runtime: a leaf inside the gateway's group."""
@@ -177,6 +181,50 @@ class SandboxCgroups:
         except (OSError, ValueError):
             return 0.0
 
+    def reset_memory_peak(self, sandbox_id: str) -> None:
+        """Start a new window for :meth:`memory_peaked` (v1: reset ``max_usage_in_bytes``;
+        v2: remember the ``max`` event count). A group already at its limit (gVisor returns
+        freed memory to the host lazily) starts a window that cannot tell: it never peaks."""
+        self._saturated.discard(sandbox_id)
+        try:
+            if self.v2:
+                self._max_events[sandbox_id] = self._max_event_count(sandbox_id)
+                d = self.root / self.parent / sandbox_id
+                limit_text = _read(d / "memory.max").strip()
+                usage = int(_read(d / "memory.current"))
+                limit = 1 << 62 if limit_text == "max" else int(limit_text)
+            else:
+                mem = self._hierarchy("memory") / self.parent / sandbox_id
+                _write(mem / "memory.max_usage_in_bytes", "0")
+                usage = int(_read(mem / "memory.max_usage_in_bytes"))
+                limit = int(_read(mem / "memory.limit_in_bytes"))
+            if usage >= limit - OOM_SLACK_BYTES:
+                self._saturated.add(sandbox_id)
+        except (OSError, ValueError):
+            pass
+
+    def memory_peaked(self, sandbox_id: str) -> bool:
+        """Whether the group's usage reached its memory limit since the last reset."""
+        if sandbox_id in self._saturated:
+            return False
+        try:
+            if self.v2:
+                return self._max_event_count(sandbox_id) > self._max_events.get(sandbox_id, 0)
+            mem = self._hierarchy("memory") / self.parent / sandbox_id
+            limit = int(_read(mem / "memory.limit_in_bytes"))
+            peak = int(_read(mem / "memory.max_usage_in_bytes"))
+            return peak >= limit - OOM_SLACK_BYTES
+        except (OSError, ValueError):
+            return False
+
+    def _max_event_count(self, sandbox_id: str) -> int:
+        events = _read(self.root / self.parent / sandbox_id / "memory.events")
+        for line in events.splitlines():
+            name, _, value = line.partition(" ")
+            if name == "max":
+                return int(value)
+        return 0
+
     def out_of_memory(self, sandbox_id: str) -> bool:
         """True once the group hit its memory limit hard enough for the kernel to OOM-kill.
 
@@ -221,6 +269,8 @@ class SandboxCgroups:
 
     def remove(self, sandbox_id: str) -> bool:
         """Remove the group (and any leaf the runtime left) in every hierarchy; idempotent."""
+        self._max_events.pop(sandbox_id, None)
+        self._saturated.discard(sandbox_id)
         removed = False
         for d in self._dirs(sandbox_id, V1_ALL):
             if not d.is_dir():
@@ -271,3 +321,18 @@ class CgroupAccounting:
 
     def out_of_memory(self, sandbox_id: str) -> bool:
         return self.cgroups.out_of_memory(sandbox_id)
+
+    #: Whether reaching the host cgroup's memory limit shows up as failed allocations inside
+    #: the sandbox (gVisor's sentry sizes itself to the limit and answers ENOMEM) rather than
+    #: as the kernel's OOM kill. Not for VMs: their host cgroup holds guest RAM that is always
+    #: at its peak; their agent reports the guest kernel's OOM kills instead.
+    allocations_fail_at_limit: bool = False
+
+    def exec_starting(self, sandbox_id: str, alone: bool) -> None:
+        """An exec is about to start; ``alone`` when no other exec runs in the sandbox."""
+        if self.allocations_fail_at_limit and alone:
+            self.cgroups.reset_memory_peak(sandbox_id)
+
+    def exec_ran_out_of_memory(self, sandbox_id: str) -> bool:
+        """Whether an exec that just failed did so with the sandbox at its memory limit."""
+        return self.allocations_fail_at_limit and self.cgroups.memory_peaked(sandbox_id)

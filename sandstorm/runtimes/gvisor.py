@@ -12,6 +12,7 @@ is done by the caller as checkpoint then restore, whose stdio become the new age
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from sandstorm.ids import is_id
 from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import CgroupAccounting, Limits, SandboxCgroups
+from sandstorm.runtimes.host_mounts import bind_read_only, unmount_all
 from sandstorm.shim import (
     DEFAULT_JOURNAL_MAX,
     ShimInstance,
@@ -60,6 +62,9 @@ class GvisorRuntime(CgroupAccounting):
     name: RuntimeName = "gvisor"
     isolation_levels: tuple[IsolationLevel, ...] = ("standard", "strong")
     capabilities = RuntimeCapabilities(snapshot=True, exec=True, streaming=True, network=False)
+    # This runsc's sentry sizes itself to the host cgroup's limit: code that allocates past it
+    # gets ENOMEM (MemoryError, bad_alloc, a failed mmap) and the sandbox lives on.
+    allocations_fail_at_limit = True
 
     def __init__(
         self,
@@ -120,6 +125,8 @@ class GvisorRuntime(CgroupAccounting):
         bundle = self._bundle_dir(spec.sandbox_id)
         # The id is fresh random; an existing directory means a bug or an attack: refuse.
         bundle.mkdir(mode=0o700)
+        if any(m.read_only for m in spec.mounts):
+            spec = _read_only_on_the_host(spec, bundle / "ro")
         config = oci_config(spec, self.cgroups.runtime_path(spec.sandbox_id))
         with open(bundle / "config.json", "wb") as f:
             f.write(msgspec.json.encode(config))
@@ -230,6 +237,9 @@ class GvisorRuntime(CgroupAccounting):
         released += await self._end_shim(self._shim_paths(sandbox_id), grace=SHIM_EXIT_GRACE_S)
         released += await self.cgroups.release(sandbox_id, tries=20)
         if bundle.exists():
+            # Never delete through a mount: it reaches the host's files (raises if one stays).
+            detached = await trio.to_thread.run_sync(unmount_all, bundle)
+            released += [f"read-only mount {point}" for point in detached]
             await trio.to_thread.run_sync(shutil.rmtree, bundle)
             released.append(f"bundle directory {bundle}")
         return released
@@ -298,6 +308,20 @@ class GvisorRuntime(CgroupAccounting):
         # Ask who is live only now, after the last await: a sandbox that started booting
         # while runsc listed its containers is in that set by the time we look.
         return sorted(i for i in held - live() if i.startswith("sbx_"))
+
+
+def _read_only_on_the_host(spec: SandboxSpec, directory: Path) -> SandboxSpec:
+    """``spec`` with each read-only mount's source replaced by a read-only bind of it under
+    ``directory`` (see ``host_mounts``: runsc alone lets a refused truncation through)."""
+    directory.mkdir(mode=0o700)
+    mounts = []
+    for number, mount in enumerate(spec.mounts):
+        if mount.read_only:
+            guarded = directory / str(number)
+            bind_read_only(mount.source, guarded)
+            mount = dataclasses.replace(mount, source=guarded)
+        mounts.append(mount)
+    return dataclasses.replace(spec, mounts=tuple(mounts))
 
 
 def host_limits(spec: SandboxSpec) -> Limits:

@@ -234,6 +234,7 @@ async def test_bad_stream_frames_get_error_frames_naming_the_field(gw: RunningGa
             # The socket is still usable.
             await ws.send_message(json.dumps({"type": "exec", "command": ["echo", "ok"]}))
             assert (await next_frame(ws, "stdout"))["data"] == "ok\n"
+            assert (await next_frame(ws, "exit"))["result"]["verdict"] == "ok"
         status = await gw.status(sid)
         assert status["state"] == "idle"
         assert len(status["execs"]) == 2  # the run and the one good exec frame

@@ -70,6 +70,37 @@ async def test_oom_verdict_and_failed_sandbox(gw: RunningGateway) -> None:
         assert again["result"]["stdout"] == "fine\n"
 
 
+async def test_failed_allocations_at_the_limit_are_oom_and_only_for_that_exec(
+    gw: RunningGateway,
+) -> None:
+    """gVisor's sentry answers ENOMEM once the sandbox is at its limit: the program fails
+    (here python's MemoryError) and the sandbox lives on. That exec is `oom`; a later failure
+    with memory to spare is a plain `error`."""
+    with trio.fail_after(60):
+        body = await gw.run_ok(
+            code="b = []\nwhile True:\n    b.append(bytearray(8 << 20))",
+            language="python",
+            memory_limit=256 * MIB,
+            keep_alive=60,
+        )
+        assert body["result"]["verdict"] == "oom", body["result"]
+        sid = body["id"]
+        # Either the allocations failed and the sandbox lives on (python exits 1: its
+        # MemoryError report may itself find no memory to print), or the kernel OOM-killed the
+        # whole sandbox first (both happen at this limit).
+        if body["result"]["exit_code"] is None:
+            await gw.wait_state(sid, "failed")
+        else:
+            assert body["result"]["exit_code"] == 1, body["result"]
+            later = await gw.client.post(
+                f"/v1/sandboxes/{sid}/exec", json={"command": ["sh", "-c", "exit 3"]}
+            )
+            assert later.json()["result"]["verdict"] == "error", later.text
+            fine = await gw.client.post(f"/v1/sandboxes/{sid}/exec", json={"command": ["true"]})
+            assert fine.json()["result"]["verdict"] == "ok", fine.text
+        await gw.client.delete(f"/v1/sandboxes/{sid}")
+
+
 async def test_output_limit_kills_and_truncates(start_gateway) -> None:  # type: ignore[no-untyped-def]
     async with start_gateway(exec_output_limit=2 * MIB, result_output_cap=64 * 1024) as gw:
         with trio.fail_after(30):
