@@ -16,6 +16,7 @@ are only imported as fall-backs, or on error paths.
 import errno
 import os
 import select
+import stat  # already loaded by os: free
 import struct
 import sys
 import time
@@ -382,6 +383,14 @@ def _candidates(file, env):
     for directory in path.split(b":"):
         result.append((directory or b".").rstrip(b"/") + b"/" + file)
     return result
+
+
+def _runnable(path):
+    """A regular file this process may execute (what execve needs, short of its format)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode) and os.access(path, os.X_OK)
+    except (OSError, ValueError):
+        return False
 
 
 def _startup_env(env):
@@ -899,7 +908,11 @@ class Agent(object):
         except OSError:
             return 0
         try:
+            # Only the candidate execvpe would run: in gVisor every failed attempt still costs
+            # a vfork (about 3 ms), and a PATH search fails on most directories.
             for candidate in _candidates(argv[0], env):
+                if not _runnable(candidate):
+                    continue
                 try:
                     return os.posix_spawn(
                         candidate,
@@ -915,7 +928,7 @@ class Agent(object):
                         setsigdef=_RESET_SIGNALS,
                     )
                 except OSError:
-                    continue  # as execvpe: the next directory on PATH
+                    return 0  # not a program it can start (ENOEXEC, ...): the fork path says why
             return 0
         finally:
             try:

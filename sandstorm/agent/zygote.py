@@ -19,6 +19,7 @@ import _socket  # noqa: E402 - after the baseline on purpose
 import os  # noqa: E402
 
 _FDS = 4
+_REFILL_AFTER_S = 0.05  # quiet time before the next standby is forked
 
 
 def _read_exact(fd, size):
@@ -127,12 +128,14 @@ def _prepare(fds):
     return code, names
 
 
-def _fork_standby():
+def _fork_standby(held=()):
     """Fork, ahead of time, the process that will run the next exec: the forks (the dear part
     of a zygote exec in gVisor) then happen while the sandbox is otherwise idle, not on the
     exec's path. An intermediate forks it and exits, so it is re-parented to the agent (PID 1)
     and reaped by the agent like any other exec. In the zygote returns (pid, socket to it) or
-    (-errno, None); in the standby process returns (0, socket from the zygote)."""
+    (-errno, None); in the standby process returns (0, socket from the zygote). ``held``: fds
+    the zygote holds for an exec right now, which the standby must not keep open (an open
+    copy of a pipe's write end would hold off its EOF)."""
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     report_r, report_w = os.pipe()
     try:
@@ -150,8 +153,8 @@ def _fork_standby():
             os.write(report_w, b"-%d" % exc.errno)
             os._exit(0)
         if child == 0:
-            os.close(report_r)
-            os.close(report_w)
+            for fd in (report_r, report_w, *held):
+                os.close(fd)
             ours.close()
             return 0, theirs
         try:
@@ -213,9 +216,18 @@ def _serve():
     if standby_pid == 0:
         return _stand_by(sock, standby)
     while True:
+        # The next standby is forked once no request has come for a moment: forking while an
+        # exec runs would compete with it for the sandbox's CPU (a fork is the dearest thing
+        # gVisor does). A request that finds none gets one forked on the spot.
+        sock.settimeout(_REFILL_AFTER_S if standby is None else None)
         try:
             message, fds = _receive(sock)
         except InterruptedError:
+            continue
+        except TimeoutError:
+            standby_pid, standby = _fork_standby()
+            if standby_pid == 0:
+                return _stand_by(sock, standby)
             continue
         if not message:
             os._exit(0)  # the agent is gone
@@ -230,7 +242,7 @@ def _serve():
         reply = b"-5"
         for _attempt in range(2):
             if standby is None:
-                standby_pid, standby = _fork_standby()
+                standby_pid, standby = _fork_standby(fds)
                 if standby_pid == 0:
                     return _stand_by(sock, standby)
                 if standby is None:
@@ -245,10 +257,6 @@ def _serve():
         for fd in fds:
             os.close(fd)
         sock.send(reply)
-        if standby is None:
-            standby_pid, standby = _fork_standby()  # for the next exec, while this one runs
-            if standby_pid == 0:
-                return _stand_by(sock, standby)
 
 
 def _uncaught(exc):

@@ -228,8 +228,8 @@ async def test_killed_zygote_restarts_and_hostile_execs_cannot_break_later_ones(
                 "        os.kill(int(pid), signal.SIGKILL); print('killed')\n"
             )
             result, _ = await run(agent, ["python3", "-c", hostile])
-            # The zygote and its standby process (forked ahead for the next exec).
-            assert result.stdout.split() == [b"killed", b"killed"], result.stdout
+            # The zygote, and its standby process if it had forked the next one yet.
+            assert result.stdout.split() in ([b"killed"], [b"killed", b"killed"]), result.stdout
             after, _ = await run(agent, ["python3", "-c", "print('still fine')"])
             assert after.stdout == b"still fine\n"
             await wait_for_zygote(agent)
