@@ -128,14 +128,13 @@ def _prepare(fds):
     return code, names
 
 
-def _fork_standby(held=()):
+def _fork_standby():
     """Fork, ahead of time, the process that will run the next exec: the forks (the dear part
     of a zygote exec in gVisor) then happen while the sandbox is otherwise idle, not on the
     exec's path. An intermediate forks it and exits, so it is re-parented to the agent (PID 1)
     and reaped by the agent like any other exec. In the zygote returns (pid, socket to it) or
-    (-errno, None); in the standby process returns (0, socket from the zygote). ``held``: fds
-    the zygote holds for an exec right now, which the standby must not keep open (an open
-    copy of a pipe's write end would hold off its EOF)."""
+    (-errno, None); in the standby process returns (0, socket from the zygote). Never called
+    while the zygote holds an exec's pipes: the standby would keep a copy of them open."""
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     report_r, report_w = os.pipe()
     try:
@@ -153,8 +152,8 @@ def _fork_standby(held=()):
             os.write(report_w, b"-%d" % exc.errno)
             os._exit(0)
         if child == 0:
-            for fd in (report_r, report_w, *held):
-                os.close(fd)
+            os.close(report_r)
+            os.close(report_w)
             ours.close()
             return 0, theirs
         try:
@@ -218,13 +217,15 @@ def _serve():
     while True:
         # The next standby is forked once no request has come for a moment: forking while an
         # exec runs would compete with it for the sandbox's CPU (a fork is the dearest thing
-        # gVisor does). A request that finds none gets one forked on the spot.
+        # gVisor does, with every page it shares copied on the next write).
         sock.settimeout(_REFILL_AFTER_S if standby is None else None)
         try:
             message, fds = _receive(sock)
         except InterruptedError:
             continue
         except TimeoutError:
+            message = None  # (forked outside the handler: no exception context for the exec)
+        if message is None:
             standby_pid, standby = _fork_standby()
             if standby_pid == 0:
                 return _stand_by(sock, standby)
@@ -236,24 +237,16 @@ def _serve():
                 os.close(fd)
             sock.send(b"-22")  # EINVAL: the agent falls back to a normal exec
             continue
-        # The standby forked while idle takes the exec; one forked now if it is missing or
-        # gone (code in the sandbox can kill it). Its pid goes to the agent only once it holds
-        # the pipes, and it is already the agent's child.
-        reply = b"-5"
-        for _attempt in range(2):
-            if standby is None:
-                standby_pid, standby = _fork_standby(fds)
-                if standby_pid == 0:
-                    return _stand_by(sock, standby)
-                if standby is None:
-                    reply = b"%d" % standby_pid  # -errno
-                    break
-            handed = _hand_over(standby, fds)
+        # The standby forked while idle takes the exec. Without one (being refilled, or killed
+        # by code in the sandbox) the agent runs a normal exec: a fresh python3 is cheaper in
+        # gVisor than forking here while the request waits. The pid goes to the agent only
+        # once the standby holds the pipes, and it is already the agent's child.
+        reply = b"-11"  # EAGAIN
+        if standby is not None:
+            if _hand_over(standby, fds):
+                reply = b"%d" % standby_pid
             standby.close()
             standby = None
-            if handed:
-                reply = b"%d" % standby_pid
-                break
         for fd in fds:
             os.close(fd)
         sock.send(reply)

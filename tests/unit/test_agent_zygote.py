@@ -67,10 +67,15 @@ async def run(agent: Agent, argv: list[str], *, cwd: str | Path = "/", stdin: by
     return result, zygote
 
 
+REFILLED_S = 0.3  # the zygote forks its next standby after 50 ms without requests
+
+
 async def wait_for_zygote(agent: Agent) -> None:
-    """Until a python exec is served by the zygote (it starts once the agent is idle)."""
+    """Until a python exec is served by the zygote (it starts once the agent is idle), and
+    the zygote has forked the standby for the next one."""
     while not (await run(agent, ["python3", "-c", "pass"]))[1]:
         await trio.sleep(0.1)
+    await trio.sleep(REFILLED_S)
 
 
 async def both(tmp_path: Path, argv: list[str], **kw: object) -> tuple[Result, Result]:
@@ -169,6 +174,7 @@ async def test_execs_get_their_own_process_and_clean_state(tmp_path: Path) -> No
         with trio.fail_after(TIMEOUT):
             await wait_for_zygote(agent)
             first, z1 = await run(agent, ["python3", "-c", code])
+            await trio.sleep(REFILLED_S)
             second, z2 = await run(agent, ["python3", "-c", code])
     assert z1 and z2
     pid1, ppid1, random1, leak1, _ = first.stdout.split()
