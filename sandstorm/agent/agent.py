@@ -556,6 +556,10 @@ class Agent(object):
                     ex, kind = owner
                     if kind == ZYGOTE:
                         self.zygote_reply()
+                    elif ex.held:
+                        # Waiting for the zygote's reply, which follows at once: an EOF here is
+                        # the zygote closing its copies after an EAGAIN, not the exec's start.
+                        continue
                     elif kind == STDIN:
                         self.flush_stdin(ex)
                     elif kind == START:
