@@ -7,10 +7,10 @@
 # standby process that will become the exec and exits, so the exec is re-parented to the agent
 # (PID 1) and reaped by it like any other exec (exit status and rusage from the agent's own wait4).
 # fd 0 is a SOCK_SEQPACKET socket to the agent. A request is one byte with SCM_RIGHTS
-# [stdin_r, stdout_w, stderr_w, err_w]; the reply (once the intermediate is reaped) is the
-# exec's pid in ASCII, or "-errno". The exec then reads its request (argv, env, cwd) from its
-# own stdin: the agent writes it there only after it has registered the pid, so the exec cannot
-# run (or exit) before the agent knows it.
+# [stdin_r, stdout_w, stderr_w, err_w]; the reply (once the standby holds them) is the exec's
+# pid in ASCII, or "-errno" ("-11" when no standby is ready). The exec then reads its request
+# (argv, env, cwd) from its own stdin: the agent writes it there only after it has registered
+# the pid, so the exec cannot run (or exit) before the agent knows it.
 import sys
 
 _BASELINE = frozenset(sys.modules)  # what a fresh interpreter has; the exec gets exactly this
