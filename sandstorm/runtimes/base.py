@@ -7,10 +7,13 @@ per-exec limits and streaming belong to the agent protocol, shared by every runt
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+import trio
 
 from sandstorm.agent.client import AgentChannel
 from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
@@ -142,3 +145,30 @@ class SandboxRuntime(Protocol):
         from ``offset`` (``channel.offset`` of the last instance), then goes on live.
         Raises :class:`RuntimeStartError` with the reason when it cannot."""
         ...
+
+
+async def run_control(
+    argv: list[str],
+    *,
+    name: str,
+    env: Mapping[str, str],
+    timeout_s: float,
+    error: type[RuntimeStartError],
+    check: bool,
+    failed: str = "",
+    tail: int = 500,
+) -> bytes:
+    """Run a short control command of a runtime (``runsc kill``, ``ctr task ls``; ``name`` in
+    messages), output captured and bounded in time. Raises ``error`` when it outlives
+    ``timeout_s`` or, with ``check``, exits non-zero (``failed`` + the end of its stderr).
+    Returns its stdout."""
+    with trio.move_on_after(timeout_s) as scope:
+        result: subprocess.CompletedProcess[bytes] = await trio.run_process(
+            argv, capture_stdout=True, capture_stderr=True, check=False, env=env
+        )
+    if scope.cancelled_caught:
+        raise error(f"{name} timed out after {timeout_s:.0f}s")
+    if check and result.returncode != 0:
+        message = result.stderr.decode(errors="replace").strip()[-tail:]
+        raise error(f"{failed}{name} failed ({result.returncode}): {message}")
+    return bytes(result.stdout)

@@ -25,7 +25,7 @@ import trio
 from sandstorm.agent import AGENT_COMMAND, AGENT_MOUNT_POINT, AGENT_SOURCE_PATH
 from sandstorm.ids import is_id
 from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
-from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec
+from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec, run_control
 from sandstorm.runtimes.cgroups import CgroupAccounting, Limits, SandboxCgroups
 from sandstorm.runtimes.host_mounts import bind_read_only, unmount_all
 from sandstorm.shim import (
@@ -267,20 +267,14 @@ class GvisorRuntime(CgroupAccounting):
     async def _control(self, log: Path, *args: str, check: bool = True) -> bytes:
         """Run a short runsc subcommand; bounded in time, output captured."""
         assert self.binary is not None
-        with trio.move_on_after(CONTROL_TIMEOUT_S) as scope:
-            result = await trio.run_process(
-                [*self._global_flags(log), *args],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-                env=RUNSC_ENV,
-            )
-        if scope.cancelled_caught:
-            raise RunscError(f"runsc {args[0]} timed out after {CONTROL_TIMEOUT_S:.0f}s")
-        if check and result.returncode != 0:
-            tail = result.stderr.decode(errors="replace").strip()[-500:]
-            raise RunscError(f"runsc {args[0]} failed ({result.returncode}): {tail}")
-        return bytes(result.stdout)
+        return await run_control(
+            [*self._global_flags(log), *args],
+            name=f"runsc {args[0]}",
+            env=RUNSC_ENV,
+            timeout_s=CONTROL_TIMEOUT_S,
+            error=RunscError,
+            check=check,
+        )
 
     # ------------------------------------------------------------------ observation
 

@@ -26,7 +26,7 @@ import trio
 from sandstorm.ids import is_id
 from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.runtimes import kata_spec
-from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec
+from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec, run_control
 from sandstorm.runtimes.cgroups import SandboxCgroups
 from sandstorm.runtimes.detection import first_executable, not_found, read_version
 from sandstorm.runtimes.gvisor import RUNSC_ENV, SHIM_EXIT_GRACE_S, GvisorRuntime
@@ -143,23 +143,16 @@ class KataRuntime(GvisorRuntime):
 
     async def _ctr(self, *args: str, check: bool = False) -> bytes:
         """A short ``ctr`` subcommand, bounded in time, output captured."""
-        with trio.move_on_after(CONTROL_TIMEOUT_S) as scope:
-            result = await trio.run_process(
-                [*self._ctr_prefix(), "--connect-timeout", "2s", *args],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-                env=RUNSC_ENV,
-            )
-        if scope.cancelled_caught:
-            raise ContainerdError(f"ctr {args[0]} timed out after {CONTROL_TIMEOUT_S:.0f}s")
-        if check and result.returncode != 0:
-            tail = result.stderr.decode(errors="replace").strip()[-300:]
-            raise ContainerdError(
-                f"containerd does not answer at {self.address}: ctr {args[0]} failed "
-                f"({result.returncode}): {tail}"
-            )
-        return bytes(result.stdout)
+        return await run_control(
+            [*self._ctr_prefix(), "--connect-timeout", "2s", *args],
+            name=f"ctr {args[0]}",
+            env=RUNSC_ENV,
+            timeout_s=CONTROL_TIMEOUT_S,
+            error=ContainerdError,
+            check=check,
+            failed=f"containerd does not answer at {self.address}: ",
+            tail=300,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
