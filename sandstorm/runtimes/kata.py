@@ -52,12 +52,11 @@ class KataRuntime(GvisorRuntime):
     """A :class:`GvisorRuntime` in its shim handling (surviving, reattach, ending a shim);
     everything that touches the runtime itself is containerd's here."""
 
-    # A VM: the host cgroup holds the guest's RAM, so its peak says nothing about the exec.
-    allocations_fail_at_limit = False
-
     name: RuntimeName = "kata"
     isolation_levels: tuple[IsolationLevel, ...] = ("strong", "maximum")
     capabilities = RuntimeCapabilities(snapshot=False, exec=True, streaming=True, network=False)
+    # A VM: the host cgroup holds the guest's RAM, so its peak says nothing about the exec.
+    allocations_fail_at_limit = False
 
     def __init__(
         self,
