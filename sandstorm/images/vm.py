@@ -66,6 +66,9 @@ GUEST_MODULES: Final[tuple[str, ...]] = (
     "crc32c_generic",
     "ext4",
     "overlay",
+    # Host directories shared into the guest (mounts under QEMU: -fsdev local + virtio-9p).
+    "9p",
+    "9pnet_virtio",
     # Firecracker's agent channel (vm_vsock_bridge.c). Under QEMU there is no vsock device, so
     # the transport registers its driver and binds nothing.
     "vsock",
@@ -74,7 +77,8 @@ GUEST_MODULES: Final[tuple[str, ...]] = (
 )
 #: Bump when the layout or the init changes: an older vm/ then counts as not built.
 #: 2: vsock modules, sandstorm.channel=vsock and module parameters from the command line.
-VM_FORMAT: Final = 2
+#: 3: 9p modules; the init mounts the shares in /mounts, names the host and brings up lo.
+VM_FORMAT: Final = 3
 _INIT_SOURCE: Final = Path(__file__).with_name("vm_init.c")
 _STEP_TIMEOUT_S: Final = 600.0
 _log = logging.getLogger(__name__)

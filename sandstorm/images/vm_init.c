@@ -16,7 +16,9 @@
  * Firecracker describes its virtio-mmio devices as virtio_mmio.device=... words.
  *
  * The agent's argv and environment come from /launch (in the per-agent initramfs part the
- * runtime appends): argv lines, an empty line, then environment lines. Static, no libc beyond
+ * runtime appends): argv lines, an empty line, then environment lines. Host directories shared
+ * over virtio-9p are listed in /mounts (in a per-sandbox part after that, when there are any):
+ * one "<tag> <ro|rw> <destination>" line each. Static, no libc beyond
  * the syscalls it wraps: it must start in milliseconds even under TCG.
  */
 #define _GNU_SOURCE
@@ -25,6 +27,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/capability.h>
+#include <net/if.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +36,8 @@
 #include <sys/prctl.h>
 #include <sys/reboot.h>
 #include <sys/resource.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -205,6 +210,59 @@ static void mount_or_die(const char *src, const char *dst, const char *type, uns
     if (mount(src, dst, type, flags, data) != 0) die(dst);
 }
 
+/* mkdir -p, each new level 0755 (and root's: the share mounted on top brings its own owner). */
+static void make_dirs(char *path) {
+    for (char *slash = strchr(path + 1, '/'); slash; slash = strchr(slash + 1, '/')) {
+        *slash = 0;
+        mkdir(path, 0755);
+        *slash = '/';
+    }
+    mkdir(path, 0755);
+}
+
+/* The runtime's virtio-9p shares at their destinations in the new root: nosuid, nodev, and
+ * read-only where asked (QEMU's export refuses writes to it as well). No page cache: the host
+ * may change the files under the guest. A share that cannot be mounted stops the boot. */
+static void mount_shares(void) {
+    static char buf[65536];
+    read_file("/mounts", buf, sizeof buf);
+    for (char *line = buf; *line;) {
+        char *nl = strchr(line, '\n');
+        if (nl) *nl = 0;
+        char *mode = strchr(line, ' ');
+        char *destination = mode ? strchr(mode + 1, ' ') : NULL;
+        if (!destination || destination[1] != '/') {
+            errno = EINVAL;
+            die("/mounts");
+        }
+        *mode++ = 0;
+        *destination++ = 0;
+        static char target[4200];
+        snprintf(target, sizeof target, "/newroot%s", destination);
+        make_dirs(target);
+        unsigned long flags = MS_NOSUID | MS_NODEV | (strcmp(mode, "ro") == 0 ? MS_RDONLY : 0);
+        if (mount(line, target, "9p", flags, "trans=virtio,version=9p2000.L,cache=none") != 0)
+            die(target);
+        if (!nl) break;
+        line = nl + 1;
+    }
+}
+
+/* What gVisor gives a sandbox as well: the hostname "sandbox", and a loopback interface that is
+ * up (the kernel gives it 127.0.0.1 and ::1 then); there is no other network device. */
+static void set_up_host_identity(void) {
+    if (sethostname("sandbox", 7) != 0) die("sethostname");
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) die("socket");
+    struct ifreq lo;
+    memset(&lo, 0, sizeof lo);
+    strcpy(lo.ifr_name, "lo");
+    if (ioctl(s, SIOCGIFFLAGS, &lo) != 0) die("lo");
+    lo.ifr_flags |= IFF_UP;
+    if (ioctl(s, SIOCSIFFLAGS, &lo) != 0) die("lo up");
+    close(s);
+}
+
 /* Split /launch into argv and envp (both NULL-terminated, pointing into a static buffer). */
 static void read_launch(char **argv, char **envp, int max) {
     static char buf[8192];
@@ -285,6 +343,8 @@ int main(void) {
     if (mount(NULL, "/newroot/.sandstorm", NULL,
               MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) != 0)
         die("remount /.sandstorm");
+    mount_shares();
+    set_up_host_identity();
     if (mount("/dev", "/newroot/dev", NULL, MS_MOVE, NULL) != 0) die("move /dev");
     umount2("/sys", MNT_DETACH);
     umount2("/proc", MNT_DETACH);

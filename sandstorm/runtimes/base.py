@@ -94,6 +94,11 @@ class SandboxRuntime(Protocol):
         """Boot a sandbox whose PID 1 is the agent. On failure nothing is left behind."""
         ...
 
+    def snapshot_refusal(self, spec: SandboxSpec) -> str | None:
+        """Why this sandbox cannot be snapshotted although the runtime can snapshot (422
+        ``snapshot_unsupported``), or None."""
+        ...
+
     async def checkpoint(self, spec: SandboxSpec, image_dir: Path) -> None:
         """Write the sandbox's full state into ``image_dir``; the sandbox stops afterwards."""
         ...

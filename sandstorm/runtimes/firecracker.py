@@ -424,6 +424,10 @@ class FirecrackerRuntime(CgroupAccounting):
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, spec: SandboxSpec) -> FirecrackerInstance:
+        if spec.mounts:
+            # Firecracker has no shared file system device (no virtio-9p, no virtiofs): refuse
+            # rather than boot a sandbox without the directories it asked for.
+            raise FirecrackerError("the firecracker runtime cannot mount host directories")
         try:
             self.cgroups.create(spec.sandbox_id, host_limits(spec))
             jail = self._jail(spec.sandbox_id)
@@ -445,6 +449,9 @@ class FirecrackerRuntime(CgroupAccounting):
             with trio.CancelScope(shield=True):
                 await self.destroy(spec.sandbox_id)
             raise
+
+    def snapshot_refusal(self, spec: SandboxSpec) -> str | None:
+        return None
 
     async def checkpoint(self, spec: SandboxSpec, image_dir: Path) -> None:
         jail = self._jail(spec.sandbox_id)

@@ -12,7 +12,6 @@ is done by the caller as checkpoint then restore, whose stdio become the new age
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from sandstorm.ids import is_id
 from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec, run_control
 from sandstorm.runtimes.cgroups import CgroupAccounting, Limits, SandboxCgroups
-from sandstorm.runtimes.host_mounts import bind_read_only, unmount_all
+from sandstorm.runtimes.host_mounts import read_only_on_the_host, unmount_all
 from sandstorm.shim import (
     DEFAULT_JOURNAL_MAX,
     ShimInstance,
@@ -126,7 +125,7 @@ class GvisorRuntime(CgroupAccounting):
         # The id is fresh random; an existing directory means a bug or an attack: refuse.
         bundle.mkdir(mode=0o700)
         if any(m.read_only for m in spec.mounts):
-            spec = _read_only_on_the_host(spec, bundle / "ro")
+            spec = read_only_on_the_host(spec, bundle / "ro")
         config = oci_config(spec, self.cgroups.runtime_path(spec.sandbox_id))
         with open(bundle / "config.json", "wb") as f:
             f.write(msgspec.json.encode(config))
@@ -200,6 +199,9 @@ class GvisorRuntime(CgroupAccounting):
             with trio.CancelScope(shield=True):
                 await self.destroy(spec.sandbox_id)
             raise
+
+    def snapshot_refusal(self, spec: SandboxSpec) -> str | None:
+        return None
 
     async def checkpoint(self, spec: SandboxSpec, image_dir: Path) -> None:
         log = self._bundle_dir(spec.sandbox_id) / "runsc.log"
@@ -305,20 +307,6 @@ class GvisorRuntime(CgroupAccounting):
         # Ask who is live only now, after the last await: a sandbox that started booting
         # while runsc listed its containers is in that set by the time we look.
         return sorted(i for i in held - live() if i.startswith("sbx_"))
-
-
-def _read_only_on_the_host(spec: SandboxSpec, directory: Path) -> SandboxSpec:
-    """``spec`` with each read-only mount's source replaced by a read-only bind of it under
-    ``directory`` (see ``host_mounts``: runsc alone lets a refused truncation through)."""
-    directory.mkdir(mode=0o700)
-    mounts = []
-    for number, mount in enumerate(spec.mounts):
-        if mount.read_only:
-            guarded = directory / str(number)
-            bind_read_only(mount.source, guarded)
-            mount = dataclasses.replace(mount, source=guarded)
-        mounts.append(mount)
-    return dataclasses.replace(spec, mounts=tuple(mounts))
 
 
 def host_limits(spec: SandboxSpec) -> Limits:

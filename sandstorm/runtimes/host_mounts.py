@@ -6,15 +6,20 @@ truncated the file on the host (seen here with a world-writable file under an ``
 ``echo x > data.txt`` fails with "Read-only file system" and the host's file is empty). So a
 read-only mount is made read-only by the host kernel as well: the source is bind-mounted into
 the sandbox's bundle directory, every mount of that tree is remounted read-only, and runsc gets
-that path. Whatever the sentry or the gofer get wrong, the kernel refuses the write.
+that path. Whatever the sentry or the gofer get wrong, the kernel refuses the write. QEMU's
+virtio-9p export gets the same guard: its ``readonly`` flag is QEMU's own check, this is the
+kernel's.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import os
 from pathlib import Path
+
+from sandstorm.runtimes.base import SandboxSpec
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -90,3 +95,17 @@ def unmount_all(directory: Path) -> list[Path]:
     if mounts_under(directory):
         raise OSError(errno.EBUSY, "a mount stayed after unmounting", str(directory))
     return points
+
+
+def read_only_on_the_host(spec: SandboxSpec, directory: Path) -> SandboxSpec:
+    """``spec`` with each read-only mount's source replaced by a read-only bind of it under
+    ``directory`` (created here; :func:`unmount_all` it before removing it)."""
+    directory.mkdir(mode=0o700)
+    mounts = []
+    for number, mount in enumerate(spec.mounts):
+        if mount.read_only:
+            guarded = directory / str(number)
+            bind_read_only(mount.source, guarded)
+            mount = dataclasses.replace(mount, source=guarded)
+        mounts.append(mount)
+    return dataclasses.replace(spec, mounts=tuple(mounts))

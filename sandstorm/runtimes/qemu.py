@@ -39,10 +39,11 @@ from sandstorm.agent import AGENT_COMMAND, AGENT_SOURCE_PATH
 from sandstorm.ids import is_id
 from sandstorm.images.vm import CpioWriter, load_vm_manifest, vm_dir
 from sandstorm.protocol import MIB, IsolationLevel, RuntimeCapabilities, RuntimeName
-from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec
+from sandstorm.runtimes.base import Detection, MountSpec, RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import CgroupAccounting, Limits, SandboxCgroups
 from sandstorm.runtimes.detection import first_executable, not_found, read_version
 from sandstorm.runtimes.gvisor import AGENT_ENV, SHIM_EXIT_GRACE_S
+from sandstorm.runtimes.host_mounts import read_only_on_the_host, unmount_all
 from sandstorm.runtimes.qmp import Qmp, QmpError
 from sandstorm.shim import (
     DEFAULT_JOURNAL_MAX,
@@ -73,6 +74,8 @@ KERNEL_ARGS = (
     "i8042.noaux i8042.nokbd i8042.nopnp tsc=reliable no_timer_check cryptomgr.notests"
 )
 PROBE_TIMEOUT_S = 8.0
+#: What the guest kernel prints (at KERN_ERR, so past ``loglevel=4``) when its OOM killer kills.
+GUEST_OOM_MESSAGE = "Out of memory: Killed process"
 CONTROL_TIMEOUT_S = 60.0
 STATE_FILE = "memory.qemu"
 LAUNCH_FILE = "qemu.json"
@@ -242,6 +245,7 @@ class QemuRuntime(CgroupAccounting):
         *,
         accel: str,
         probe: bool = False,
+        shares: tuple[MountSpec, ...] = (),
     ) -> list[str]:
         assert self.binary is not None, "detect() first"
         image = vm_dir(self.data_dir, self.image)
@@ -281,6 +285,7 @@ class QemuRuntime(CgroupAccounting):
             "-pidfile", str(directory / "qemu.pid"),
             # No network device, no USB, no default devices: nothing but the above.
             "-nic", "none",
+            *_share_args(shares),
             # QEMU's own seccomp filter: no exec, no obsolete syscalls, no resource control.
             # (Snapshots go to a descriptor passed over QMP, so nothing needs to spawn.) It
             # drops root for QEMU_USER once its files are open; that drop is itself a set*id
@@ -298,7 +303,13 @@ class QemuRuntime(CgroupAccounting):
         directory = self._vm_dir(sandbox_id)
         vcpus = max(1, min(math.ceil(spec.cpu_limit), os.cpu_count() or 1))
         argv = self._argv(
-            directory, vcpus, ram or guest_ram(spec), spec.pids_limit, initrd, accel=self.accel
+            directory,
+            vcpus,
+            ram or guest_ram(spec),
+            spec.pids_limit,
+            initrd,
+            accel=self.accel,
+            shares=spec.mounts,
         )
         if incoming:
             # The snapshot is handed over later through QMP (_incoming): the shim gives QEMU
@@ -334,19 +345,39 @@ class QemuRuntime(CgroupAccounting):
             raise
         return instance
 
-    def _prepare(self, spec: SandboxSpec) -> None:
-        if spec.mounts:
-            # Host directories would need a shared file system device (virtio-9p or virtiofs)
-            # that this driver does not wire yet: refuse rather than silently drop them.
-            raise QemuError("the qemu runtime does not support mounts yet")
+    def _prepare(self, spec: SandboxSpec) -> SandboxSpec:
+        """The sandbox's cgroups and VM directory; returns ``spec`` with its read-only mounts
+        made read-only on the host too (see ``host_mounts``)."""
+        for number, mount in enumerate(spec.mounts):
+            if not mount.source.is_dir():
+                # virtio-9p exports directories; sharing a file's parent would expose more.
+                raise QemuError(
+                    f"mounts[{number}]: the qemu runtime shares directories only, "
+                    f"and {mount.source} is not one"
+                )
         self.cgroups.create(spec.sandbox_id, host_limits(spec))
         # The id is fresh random; an existing directory means a bug or an attack: refuse.
-        self._vm_dir(spec.sandbox_id).mkdir(mode=0o700)
+        directory = self._vm_dir(spec.sandbox_id)
+        directory.mkdir(mode=0o700)
+        if any(m.read_only for m in spec.mounts):
+            spec = read_only_on_the_host(spec, directory / "ro")
+        return spec
+
+    def snapshot_refusal(self, spec: SandboxSpec) -> str | None:
+        if spec.mounts:
+            # QEMU blocks migration while a 9p export is mounted in the guest: its open files
+            # live on the host, outside what a snapshot could carry.
+            return "a qemu sandbox with mounts cannot be snapshotted (its shares live on the host)"
+        return None
 
     async def start(self, spec: SandboxSpec) -> QemuInstance:
         try:
-            self._prepare(spec)
+            spec = self._prepare(spec)
             initrd = await trio.to_thread.run_sync(self._agent_initrd)
+            if spec.mounts:
+                initrd = await trio.to_thread.run_sync(
+                    _with_shares, initrd, self._vm_dir(spec.sandbox_id) / INITRD_FILE, spec.mounts
+                )
             return await self._spawn(spec, initrd)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -390,7 +421,7 @@ class QemuRuntime(CgroupAccounting):
         fresh = not directory.exists()
         try:
             if fresh:
-                self._prepare(spec)
+                spec = self._prepare(spec)
             # The guest's RAM holds the kernel and initramfs it booted: restore with the very
             # same files (the snapshot carries its initramfs), on the same accelerator.
             launch = json.loads(await trio.Path(image_dir / LAUNCH_FILE).read_text())
@@ -428,6 +459,9 @@ class QemuRuntime(CgroupAccounting):
         released += await end_shim(paths, grace=SHIM_EXIT_GRACE_S)
         released += await self.cgroups.release(sandbox_id)
         if directory.exists():
+            # Never delete through a mount: it reaches the host's files (raises if one stays).
+            detached = await trio.to_thread.run_sync(unmount_all, directory)
+            released += [f"read-only mount {point}" for point in detached]
             await trio.to_thread.run_sync(shutil.rmtree, directory)
             released.append(f"VM directory {directory}")
         return released
@@ -453,6 +487,15 @@ class QemuRuntime(CgroupAccounting):
 
     def host_memory(self, spec: SandboxSpec) -> int:
         return host_limits(spec).memory_bytes
+
+    def out_of_memory(self, sandbox_id: str) -> bool:
+        """QEMU hit its host cgroup's limit, or the guest kernel ran out of memory and its OOM
+        killer took the agent (RAM full of files written to the memory-backed root, which no
+        kill frees): the guest said so on its console."""
+        if self.cgroups.out_of_memory(sandbox_id):
+            return True
+        console = self._vm_dir(sandbox_id) / "console.log"
+        return GUEST_OOM_MESSAGE in _tail(console, 64 * 1024)
 
     async def list_orphans(self, live: Callable[[], set[str]]) -> list[str]:
         held: set[str] = set()
@@ -522,6 +565,36 @@ def host_tsc_khz() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _share_args(shares: tuple[MountSpec, ...]) -> list[str]:
+    """A virtio-9p export per mount, tagged ``share<N>`` (the guest init mounts them from the
+    /mounts list that ``_with_shares`` writes). ``security_model=none``: files are created as
+    QEMU's user (``QEMU_USER``) and guest ownership changes are not stored on the host."""
+    args: list[str] = []
+    for number, share in enumerate(shares):
+        tag = f"share{number}"
+        # QEMU's option syntax: a comma inside a value is written twice.
+        path = os.fspath(share.source).replace(",", ",,")
+        fsdev = f"local,id={tag},path={path},security_model=none"
+        if share.read_only:
+            fsdev += ",readonly=on"
+        args += ["-fsdev", fsdev, "-device", f"virtio-9p-device,fsdev={tag},mount_tag={tag}"]
+    return args
+
+
+def _with_shares(base: Path, target: Path, shares: tuple[MountSpec, ...]) -> Path:
+    """``base`` plus a cpio holding /mounts (one "<tag> <ro|rw> <destination>" line per share),
+    written to ``target``: this sandbox's own initramfs."""
+    listing = "".join(
+        f"share{n} {'ro' if m.read_only else 'rw'} {m.destination}\n" for n, m in enumerate(shares)
+    )
+    extra = CpioWriter()
+    extra.add_file("mounts", listing.encode(), 0o644)
+    with open(base, "rb") as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+        dst.write(extra.finish())
+    return target
 
 
 def _current_initrd(directory: Path) -> Path | None:

@@ -31,10 +31,11 @@ from sandstorm.config import load_config
 from sandstorm.ids import new_id
 from sandstorm.protocol import MIB
 from sandstorm.runtimes import firecracker_api as fapi
-from sandstorm.runtimes.base import RuntimeStartError, SandboxSpec
+from sandstorm.runtimes.base import MountSpec, RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import Limits, SandboxCgroups
 from sandstorm.runtimes.firecracker import (
     BRIDGE_SOURCE,
+    FirecrackerError,
     FirecrackerRuntime,
     boot_args,
     guest_ram,
@@ -598,3 +599,22 @@ async def test_real_firecracker_boots_snapshots_restores_and_leaves_nothing(
     assert any("jail" in r for r in released)
     assert await runtime.list_orphans(set) == []
     assert spec.sandbox_id not in runtime.cgroups.list_ids()
+
+
+async def test_mounts_are_refused_before_anything_is_made(tmp_path: Path) -> None:
+    """Firecracker has no shared file system device: a sandbox with mounts is refused outright,
+    before a cgroup or a jail exists, rather than booted without its directories."""
+    cgroups = SandboxCgroups(f"sandstorm-fc-test-{tmp_path.name[-8:]}")
+    runtime = FirecrackerRuntime(["/nonexistent/firecracker"], [], tmp_path, "default", cgroups)
+    spec = SandboxSpec(
+        sandbox_id=new_id("sbx"),
+        rootfs=tmp_path,
+        cpu_limit=1.0,
+        memory_limit=256 * MIB,
+        pids_limit=64,
+        mounts=(MountSpec(tmp_path, "/workspace/data", True),),
+    )
+    with trio.fail_after(T), pytest.raises(FirecrackerError, match="cannot mount"):
+        await runtime.start(spec)
+    assert not cgroups.list_ids()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
