@@ -701,7 +701,11 @@ class SandboxActor:
             # exec's channel on restart and maps the journaled output back to it.
             await self._checkpoint()
             self.runtime.exec_starting(self.id, alone=len(self._by_channel) == 1)
-            await self._to_agent(lambda ch: ch.send_exec(num, plan.argv, plan.env, plan.cwd))
+            # keep_alive 0: the sandbox ends with this run, the agent need not prepare for more.
+            last = self.params.keep_alive_s == 0
+            await self._to_agent(
+                lambda ch: ch.send_exec(num, plan.argv, plan.env, plan.cwd, last=last)
+            )
             if plan.stdin:
                 stdin = plan.stdin
                 await self._to_agent(lambda ch: ch.send_stdin(num, stdin))
@@ -787,12 +791,14 @@ class SandboxActor:
 
     async def _snapshot(self, leave_running: bool) -> SnapshotMeta:
         """Checkpoint (which stops the sandbox), publish the snapshot, then either restore the
-        same sandbox from it (``leave_running``) or tear it down."""
+        same sandbox from it (``leave_running``) or answer and tear it down right after."""
         if not self.runtime.capabilities.snapshot:
             raise SnapshotUnsupported(
                 f"runtime {self.params.runtime_name} cannot snapshot",
                 runtime=self.params.runtime_name,
             )
+        if (refusal := self.runtime.snapshot_refusal(self.params.spec)) is not None:
+            raise SnapshotUnsupported(refusal, runtime=self.params.runtime_name)
         if self.state not in ("idle", "running") or self._instance is None:
             raise SandboxNotRunning(f"sandbox {self.id} is {self.state}", state=self.state)
         old = self._instance
@@ -828,7 +834,11 @@ class SandboxActor:
             raise
         self._expect_eof = False
         if not leave_running:
-            await self._teardown("destroyed", None, note=f"snapshot {snapshot_id} taken")
+            # The snapshot is written and published: answer now, and free the sandbox (the
+            # runtime's kill and delete, cgroups, directories) as the mailbox's next job. Until
+            # then it stays "snapshotting", which refuses every other request.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._destroy_after_snapshot, snapshot_id)
             return meta
         try:
             with trio.fail_after(self.config.boot_timeout_s):
@@ -853,6 +863,10 @@ class SandboxActor:
         self._saved = (-1, -1, -1)
         await self._checkpoint()
         return meta
+
+    async def _destroy_after_snapshot(self, snapshot_id: str) -> None:
+        with contextlib.suppress(SandboxNotRunning):
+            await self._request_teardown("destroyed", None, note=f"snapshot {snapshot_id} taken")
 
     def _snapshot_meta(self, snapshot_id: str) -> SnapshotMeta:
         from sandstorm.protocol import SnapshotInfo

@@ -363,6 +363,9 @@ def parse_exec(payload):
     cwd = request.get("cwd")
     if not isinstance(cwd, str) or not cwd or "\0" in cwd:
         raise ExecRequestError("cwd must be a non-empty string")
+    last = request.get("last", False)
+    if not isinstance(last, bool):
+        raise ExecRequestError("last must be a boolean")
     # Encode once in the parent so the forked child does as little as possible.
     try:
         argv_b = [os.fsencode(arg) for arg in argv]
@@ -370,7 +373,7 @@ def parse_exec(payload):
         cwd_b = os.fsencode(cwd)
     except UnicodeError:
         raise ExecRequestError("argv, env and cwd must be encodable") from None
-    return argv_b, env_b, cwd_b
+    return argv_b, env_b, cwd_b, last
 
 
 def _candidates(file, env):
@@ -584,7 +587,7 @@ class Agent(object):
         """Milliseconds until the zygote needs attention (a start or a reply deadline)."""
         if self.zygote_waiting:
             due = self.zygote_waiting[0].deadline
-        elif self.zygote_wanted():
+        elif self.zygote_wanted() and not self.execs:
             due = self.zygote_due
         else:
             return None
@@ -608,7 +611,9 @@ class Agent(object):
         now = time.monotonic()
         if self.zygote_waiting and now >= self.zygote_waiting[0].deadline:
             self.zygote_gone()  # stopped or wedged: replace it; what waits falls back
-        elif self.zygote_wanted() and now >= self.zygote_due:
+        elif self.zygote_wanted() and not self.execs and now >= self.zygote_due:
+            # Never while an exec runs: on a loaded host the zygote's start would take CPU
+            # from that exec, for execs that may never come.
             self.start_zygote()
 
     def start_zygote(self):
@@ -840,11 +845,14 @@ class Agent(object):
             return
         self.used_channels.add(channel)
         try:
-            argv, env, cwd = parse_exec(payload)
+            argv, env, cwd, last = parse_exec(payload)
         except Exception as exc:  # malformed JSON or schema: finish the channel anyway
             send_error(channel, "invalid EXEC request: %s" % (exc,))
             self.send_exit_without_child(channel)
             return
+        if last:
+            # The gateway ends the sandbox after this exec: a zygote would serve nobody.
+            self.zygote_enabled = False
         self.zygote_busy()
         if self.zygote_sock is not None and zygote_can_serve(argv, env):
             self.spawn_zygote(channel, argv, env, cwd)

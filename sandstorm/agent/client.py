@@ -159,10 +159,11 @@ class FileWritten(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # Requests (gateway → agent); encoded only.
-class _ExecRequest(msgspec.Struct, frozen=True, kw_only=True):
+class _ExecRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     argv: list[str]
     env: dict[str, str]
     cwd: str
+    last: bool = False
 
 
 class _SignalRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -414,11 +415,15 @@ class AgentChannel:
             self._send_broken = True
             raise
 
-    async def send_exec(self, channel: int, argv: list[str], env: dict[str, str], cwd: str) -> None:
-        """Start ``argv`` with exactly ``env`` in ``cwd`` as exec ``channel`` (>= 1, unique)."""
+    async def send_exec(
+        self, channel: int, argv: list[str], env: dict[str, str], cwd: str, *, last: bool = False
+    ) -> None:
+        """Start ``argv`` with exactly ``env`` in ``cwd`` as exec ``channel`` (>= 1, unique).
+        ``last``: the sandbox ends after this exec, so the agent prepares nothing for later."""
         if not argv:
             raise ValueError("argv must not be empty")
-        payload = _encoder.encode(_ExecRequest(argv=list(argv), env=dict(env), cwd=cwd))
+        request = _ExecRequest(argv=list(argv), env=dict(env), cwd=cwd, last=last)
+        payload = _encoder.encode(request)
         await self.send_frame(FrameKind.EXEC, channel, payload)
 
     async def send_stdin(self, channel: int, data: bytes) -> None:

@@ -283,3 +283,47 @@ async def test_a_burst_of_python_execs_is_served_whichever_way_each_goes(tmp_pat
                     await trio.sleep(REFILLED_S)
     # (how many of the burst outran the standby depends on this machine's speed)
     assert served[0] and served.count(True) >= 5, served  # every pause refilled it
+
+
+def children_of(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(child) for child in f.read().split()}
+
+
+async def test_the_zygote_waits_for_running_execs_and_never_follows_a_last_one(
+    tmp_path: Path,
+) -> None:
+    """Speculative work never takes CPU from an exec: while one runs (past the 1 s at which an
+    always-busy agent starts it anyway) the agent's only child is that exec. Once it ends, the
+    zygote comes. After an EXEC marked ``last`` (a run with keep_alive 0) it never comes."""
+    with trio.fail_after(TIMEOUT):
+        async with running_agent(tmp_path) as agent:
+            number = await agent.start(["sleep", "1.5"])
+            await agent.channel.send_stdin_close(number)
+            pid = await agent.wait_started(number)
+            for _ in range(13):
+                assert children_of(agent.process.pid) == {pid}
+                await trio.sleep(0.1)
+            assert (await agent.finish(number)).exit is not None
+            await wait_for_zygote(agent)
+
+        async with running_agent(tmp_path) as agent:
+            number = agent.new_channel()
+            await agent.channel.send_exec(number, ["sleep", "0.3"], ENV, "/", last=True)
+            await agent.channel.send_stdin_close(number)
+            await agent.finish(number)
+            await trio.sleep(1.5)
+            assert children_of(agent.process.pid) == set()
+            result, zygote = await run(agent, ["python3", "-c", "print('still served')"])
+            assert (result.stdout, zygote) == (b"still served\n", False)
+
+
+async def test_last_must_be_a_boolean(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with running_agent(tmp_path) as agent:
+            number = agent.new_channel()
+            payload = json.dumps({"argv": ["true"], "env": ENV, "cwd": "/", "last": "yes"})
+            await agent.channel.send_frame(FrameKind.EXEC, number, payload.encode())
+            result = await agent.finish(number)
+            assert result.exit is not None and result.exit.exit_code == 126
+            assert any("last must be a boolean" in e for e in result.errors), result
