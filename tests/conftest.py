@@ -22,8 +22,10 @@ import trio
 from sandstorm.config import Config, load_config
 from sandstorm.gateway import serve
 from sandstorm.images.builder import load_manifest
+from sandstorm.images.vm import load_vm_manifest
+from sandstorm.protocol import RuntimeName
 from sandstorm.runtimes.cgroups import V1_ALL, SandboxCgroups
-from tests.harness import RunningGateway
+from tests.harness import RunningGateway, RuntimeRouting
 from tests.hoststate import HostState, host_mounts_under, settled_state
 
 IMAGE_DATA_DIR = Path(os.environ.get("SANDSTORM_TEST_DATA_DIR", "/var/lib/sandstorm"))
@@ -72,13 +74,60 @@ def cgroup_parent() -> Iterator[str]:
 
 GatewayFactory = Callable[..., Any]
 
+#: The runtimes every API test runs on: gVisor, and a QEMU microVM (TCG on this machine). A test
+#: that takes ``gw`` (or ``sandbox_runtime``) in these folders runs once per runtime: the API
+#: and its security properties must hold on each. Elsewhere (CLI and client, tenancy, the
+#: console) the runtime plays no part and gVisor serves. ``@pytest.mark.runtimes("gvisor")``
+#: narrows a test that is about one runtime only.
+SANDBOX_RUNTIMES: tuple[RuntimeName, ...] = ("gvisor", "qemu")
+EVERY_RUNTIME_IN = frozenset({"web", "security"})
+#: TCG boots take 3-8 s on a 2-core machine, more while other work loads it.
+VM_OVERRIDES: dict[str, Any] = {"boot_timeout_s": 90.0}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "sandbox_runtime" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("runtimes")
+    if marker is not None:
+        runtimes = marker.args
+    elif metafunc.definition.path.parent.name in EVERY_RUNTIME_IN:
+        runtimes = SANDBOX_RUNTIMES
+    else:
+        runtimes = ("gvisor",)
+    metafunc.parametrize("sandbox_runtime", runtimes)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "runtimes(*names): the runtimes a gw test runs on (default: all of them)"
+    )
+
+
+def vm_image_required() -> None:
+    if load_vm_manifest(IMAGE_DATA_DIR) is None:
+        reason = f"no VM image in {IMAGE_DATA_DIR} (sandstorm image build --vm)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
 
 @pytest.fixture
 def start_gateway(runsc_required: None, data_dir: Path, cgroup_parent: str) -> Callable[..., Any]:
-    """``async with start_gateway(**config_overrides) as gw:`` — a real server on port 0."""
+    """``async with start_gateway(**config_overrides) as gw:`` — a real server on port 0.
+
+    ``sandbox_runtime="qemu"`` serves the sandboxes a test creates from QEMU microVMs: requests
+    that name neither an isolation level nor a runtime ask for ``maximum`` (see
+    ``RuntimeRouting``), and the test fails at once if qemu cannot run here."""
 
     @asynccontextmanager
-    async def factory(**overrides: Any) -> AsyncIterator[RunningGateway]:
+    async def factory(
+        *, sandbox_runtime: RuntimeName = "gvisor", **overrides: Any
+    ) -> AsyncIterator[RunningGateway]:
+        if sandbox_runtime != "gvisor":
+            vm_image_required()
+            for name, value in VM_OVERRIDES.items():
+                overrides.setdefault(name, value)
         # A test's gateway ends by cancellation: its sandboxes go with it unless a test asks
         # otherwise (the teardown proof below checks).
         overrides.setdefault("on_shutdown", "destroy")
@@ -95,8 +144,12 @@ def start_gateway(runsc_required: None, data_dir: Path, cgroup_parent: str) -> C
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(_serve_quietly, config)
             url = binds[0]
-            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                yield RunningGateway(url, client, config, data_dir)
+            routing = RuntimeRouting(httpx.AsyncHTTPTransport(), sandbox_runtime)
+            async with httpx.AsyncClient(base_url=url, timeout=120, transport=routing) as client:
+                running = RunningGateway(url, client, config, data_dir, sandbox_runtime)
+                if sandbox_runtime != "gvisor":
+                    await running.require_runtime()
+                yield running
             nursery.cancel_scope.cancel()
         # Teardown proof: whatever the test did, the gateway's shutdown left nothing on the host.
         with trio.fail_after(30):
@@ -112,6 +165,8 @@ async def _serve_quietly(config: Config, *, task_status: trio.TaskStatus[list[st
 
 
 @pytest.fixture
-async def gw(start_gateway: Callable[..., Any]) -> AsyncIterator[RunningGateway]:
-    async with start_gateway() as running:
+async def gw(
+    start_gateway: Callable[..., Any], sandbox_runtime: RuntimeName
+) -> AsyncIterator[RunningGateway]:
+    async with start_gateway(sandbox_runtime=sandbox_runtime) as running:
         yield running

@@ -11,8 +11,38 @@ from typing import Any
 import httpx
 import trio
 
+from sandstorm.agent import AGENT_COMMAND
 from sandstorm.client import AsyncClient
 from sandstorm.config import Config
+from sandstorm.protocol import IsolationLevel, RuntimeName
+
+#: The level a request must ask for to be served by each runtime the tests run on (qemu is the
+#: fallback for ``maximum`` where Firecracker is missing, as here).
+LEVEL_FOR: dict[RuntimeName, IsolationLevel] = {"gvisor": "standard", "qemu": "maximum"}
+#: What a teardown's ``released`` calls the sandbox's directory on the host, by runtime.
+DIRECTORY_WORD: dict[RuntimeName, str] = {"gvisor": "bundle directory", "qemu": "VM directory"}
+#: How much longer a VM test may take than its gVisor bound: every TCG boot costs seconds.
+VM_SLOWDOWN = 4.0
+_CREATE_PATHS = frozenset({"/v1/sandboxes", "/v1/sandboxes/run"})
+#: Shell words for the agent's pid inside a sandbox: 1 in gVisor (the agent is PID 1); in a VM
+#: the guest's init is PID 1 and the agent its child. The lowest pid whose command line names the
+#: agent's script (one grep, not a process per pid: under TCG every process costs milliseconds).
+AGENT_PID_SH = (
+    f"$(grep -alF -- '{AGENT_COMMAND[-1]}' /proc/[0-9]*/cmdline 2>/dev/null"
+    " | sort -t/ -k3 -n | head -n 1 | cut -d/ -f3)"
+)
+#: The same as a Python function, ``agent_pid()``, for code that runs in the sandbox.
+AGENT_PID_PY = f"""
+def agent_pid():
+    import os
+    for p in sorted((p for p in os.listdir('/proc') if p.isdigit()), key=int):
+        try:
+            with open('/proc/%s/cmdline' % p, 'rb') as f:
+                if f.read() == {"".join(a + chr(0) for a in AGENT_COMMAND).encode()!r}:
+                    return int(p)
+        except OSError:
+            pass
+"""
 
 
 @dataclass
@@ -21,6 +51,32 @@ class RunningGateway:
     client: httpx.AsyncClient
     config: Config
     data_dir: Path
+    #: The runtime that serves the sandboxes this test creates without naming one.
+    runtime: RuntimeName = "gvisor"
+
+    @property
+    def isolation_level(self) -> IsolationLevel:
+        return LEVEL_FOR[self.runtime]
+
+    @property
+    def directory_word(self) -> str:
+        """How ``released`` names the sandbox's directory on the host."""
+        return DIRECTORY_WORD[self.runtime]
+
+    @property
+    def selection(self) -> str:
+        """Why the gateway picks ``runtime`` for this test's requests."""
+        return "default" if self.runtime == "gvisor" else "fallback"
+
+    def seconds(self, gvisor_bound: float) -> float:
+        """A test's time bound, scaled for the runtime it runs on."""
+        return gvisor_bound if self.runtime == "gvisor" else gvisor_bound * VM_SLOWDOWN
+
+    async def require_runtime(self) -> None:
+        """Fail the test at once, saying why, if its runtime cannot run sandboxes here."""
+        runtimes = {r["name"]: r for r in (await self.client.get("/v1/runtimes")).json()}
+        if not runtimes[self.runtime]["available"]:
+            raise AssertionError(f"{self.runtime} unavailable: {runtimes[self.runtime]['reason']}")
 
     async def run(self, **body: Any) -> httpx.Response:
         return await self.client.post("/v1/sandboxes/run", json=body)
@@ -53,6 +109,44 @@ class RunningGateway:
             client.stream(sandbox_id, since or 0, **options) as stream,
         ):
             yield stream.ws
+
+
+class RuntimeRouting(httpx.AsyncBaseTransport):
+    """Sends the test's create and run requests to its runtime.
+
+    A body that names neither ``isolation_level`` nor ``runtime_preference`` gets the level that
+    ``runtime`` serves (``LEVEL_FOR``); anything else, malformed bodies included, goes out as the
+    test wrote it. The request is otherwise untouched, so the test still speaks the real API."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, runtime: RuntimeName) -> None:
+        self._inner = inner
+        self._level = LEVEL_FOR[runtime]
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        routed = self._level != "standard" and request.method == "POST"
+        if routed and request.url.path in _CREATE_PATHS:
+            request = self._routed(request)
+        return await self._inner.handle_async_request(request)
+
+    def _routed(self, request: httpx.Request) -> httpx.Request:
+        raw = request.read()
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            return request
+        if not isinstance(body, dict) or {"isolation_level", "runtime_preference"} & set(body):
+            return request
+        # Inserted as text after the opening brace: every other byte goes out as written
+        # (duplicate keys, number spellings, whitespace), so the request is the test's own.
+        brace = raw.index(b"{") + 1
+        separator = b"," if body else b""
+        field = b'"isolation_level":"%s"%s' % (self._level.encode(), separator)
+        content = raw[:brace] + field + raw[brace:]
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+        return httpx.Request(request.method, request.url, headers=headers, content=content)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 def never_500(gw: RunningGateway) -> None:

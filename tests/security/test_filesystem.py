@@ -77,7 +77,7 @@ async def test_no_host_path_is_visible_unless_mounted(gw: RunningGateway, canary
     host_paths = [str(marker), str(canary), str(data), str(data / "runsc"),
                   str(data / "sandboxes"), os.getcwd(), "/var/lib/sandstorm/images"]  # fmt: skip
     probe = PROBE_HOST.format(paths=host_paths, mentions=[str(gw.data_dir), str(canary)])
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         body = await gw.run_ok(code=probe, language="python")
     result = body["result"]
     assert result["verdict"] == "ok", result
@@ -161,7 +161,7 @@ async def test_nothing_written_in_one_sandbox_reaches_the_next(gw: RunningGatewa
         'grep -rl "$TOKEN" /workspace /tmp /dev/shm /var/tmp 2>/dev/null; '
         "for p in /proc/[0-9]*; do cat $p/cmdline 2>/dev/null | tr '\\0' ' '; echo; done"
     )
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         first = await gw.run_ok(command=["sh", "-c", plant])
         assert first["result"]["stdout"] == "planted\n", first
         second = await gw.run_ok(command=["bash", "-lc", look], environment={"TOKEN": token})

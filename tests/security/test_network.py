@@ -61,7 +61,7 @@ async def test_nothing_outside_the_sandbox_is_reachable(gw: RunningGateway) -> N
     host.bind("\0" + abstract)
     host.listen()
     try:
-        with trio.fail_after(30):
+        with trio.fail_after(gw.seconds(30)):
             body = await gw.run_ok(
                 command=["python3", "-c", PROBE, str(port), abstract], timeout=20_000
             )
@@ -99,7 +99,7 @@ async def test_what_listens_inside_is_out_of_the_hosts_reach(gw: RunningGateway)
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         body = await gw.run_ok(command=["python3", "-c", LISTEN, str(port)], wait=False)
         sid, eid = body["id"], body["exec_id"]
         # Inside, loopback works (the listener is reachable from the sandbox itself).

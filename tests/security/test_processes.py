@@ -23,7 +23,7 @@ print('forked', len(pids))
 
 
 async def test_a_hundred_processes_are_fine(gw: RunningGateway) -> None:
-    with trio.fail_after(60):
+    with trio.fail_after(gw.seconds(60)):
         body = await gw.run_ok(code=FORK.format(n=100, sleep=5), language="python")
     assert body["result"]["stdout"] == "forked 100\n"
     assert body["result"]["verdict"] == "ok"

@@ -20,6 +20,9 @@ import trio
 from sandstorm.decoding import find_duplicate_key
 from tests.harness import RunningGateway, never_500, send_raw_request
 
+# Request parsing and validation happen before any runtime is chosen.
+pytestmark = pytest.mark.runtimes("gvisor")
+
 MIB = 1024 * 1024
 DEEP = 100_000
 JSON = {"content-type": "application/json"}
@@ -125,7 +128,7 @@ EXEC_CASES: list[tuple[str, bytes, str]] = [
 async def test_pathological_run_body_is_400_naming_the_field(
     g: RunningGateway, name: str, raw: bytes, field: str
 ) -> None:
-    with trio.fail_after(60):
+    with trio.fail_after(g.seconds(60)):
         response = await g.client.post("/v1/sandboxes/run", content=raw, headers=JSON)
         assert_400(response, field, name)
         # Nothing was created, and the gateway still works.
@@ -134,7 +137,7 @@ async def test_pathological_run_body_is_400_naming_the_field(
 
 
 async def test_pathological_exec_and_resume_bodies_are_400(g: RunningGateway) -> None:
-    with trio.fail_after(60):
+    with trio.fail_after(g.seconds(60)):
         sid = (await g.run_ok(command=["true"]))["id"]
         for name, raw, field in EXEC_CASES:
             response = await g.client.post(f"/v1/sandboxes/{sid}/exec", content=raw, headers=JSON)
@@ -153,7 +156,7 @@ async def test_pathological_exec_and_resume_bodies_are_400(g: RunningGateway) ->
 async def test_large_bodies_are_decoded_off_the_loop_and_still_checked(g: RunningGateway) -> None:
     """Bodies just under 16 MiB: a duplicate at the very end is found, a valid one runs."""
     big = "x" * (7 * MIB)
-    with trio.fail_after(60):
+    with trio.fail_after(g.seconds(60)):
         raw = json.dumps({"command": ["true"], "stdin": big, "files": {"/w/a": big}}).encode()
         dup = raw[:-1] + b',"environment":{"A":"1","A":"2"}}'
         assert 14 * MIB < len(dup) < 16 * MIB
@@ -172,7 +175,7 @@ async def test_large_bodies_are_decoded_off_the_loop_and_still_checked(g: Runnin
 
 
 async def test_over_16_mib_is_413_with_or_without_content_length(g: RunningGateway) -> None:
-    with trio.fail_after(60):
+    with trio.fail_after(g.seconds(60)):
         too_big = b'{"stdin":"' + b"x" * (16 * MIB) + b'"}'
         for chunked in (False, True):
             response = await send_raw_request(g.url, "/v1/sandboxes/run", too_big, chunked=chunked)
@@ -187,7 +190,7 @@ async def test_an_answer_before_the_body_is_read_leaves_the_connection_usable(
     """404 for an unknown sandbox comes before the body is looked at, but the body is drained:
     the next request on the same keep-alive connection must not hang."""
     body = json.dumps({"command": ["true"], "stdin": "x" * MIB}).encode()
-    with trio.fail_after(30):
+    with trio.fail_after(g.seconds(30)):
         async with httpx.AsyncClient(base_url=g.url, timeout=10) as client:
             for path in ("/v1/sandboxes/sbx_nope/exec", "/v1/sandboxes/sbx_nope/snapshot"):
                 for _ in range(3):
@@ -219,7 +222,7 @@ async def test_bad_stream_frames_get_error_frames_naming_the_field(gw: RunningGa
         ('{"type":"exec","command":["true"]} trailing', "trailing"),
         ("\ufeff" + '{"type":"stdin_close","exec_id":"e"}', "invalid character"),
     ]
-    with trio.fail_after(60):
+    with trio.fail_after(gw.seconds(60)):
         sid = (await gw.run_ok(command=["true"]))["id"]
         async with gw.stream(sid, max_message_size=8 * MIB) as ws:
             for frame, named in cases:
@@ -288,7 +291,7 @@ async def test_cross_site_requests_are_refused(g: RunningGateway) -> None:
     cross-site WebSockets, which browsers do not restrict)."""
     host = g.url.removeprefix("http://")
     evil = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
-    with trio.fail_after(30):
+    with trio.fail_after(g.seconds(30)):
         response = await g.client.post(
             "/v1/sandboxes/run", content=b'{"command": ["true"]}', headers=evil
         )

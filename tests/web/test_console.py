@@ -26,6 +26,9 @@ from tests.harness import RunningGateway
 if TYPE_CHECKING:
     from playwright.sync_api import ConsoleMessage, Page
 
+# The console is a page over the same API: which runtime serves its runs plays no part here.
+pytestmark = pytest.mark.runtimes("gvisor")
+
 CHROMIUM = Path(os.environ.get("SANDSTORM_TEST_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM_ARGS = [

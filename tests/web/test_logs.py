@@ -22,7 +22,7 @@ GENERATED = re.compile(r"[0-9a-f]{32}")
 
 
 async def test_every_response_carries_a_request_id(gw: RunningGateway) -> None:
-    with trio.fail_after(60):
+    with trio.fail_after(gw.seconds(60)):
         ok = await gw.client.get("/health", headers={"X-Request-Id": "client-id.1:a_b-c"})
         assert ok.headers["x-request-id"] == "client-id.1:a_b-c"
         # Unsafe or oversized ids are replaced, never echoed.

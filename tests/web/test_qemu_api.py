@@ -5,35 +5,25 @@ resume. Every boot costs seconds under TCG, so each test does several things in 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import trio
 
-from sandstorm.images.vm import load_vm_manifest
-from tests.conftest import IMAGE_DATA_DIR
+from tests.conftest import VM_OVERRIDES, vm_image_required
 from tests.harness import RunningGateway
 from tests.hoststate import host_state
 from tests.web.test_stream import collect_until_exit, next_frame
 
-# TCG boots take 3-8 s on this 2-core machine, more while other tests load it.
-QEMU_OVERRIDES: dict[str, Any] = {"boot_timeout_s": 90.0}
 T = 180
 
 
 @pytest.fixture
 async def qgw(start_gateway: Callable[..., Any]) -> AsyncIterator[RunningGateway]:
-    if load_vm_manifest(IMAGE_DATA_DIR) is None:
-        reason = f"no VM image in {IMAGE_DATA_DIR} (sandstorm image build --vm)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    async with start_gateway(**QEMU_OVERRIDES) as running:
-        runtimes = {r["name"]: r for r in (await running.client.get("/v1/runtimes")).json()}
-        if not runtimes["qemu"]["available"]:
-            pytest.fail(f"qemu unavailable: {runtimes['qemu']['reason']}")
+    """A gateway whose requests without a level are served by qemu (and that fails the test
+    at once when qemu cannot run here)."""
+    async with start_gateway(sandbox_runtime="qemu") as running:
         yield running
 
 
@@ -187,32 +177,53 @@ async def test_snapshot_leave_running_then_resume(qgw: RunningGateway) -> None:
             assert response.status_code == 200, response.text
 
 
-async def test_mounts_are_refused_on_qemu_and_leave_nothing(
+async def test_mounts_are_shared_directories_and_block_snapshots(
     start_gateway: Callable[..., Any], tmp_path: Any
 ) -> None:
+    """Mounts reach a VM as virtio-9p exports (the read/write behaviour is the API test
+    ``test_read_only_and_writable_mounts_work``, which runs on qemu too); here, what is
+    particular to them: files cannot be exported, and a VM with exports cannot be snapshotted."""
     allowed = tmp_path / "allowed"
     allowed.mkdir()
-    if load_vm_manifest(IMAGE_DATA_DIR) is None:
-        pytest.skip("no VM image")
-    with trio.fail_after(60):
-        async with start_gateway(mount_allow_list=[str(allowed)], **QEMU_OVERRIDES) as gw:
-            response = await gw.run(
-                command=["true"],
-                isolation_level="maximum",
-                mounts=[{"source": str(allowed), "destination": "/workspace/data"}],
-            )
+    (allowed / "data.txt").write_text("shared\n")
+    with trio.fail_after(T):
+        async with start_gateway(mount_allow_list=[str(allowed)], sandbox_runtime="qemu") as gw:
+            file_mount = {"source": str(allowed / "data.txt"), "destination": "/workspace/f"}
+            response = await gw.run(command=["true"], mounts=[file_mount])
             assert response.status_code == 503, response.text
             error = response.json()["error"]
-            assert error["code"] == "runtime_unavailable" and "mounts" in error["message"]
+            assert error["code"] == "runtime_unavailable", error
+            assert "directories only" in error["message"], error
             assert (await host_state(gw.data_dir, gw.config.cgroup_parent or "")).is_empty()
+
+            body = await gw.run_ok(
+                command=["cat", "/workspace/data/data.txt"],
+                mounts=[{"source": str(allowed), "destination": "/workspace/data"}],
+                keep_alive=120,
+            )
+            assert body["runtime"] == "qemu" and body["result"]["stdout"] == "shared\n", body
+            sid = body["id"]
+            # QEMU cannot migrate a VM with a 9p export mounted: refused up front, 422, and the
+            # sandbox goes on as it was.
+            response = await gw.client.post(f"/v1/sandboxes/{sid}/snapshot")
+            assert response.status_code == 422, response.text
+            assert response.json()["error"]["code"] == "snapshot_unsupported"
+            assert (await gw.status(sid))["state"] == "idle"
+            assert (await _exec(gw, sid, "cat /workspace/data/data.txt"))["stdout"] == "shared\n"
+            response = await gw.client.delete(f"/v1/sandboxes/{sid}")
+            assert response.status_code == 200, response.text
+            freed = response.json()
+            assert any("read-only mount" in item for item in freed["released"]), freed
+            assert not (await host_state(gw.data_dir, gw.config.cgroup_parent or "")).mentioning(
+                sid
+            )
 
 
 async def test_admission_counts_the_vmm_memory(start_gateway: Callable[..., Any]) -> None:
     """A VM costs the host its RAM plus QEMU's own memory: the memory budget reserves both, so
     VMs cannot overcommit it (refused before anything boots)."""
-    if load_vm_manifest(IMAGE_DATA_DIR) is None:
-        pytest.skip(f"no VM image in {IMAGE_DATA_DIR}")
-    async with start_gateway(memory_budget=320 * 1024 * 1024, **QEMU_OVERRIDES) as gw:
+    vm_image_required()
+    async with start_gateway(memory_budget=320 * 1024 * 1024, **VM_OVERRIDES) as gw:
         with trio.fail_after(60):
             refused = await gw.run(
                 command=["true"], isolation_level="maximum", memory_limit=128 * 1024 * 1024

@@ -1,4 +1,5 @@
-"""POST /v1/sandboxes/run and exec on real gVisor sandboxes: results, verdicts, languages."""
+"""POST /v1/sandboxes/run and exec on real sandboxes (gVisor and QEMU): results, verdicts,
+languages."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from tests.harness import RunningGateway
 
 
 async def test_python_hello_world(gw: RunningGateway) -> None:
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         response = await gw.run(code="print('Hello, World!')", language="python")
     assert response.status_code == 201, response.text
     body = response.json()
     assert body["id"].startswith("sbx_") and len(body["id"]) == 30
-    assert body["runtime"] == "gvisor"
-    assert body["selection"] == "default"
-    assert body["isolation_level"] == "standard"
+    assert body["runtime"] == gw.runtime
+    assert body["selection"] == gw.selection
+    assert body["isolation_level"] == gw.isolation_level
     assert body["state"] in ("idle", "running")
     assert body["created_at"].endswith("Z") and body["expires_at"].endswith("Z")
     result = body["result"]
@@ -36,7 +37,7 @@ async def test_every_language_runs_with_its_version(gw: RunningGateway) -> None:
         "bash": "echo ${BASH_VERSION%%(*}",
         "sh": "echo sh-ok",
     }
-    with trio.fail_after(60):
+    with trio.fail_after(gw.seconds(60)):
         languages = (await gw.client.get("/v1/languages")).json()
         versions = {lang["name"]: lang["version"] for lang in languages}
         assert set(versions) == set(programs)
@@ -51,7 +52,7 @@ async def test_every_language_runs_with_its_version(gw: RunningGateway) -> None:
 
 
 async def test_command_env_cwd_stdin_and_files(gw: RunningGateway) -> None:
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         body = await gw.run_ok(
             command=["sh", "-c", 'cat input.txt; echo "$GREETING $HOME $(id -u)"; pwd; cat'],
             environment={"GREETING": "hi there"},
@@ -64,7 +65,7 @@ async def test_command_env_cwd_stdin_and_files(gw: RunningGateway) -> None:
 
 
 async def test_exec_keeps_state_between_calls(gw: RunningGateway) -> None:
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         body = await gw.run_ok(command=["sh", "-c", "echo 42 > /workspace/answer"])
         sid = body["id"]
         response = await gw.client.post(
@@ -82,7 +83,7 @@ async def test_exec_keeps_state_between_calls(gw: RunningGateway) -> None:
 
 
 async def test_wait_false_returns_202_and_the_result_is_polled(gw: RunningGateway) -> None:
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         response = await gw.run(command=["sh", "-c", "sleep 0.5; echo done"], wait=False)
         assert response.status_code == 202, response.text
         body = response.json()
@@ -104,7 +105,7 @@ async def test_wait_false_returns_202_and_the_result_is_polled(gw: RunningGatewa
 
 
 async def test_concurrent_execs_in_one_sandbox(gw: RunningGateway) -> None:
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         sid = (await gw.run_ok(command=["true"]))["id"]
         results: dict[int, str] = {}
 
@@ -126,20 +127,20 @@ async def test_concurrent_execs_in_one_sandbox(gw: RunningGateway) -> None:
 
 async def test_large_code_is_passed_through_a_file(gw: RunningGateway) -> None:
     code = "x = 1\n" * 30_000 + "print('big', x)\n"  # 180 KB: above one argv string's limit
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         body = await gw.run_ok(code=code, language="python")
     assert body["result"]["stdout"] == "big 1\n"
 
 
 async def test_invalid_utf8_output_is_replaced(gw: RunningGateway) -> None:
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         body = await gw.run_ok(command=["sh", "-c", "printf 'a\\377b'"])
     assert body["result"]["stdout"] == "a\ufffdb"
 
 
 async def test_large_files_and_stdin_arrive_whole(gw: RunningGateway) -> None:
     blob = "0123456789abcdef" * (3 * 1024 * 1024 // 16)  # 3 MiB: several WRITE_FILE chunks
-    with trio.fail_after(60):
+    with trio.fail_after(gw.seconds(60)):
         body = await gw.run_ok(
             command=["sh", "-c", "wc -c < /workspace/blob; md5sum < /workspace/blob; wc -c"],
             files={"/workspace/blob": blob},

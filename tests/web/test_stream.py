@@ -46,7 +46,7 @@ async def collect_until_exit(ws: Any, exec_id: str) -> list[dict[str, Any]]:
 
 
 async def test_late_connect_replays_the_whole_run_in_order(gw: RunningGateway) -> None:
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         body = await gw.run_ok(command=["sh", "-c", "echo out; echo err >&2; exit 4"], wait=False)
         sid, eid = body["id"], body["exec_id"]
         await trio.sleep(1)  # the run is long over when the client arrives
@@ -67,7 +67,7 @@ async def test_late_connect_replays_the_whole_run_in_order(gw: RunningGateway) -
 
 
 async def test_output_arrives_as_it_is_written_not_at_exit(gw: RunningGateway) -> None:
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         sid = (await gw.run_ok(command=["true"]))["id"]
         async with gw.stream(sid) as ws:
             command = ["sh", "-c", "echo first; sleep 2; echo second"]
@@ -86,7 +86,7 @@ async def test_interactive_program_turn_by_turn(gw: RunningGateway) -> None:
     program = (
         "import sys\nfor line in sys.stdin:\n    print('echo:', line.strip()[::-1], flush=True)\n"
     )
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         sid = (await gw.run_ok(command=["true"]))["id"]
         async with gw.stream(sid) as ws:
             await ws.send_message(
@@ -116,7 +116,7 @@ async def test_interactive_program_turn_by_turn(gw: RunningGateway) -> None:
     ("signal", "exit_signal"), [("SIGINT", 2), ("SIGTERM", 15), ("SIGKILL", 9)]
 )
 async def test_signals_reach_the_process(gw: RunningGateway, signal: str, exit_signal: int) -> None:
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         sid = (await gw.run_ok(command=["true"]))["id"]
         async with gw.stream(sid) as ws:
             await ws.send_message(json.dumps({"type": "exec", "command": ["sleep", "60"]}))
@@ -147,7 +147,7 @@ async def test_bad_frames_get_error_frames_and_the_socket_stays_usable(gw: Runni
         (b"\x00\x01binary", "invalid_frame"),
         ("x" * (1536 * 1024), "invalid_frame"),  # over the 1 MiB cap, under 2 MiB
     ]
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         sid = (await gw.run_ok(command=["true"]))["id"]
         async with gw.stream(sid, max_message_size=8 * 1024 * 1024) as ws:
             for message, code in bad:
@@ -162,7 +162,7 @@ async def test_bad_frames_get_error_frames_and_the_socket_stays_usable(gw: Runni
 
 
 async def test_unknown_sandbox_is_404_before_the_upgrade(gw: RunningGateway) -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(gw.seconds(10)):
         for sid in ("sbx_00000000000000000000000000", "nonsense"):
             response = await upgrade(gw, sid)
             assert response.status_code == 404
@@ -170,7 +170,7 @@ async def test_unknown_sandbox_is_404_before_the_upgrade(gw: RunningGateway) -> 
 
 
 async def test_reconnect_with_since_misses_nothing(gw: RunningGateway) -> None:
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         body = await gw.run_ok(
             command=["sh", "-c", "for i in 1 2 3 4 5 6; do echo $i; sleep 0.2; done"], wait=False
         )
@@ -212,7 +212,7 @@ def flood_code(chunks: int, pause_every: int = 0, pause_s: float = 0.0) -> str:
 
 
 async def test_a_client_that_never_reads_costs_nothing(gw: RunningGateway) -> None:
-    with trio.fail_after(120):
+    with trio.fail_after(gw.seconds(120)):
         sid = (await gw.run_ok(command=["true"]))["id"]
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         async with gw.stream(sid, message_queue_size=1) as slow:
@@ -242,7 +242,7 @@ async def test_a_client_that_never_reads_costs_nothing(gw: RunningGateway) -> No
 
 
 async def test_a_slow_client_does_not_slow_a_fast_one(gw: RunningGateway) -> None:
-    with trio.fail_after(60):
+    with trio.fail_after(gw.seconds(60)):
         sid = (await gw.run_ok(command=["true"]))["id"]
         async with (
             gw.stream(sid, message_queue_size=1) as slow,
@@ -284,7 +284,7 @@ async def test_stream_caps_refuse_cleanly(start_gateway) -> None:  # type: ignor
 
 
 async def test_stream_ends_with_1000_when_the_sandbox_is_destroyed(gw: RunningGateway) -> None:
-    with trio.fail_after(30):
+    with trio.fail_after(gw.seconds(30)):
         sid = (await gw.run_ok(command=["true"]))["id"]
         async with gw.stream(sid) as ws:
             await gw.client.delete(f"/v1/sandboxes/{sid}")
