@@ -66,18 +66,19 @@ GUEST_MODULES: Final[tuple[str, ...]] = (
     "crc32c_generic",
     "ext4",
     "overlay",
-    # Host directories shared into the guest (mounts under QEMU: -fsdev local + virtio-9p).
-    "9p",
-    "9pnet_virtio",
     # Firecracker's agent channel (vm_vsock_bridge.c). Under QEMU there is no vsock device, so
     # the transport registers its driver and binds nothing.
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
 )
+#: Loaded only by a guest that has shares to mount (mounts under QEMU: -fsdev local +
+#: virtio-9p): under TCG every module costs boot time.
+SHARE_MODULES: Final[tuple[str, ...]] = ("9p", "9pnet_virtio")
 #: Bump when the layout or the init changes: an older vm/ then counts as not built.
 #: 2: vsock modules, sandstorm.channel=vsock and module parameters from the command line.
-#: 3: 9p modules; the init mounts the shares in /mounts, names the host and brings up lo.
+#: 3: 9p modules (modules/order.shares, loaded only with shares); the init mounts the shares in
+#: /mounts, names the host and brings up lo.
 VM_FORMAT: Final = 3
 _INIT_SOURCE: Final = Path(__file__).with_name("vm_init.c")
 _STEP_TIMEOUT_S: Final = 600.0
@@ -180,11 +181,19 @@ async def _build_into(tmp: Path, rootfs: Path, log: Callable[[str], object]) -> 
 
     modules_root = unpacked / "lib/modules" / kernel_version
     order = await trio.to_thread.run_sync(resolve_modules, modules_root, GUEST_MODULES)
+    share_order = [
+        path
+        for path in await trio.to_thread.run_sync(resolve_modules, modules_root, SHARE_MODULES)
+        if path not in order
+    ]
     initramfs = work / "initramfs"
     await trio.Path(initramfs / "modules").mkdir(parents=True)
-    for path in order:
+    for path in order + share_order:
         await trio.to_thread.run_sync(shutil.copyfile, path, initramfs / "modules" / path.name)
     await trio.Path(initramfs / "modules/order").write_text("".join(p.name + "\n" for p in order))
+    await trio.Path(initramfs / "modules/order.shares").write_text(
+        "".join(p.name + "\n" for p in share_order)
+    )
     log("VM image: compiling the guest init")
     await _run(
         ["gcc", "-static", "-Os", "-s", "-o", str(initramfs / "init"), str(_INIT_SOURCE)],
@@ -193,9 +202,11 @@ async def _build_into(tmp: Path, rootfs: Path, log: Callable[[str], object]) -> 
     for d in ("dev", "proc", "sys", "ro", "rw", "newroot", "agent", "modules"):
         cpio.add_dir(d)
     cpio.add_file("init", (initramfs / "init").read_bytes(), 0o755)
-    for path in order:
+    for path in order + share_order:
         cpio.add_file(f"modules/{path.name}", path.read_bytes(), 0o644)
-    cpio.add_file("modules/order", (initramfs / "modules/order").read_bytes(), 0o644)
+    for listing in ("order", "order.shares"):
+        data = (initramfs / "modules" / listing).read_bytes()
+        cpio.add_file(f"modules/{listing}", data, 0o644)
     await trio.Path(tmp / "initramfs.cpio").write_bytes(cpio.finish())
 
     size = await trio.to_thread.run_sync(_tree_size, rootfs)
@@ -212,7 +223,7 @@ async def _build_into(tmp: Path, rootfs: Path, log: Callable[[str], object]) -> 
         created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         kernel_package=debs[0],
         kernel_version=kernel_version,
-        modules=tuple(p.name for p in order),
+        modules=tuple(p.name for p in order + share_order),
         root_size_bytes=(tmp / "root.ext4").stat().st_size,
     )
     await trio.Path(tmp / VM_MANIFEST).write_bytes(msgspec.json.encode(manifest) + b"\n")

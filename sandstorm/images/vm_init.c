@@ -1,7 +1,8 @@
 /* Sandstorm guest init: PID 1 of a microVM (see sandstorm/images/vm.py).
  *
  * Runs from the initramfs. It loads the kernel modules the Debian kernel keeps out of its image
- * (listed in /modules/order, dependencies first), mounts the ext4 root read-only under a
+ * (listed in /modules/order, dependencies first; /modules/order.shares too when there are
+ * shares to mount), mounts the ext4 root read-only under a
  * memory-backed overlay, moves into it, then starts the agent as its only child: uid/gid 1000,
  * no capabilities, no_new_privs, stdin/stdout on the virtio-serial port that QEMU wires to its
  * own stdio. It reaps every orphan and powers the VM off when the agent exits, so the VM's life
@@ -153,9 +154,9 @@ static void module_params(const char *line, const char *name, char *out, size_t 
     }
 }
 
-static void load_modules(void) {
+static void load_modules(const char *listing) {
     static char order[4096], params[sizeof cmdline];
-    read_file("/modules/order", order, sizeof order);
+    read_file(listing, order, sizeof order);
     for (char *name = strtok(order, "\n"); name; name = strtok(NULL, "\n")) {
         char path[256];
         snprintf(path, sizeof path, "/modules/%s", name);
@@ -318,7 +319,9 @@ int main(void) {
     mount_or_die("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     mount_or_die("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     read_file("/proc/cmdline", cmdline, sizeof cmdline);
-    load_modules();
+    load_modules("/modules/order");
+    /* The file system sharing modules only where there are shares: each costs boot time. */
+    if (access("/mounts", F_OK) == 0) load_modules("/modules/order.shares");
 
     int port = vsock_channel() ? -1 : open_port();
     if (param_long("sandstorm.probe", 0)) {

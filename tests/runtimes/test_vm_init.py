@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from sandstorm.images.vm import _INIT_SOURCE, GUEST_MODULES, load_vm_manifest, vm_dir
+from sandstorm.images.vm import (
+    _INIT_SOURCE,
+    GUEST_MODULES,
+    SHARE_MODULES,
+    load_vm_manifest,
+    vm_dir,
+)
 from tests.conftest import IMAGE_DATA_DIR
 
 # The init's own functions, with its main() renamed away: nothing of the init runs but the
@@ -108,7 +114,13 @@ def test_built_initramfs_loads_the_vsock_transport() -> None:
         pytest.skip(f"no VM image in {IMAGE_DATA_DIR} (sandstorm image build --vm)")
     files = _cpio_files((vm_dir(IMAGE_DATA_DIR) / "initramfs.cpio").read_bytes())
     order = files["modules/order"].decode().split()
-    assert order == list(manifest.modules)
+    shares = files["modules/order.shares"].decode().split()
+    assert order + shares == list(manifest.modules)
+    # The 9p modules (and their dependencies) only for guests with shares, after their own.
+    for name in SHARE_MODULES:
+        assert f"{name}.ko" in shares and f"{name}.ko" not in order, name
+        assert files[f"modules/{name}.ko"].startswith(b"\x7fELF")
+    assert shares.index("9pnet.ko") < shares.index("9p.ko") < shares.index("9pnet_virtio.ko")
     for name in GUEST_MODULES:
         assert f"{name}.ko" in order, name
         assert files[f"modules/{name}.ko"].startswith(b"\x7fELF")
