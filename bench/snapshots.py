@@ -60,7 +60,8 @@ async def _raw_cycle(ctx: Context, snapshot: Result, resume: Result) -> None:
 async def snapshot_and_resume(ctx: Context, rounds: int) -> dict[str, Result]:
     snapshot, resume = Result("ms"), Result("ms")
     snapshot.notes.append(
-        "gateway: checkpoint, sha256, fsync, publish and teardown; raw: runsc checkpoint only"
+        "gateway: checkpoint, sha256, fsync and publish (the teardown follows the answer); "
+        "raw: runsc checkpoint only"
     )
     resume.notes.append("both sides: restore until the agent answers a PING")
     for _ in range(rounds):
