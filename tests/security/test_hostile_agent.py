@@ -1,7 +1,8 @@
 """A sandbox that attacks its own agent channel fails only itself (SPEC §5: the agent is
 untrusted). Code runs as the agent's user, so it can write anything into the agent's stdout
-(/proc/<agent>/fd/1) — the gateway must treat every byte as hostile. The agent is PID 1 in gVisor
-and the guest init's child in a VM; the attacks find it either way."""
+(/proc/<agent>/fd/1) — the gateway must treat every byte as hostile. The agent is PID 1 in gVisor;
+in a VM it is the guest init's child, and its channel cannot be opened by the code at all (see
+``run_attack``)."""
 
 from __future__ import annotations
 
