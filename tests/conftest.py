@@ -42,13 +42,18 @@ def runsc_usable() -> str | None:
     return None
 
 
-@pytest.fixture
-def runsc_required() -> None:
-    reason = runsc_usable()
+def require(reason: str | None) -> None:
+    """``reason``: what this machine lacks for the test, or None. Under CI, where the install
+    script has put everything in place, a missing piece fails the test; elsewhere it skips."""
     if reason is not None:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+@pytest.fixture
+def runsc_required() -> None:
+    require(runsc_usable())
 
 
 @pytest.fixture
@@ -98,18 +103,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("sandbox_runtime", runtimes)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "runtimes(*names): the runtimes a gw test runs on (default: all of them)"
-    )
-
-
-def vm_image_required() -> None:
+def vm_image_missing() -> str | None:
     if load_vm_manifest(IMAGE_DATA_DIR) is None:
-        reason = f"no VM image in {IMAGE_DATA_DIR} (sandstorm image build --vm)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        return f"no VM image in {IMAGE_DATA_DIR} (sandstorm image build --vm)"
+    return None
 
 
 @pytest.fixture
@@ -125,7 +122,7 @@ def start_gateway(runsc_required: None, data_dir: Path, cgroup_parent: str) -> C
         *, sandbox_runtime: RuntimeName = "gvisor", **overrides: Any
     ) -> AsyncIterator[RunningGateway]:
         if sandbox_runtime != "gvisor":
-            vm_image_required()
+            require(vm_image_missing())
             for name, value in VM_OVERRIDES.items():
                 overrides.setdefault(name, value)
         # A test's gateway ends by cancellation: its sandboxes go with it unless a test asks

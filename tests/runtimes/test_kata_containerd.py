@@ -41,7 +41,7 @@ from sandstorm.runtimes.kata_spec import (
     shim_binary,
 )
 from sandstorm.shim import ShimInstance
-from tests.conftest import IMAGE_DATA_DIR, runsc_usable
+from tests.conftest import IMAGE_DATA_DIR, require, runsc_usable
 from tests.harness import RunningGateway
 from tests.hoststate import host_mounts_under, host_state
 from tests.web.test_stream import collect_until_exit, next_frame
@@ -169,11 +169,7 @@ def _containerd_usable() -> str | None:
 
 @pytest.fixture
 def containerd(tmp_path: Path) -> Iterator[Containerd]:
-    reason = _containerd_usable()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require(_containerd_usable())
     directory = tmp_path / "ctd"
     directory.mkdir()
     address = str(directory / "c.sock")

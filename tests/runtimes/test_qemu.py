@@ -32,7 +32,7 @@ from sandstorm.runtimes.qemu import (
     guest_ram,
     host_limits,
 )
-from tests.conftest import IMAGE_DATA_DIR
+from tests.conftest import IMAGE_DATA_DIR, require, vm_image_missing
 from tests.hoststate import qemu_state
 
 T = 180
@@ -79,15 +79,7 @@ def test_cpio_is_newc_and_aligned() -> None:
 
 @pytest.fixture
 def runtime(tmp_path: Path) -> Iterator[QemuRuntime]:
-    reason = None
-    if os.geteuid() != 0:
-        reason = "the qemu runtime needs root"
-    elif load_vm_manifest(IMAGE_DATA_DIR) is None:
-        reason = f"no VM image in {IMAGE_DATA_DIR} (sandstorm image build --vm)"
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require("the qemu runtime needs root" if os.geteuid() != 0 else vm_image_missing())
     data = tmp_path / "data"
     data.mkdir()
     (data / "images").symlink_to(IMAGE_DATA_DIR / "images")

@@ -21,6 +21,7 @@ import trio
 
 from sandstorm.config import DEFAULT_RUNTIME_PATHS
 from sandstorm.web.console import CONTENT_SECURITY_POLICY
+from tests.conftest import require
 from tests.harness import RunningGateway
 
 if TYPE_CHECKING:
@@ -57,11 +58,7 @@ def browser_missing() -> str | None:
 
 @pytest.fixture
 def browser_required() -> None:
-    reason = browser_missing()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require(browser_missing())
 
 
 def _with_page(url: str, scenario: Callable[[Page], T]) -> T:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.conftest import VM_OVERRIDES, vm_image_required
+from tests.conftest import VM_OVERRIDES, require, vm_image_missing
 from tests.harness import RunningGateway
 from tests.hoststate import host_state
 from tests.web.test_stream import collect_until_exit, next_frame
@@ -222,7 +222,7 @@ async def test_mounts_are_shared_directories_and_block_snapshots(
 async def test_admission_counts_the_vmm_memory(start_gateway: Callable[..., Any]) -> None:
     """A VM costs the host its RAM plus QEMU's own memory: the memory budget reserves both, so
     VMs cannot overcommit it (refused before anything boots)."""
-    vm_image_required()
+    require(vm_image_missing())
     async with start_gateway(memory_budget=320 * 1024 * 1024, **VM_OVERRIDES) as gw:
         with trio.fail_after(60):
             refused = await gw.run(
