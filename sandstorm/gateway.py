@@ -19,12 +19,14 @@ from hypercorn.config import Config as HypercornConfig
 
 from sandstorm import __version__
 from sandstorm.actors.router import Router
+from sandstorm.agent import prepare_agent_bytecode
 from sandstorm.config import Config
 from sandstorm.images.builder import ImageManifest, image_rootfs, load_manifest
 from sandstorm.metrics import Metrics
 from sandstorm.protocol import LanguageInfo, Ready
 from sandstorm.recorder import Recorder
 from sandstorm.runtimes.registry import RuntimeRegistry, build_registry
+from sandstorm.shim import prepare_shim_bytecode
 from sandstorm.snapshots import SnapshotCatalog
 from sandstorm.store import AsyncStore, SandboxRecord
 from sandstorm.validation import LANGUAGE_COMMANDS
@@ -100,6 +102,9 @@ class Gateway:
         self.manifest = load_manifest(self.data_dir, self.config.image)
         if self.manifest is None:
             log.warning("image %r is not built: run `sandstorm image build`", self.config.image)
+        # Compiled once here rather than at every sandbox start (see sandstorm.bytecode).
+        await trio.to_thread.run_sync(prepare_agent_bytecode)
+        await trio.to_thread.run_sync(prepare_shim_bytecode)
         await self.registry.detect_all()
         for info in self.registry.infos():
             log.info("runtime %s: %s", info.name, "available" if info.available else info.reason)

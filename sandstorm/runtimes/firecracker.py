@@ -40,10 +40,10 @@ from typing import Final
 import msgspec
 import trio
 
-from sandstorm.agent import AGENT_COMMAND, AGENT_MOUNT_POINT, AGENT_SOURCE_PATH
+from sandstorm.agent import AGENT_COMMAND, AGENT_MOUNT_POINT
 from sandstorm.agent.client import AgentChannel
 from sandstorm.ids import is_id
-from sandstorm.images.vm import CpioWriter, load_vm_manifest, vm_dir
+from sandstorm.images.vm import CpioWriter, add_agent, load_vm_manifest, vm_dir
 from sandstorm.protocol import MIB, IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.runtimes import firecracker_api as fapi
 from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec
@@ -312,8 +312,7 @@ class FirecrackerRuntime(CgroupAccounting):
 
         def build() -> Path:
             extra = CpioWriter()
-            for source in sorted(AGENT_SOURCE_PATH.parent.glob("*.py")):
-                extra.add_file(f"agent/{source.name}", source.read_bytes(), 0o644)
+            add_agent(extra)
             extra.add_file(f"agent/{BRIDGE_NAME}", bridge.read_bytes(), 0o755)
             command = [f"{AGENT_MOUNT_POINT}/{BRIDGE_NAME}", str(VSOCK_PORT), *AGENT_COMMAND]
             launch = "\n".join(command) + "\n\n" + "\n".join(AGENT_ENV) + "\n"

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import trio
 
-from sandstorm.agent import AGENT_COMMAND, AGENT_SOURCE_PATH
+from sandstorm.agent import AGENT_COMMAND
 from sandstorm.ids import is_id
-from sandstorm.images.vm import CpioWriter, load_vm_manifest, vm_dir
+from sandstorm.images.vm import CpioWriter, add_agent, load_vm_manifest, vm_dir
 from sandstorm.protocol import MIB, IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.runtimes.base import Detection, MountSpec, RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import CgroupAccounting, Limits, SandboxCgroups
@@ -213,8 +213,7 @@ class QemuRuntime(CgroupAccounting):
         content so that every sandbox of this gateway boots the same file."""
         base = vm_dir(self.data_dir, self.image) / "initramfs.cpio"
         extra = CpioWriter()
-        for source in sorted(AGENT_SOURCE_PATH.parent.glob("*.py")):
-            extra.add_file(f"agent/{source.name}", source.read_bytes(), 0o644)
+        add_agent(extra)
         launch = "\n".join(AGENT_COMMAND) + "\n\n" + "\n".join(AGENT_ENV) + "\n"
         extra.add_file("launch", launch.encode(), 0o644)
         tail = extra.finish()

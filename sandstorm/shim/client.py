@@ -24,11 +24,21 @@ from typing import Final
 import trio
 
 from sandstorm.agent.client import HEADER, AgentChannel, Frame
+from sandstorm.bytecode import ensure_bytecode, launcher
 from sandstorm.ids import is_id
 from sandstorm.runtimes.base import RuntimeStartError
 from sandstorm.shim import main as wire
 
 SHIM_MAIN: Final = Path(wire.__file__).resolve()
+# The shim imports main.py as a module, to start from its cached bytecode (sandstorm.bytecode);
+# SHIM_MAIN stays in its command line, right before the state directory.
+_SHIM_LAUNCHER: Final = launcher("m.main(a[2:])")
+
+
+def prepare_shim_bytecode() -> None:
+    ensure_bytecode(SHIM_MAIN)
+
+
 DEFAULT_JOURNAL_MAX: Final = 64 * 1024 * 1024
 # A Unix socket path must fit sun_path (108 bytes with its NUL); longer data directories (the
 # tests' are) put sockets under a short per-data-directory directory instead.
@@ -135,7 +145,8 @@ def shim_process_ids(shims_dir: Path) -> dict[str, int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue  # gone meanwhile, or a kernel thread
-        if len(argv) > 4 and main in argv[:4]:
+        # python -I -S -c LAUNCHER main.py DIR … (a shim of an older gateway: without -c LAUNCHER)
+        if len(argv) > 6 and main in argv[:6]:
             directory = argv[argv.index(main) + 1]
             if directory.startswith(prefix):
                 found[os.fsdecode(directory[len(prefix) :])] = int(entry)
@@ -244,7 +255,7 @@ async def spawn_shim(
         os.chmod(paths.socket, 0o600)
         listener.listen(8)
         return await trio.lowlevel.open_process(
-            [sys.executable, "-I", "-S", str(SHIM_MAIN), str(paths.directory),
+            [sys.executable, "-I", "-S", "-c", _SHIM_LAUNCHER, str(SHIM_MAIN), str(paths.directory),
              str(journal_max), str(listener.fileno()), "--", *runtime_argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -1,6 +1,7 @@
 """The per-sandbox shim: it holds one runtime process's stdio so the sandbox outlives the gateway.
 
-Started by the gateway as ``python -I -S main.py DIR JOURNAL_MAX FD -- RUNTIME_ARGV…`` in a session
+Started by the gateway as ``python -I -S -c LAUNCHER main.py DIR JOURNAL_MAX FD -- RUNTIME_ARGV…``
+(main.py imported as a module, from bytecode compiled once: ``sandstorm.bytecode``) in a session
 of its own, with its listening Unix socket already bound as ``FD`` (so the gateway can connect at
 once, and a gateway SIGKILL, of its process or its group, never reaches it). It spawns the
 runtime with the environment and limits it inherited, appends every byte of the runtime's stdout
