@@ -25,6 +25,7 @@ from sandstorm.images.builder import ImageManifest, image_rootfs, load_manifest
 from sandstorm.metrics import Metrics
 from sandstorm.protocol import LanguageInfo, Ready
 from sandstorm.recorder import Recorder
+from sandstorm.runtimes.cgroups import SandboxCgroups
 from sandstorm.runtimes.registry import RuntimeRegistry, build_registry
 from sandstorm.shim import prepare_shim_bytecode
 from sandstorm.snapshots import SnapshotCatalog
@@ -95,6 +96,9 @@ class Gateway:
                 await self.recorder.flush()
             self.store_open = False
             await self.store.close()
+            # The sandboxes are gone (or kept, and then their groups keep it): the gateway's
+            # own cgroup goes too, rather than one per data directory piling up on the host.
+            SandboxCgroups(self.config.cgroup_parent or "sandstorm").remove_parent()
 
     @asynccontextmanager
     async def _supervised(self) -> AsyncIterator[Gateway]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from sandstorm.runtimes.cgroups import V1_ALL
 from sandstorm.shim import SHIM_MAIN, short_socket_dir
 
 CONTROLLERS = ("memory", "cpu", "pids")
@@ -86,6 +87,13 @@ async def host_state(data_dir: Path, cgroup_parent: str) -> HostState:
         qemu_state(data_dir),
         containerd_state(data_dir),
     )
+
+
+def cgroup_parent_dirs(cgroup_parent: str) -> list[str]:
+    """The gateway's own cgroup, in every hierarchy that still has it."""
+    root = Path("/sys/fs/cgroup")
+    candidates = [root / cgroup_parent] + [root / c / cgroup_parent for c in V1_ALL]
+    return sorted({str(p.resolve()) for p in candidates if p.is_dir()})
 
 
 def containerd_state(data_dir: Path) -> frozenset[str]:

@@ -284,6 +284,19 @@ class SandboxCgroups:
             removed = True
         return removed
 
+    def remove_parent(self) -> bool:
+        """Remove the gateway's own group once no sandbox is left in it; one that still holds
+        sandboxes (kept at shutdown for the next gateway) stays. Returns whether it is gone."""
+        gone = True
+        for d in self._dirs("", V1_ALL):
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError:  # EBUSY: a sandbox's group is still inside
+                gone = False
+        return gone
+
     def list_ids(self) -> set[str]:
         ids: set[str] = set()
         for d in self._dirs("", V1_ALL):

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import trio
 
-from tests.hoststate import HostState, host_state, settled_state
+from tests.hoststate import HostState, cgroup_parent_dirs, host_state, settled_state
 from tests.integration.gateway_process import gateway_process
 
 GRACE_S = 6.0
@@ -82,6 +82,7 @@ async def test_sigterm_drains_then_destroys(
     with trio.fail_after(30):
         left = await settled_state(data_dir, cgroup_parent, HostState.is_empty, seconds=10)
     assert left.is_empty(), left
+    assert cgroup_parent_dirs(cgroup_parent) == []  # the gateway's own group went last
     messages = [line["message"] for line in gp.log_lines()]
     assert any("draining" in m for m in messages), messages
 
