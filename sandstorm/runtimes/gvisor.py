@@ -51,6 +51,8 @@ SANDBOX_UID = 1000
 CONTROL_TIMEOUT_S = 15.0
 # After runsc is told to stop, how long its shim may take to record the exit and leave.
 SHIM_EXIT_GRACE_S = 3.0
+# How long a checkpointed sandbox may take to stop and let runsc delete its container.
+CHECKPOINT_EXIT_S = 1.0
 
 
 class RunscError(RuntimeStartError):
@@ -206,11 +208,13 @@ class GvisorRuntime(CgroupAccounting):
     async def checkpoint(self, spec: SandboxSpec, image_dir: Path) -> None:
         log = self._bundle_dir(spec.sandbox_id) / "runsc.log"
         await self._control(log, "checkpoint", "--image-path", str(image_dir), spec.sandbox_id)
-        # The checkpointed container is stopped; its name must be free for a restore. Killed
-        # first: a checkpoint that caught a process mid-fork (the zygote forking a standby)
-        # left a sandbox that `delete` alone waited 5 s for (3 in 10 here; none with the kill).
-        await self._control(log, "kill", "--all", spec.sandbox_id, "KILL", check=False)
-        await self._control(log, "delete", "--force", spec.sandbox_id, check=False)
+        # The checkpointed sandbox stops, and `runsc run` then deletes the container, which
+        # frees its name for a restore: no kill and delete (two runsc processes, ~40 ms) on the
+        # snapshot's path. One still there after a moment is stuck: see _free_name.
+        with trio.move_on_after(CHECKPOINT_EXIT_S):
+            while self._has_state(spec.sandbox_id):  # noqa: ASYNC110 - a file runsc owns
+                await trio.sleep(0.005)
+        await self._free_name(spec.sandbox_id, log)
 
     async def restore(self, spec: SandboxSpec, image_dir: Path) -> ShimInstance:
         bundle = self._bundle_dir(spec.sandbox_id)
@@ -234,9 +238,7 @@ class GvisorRuntime(CgroupAccounting):
         released: list[str] = []
         bundle = self._bundle_dir(sandbox_id)
         log = bundle / "runsc.log" if bundle.exists() else self.state_root / "runsc.log"
-        if self.binary is not None and self._has_state(sandbox_id):
-            await self._control(log, "kill", "--all", sandbox_id, "KILL", check=False)
-            await self._control(log, "delete", "--force", sandbox_id, check=False)
+        if await self._free_name(sandbox_id, log):
             released.append(f"runsc container {sandbox_id}")
         # runsc has exited now, so its shim records that and leaves; one that does not is killed.
         released += await self._end_shim(self._shim_paths(sandbox_id), grace=SHIM_EXIT_GRACE_S)
@@ -248,6 +250,19 @@ class GvisorRuntime(CgroupAccounting):
             await trio.to_thread.run_sync(shutil.rmtree, bundle)
             released.append(f"bundle directory {bundle}")
         return released
+
+    async def _free_name(self, sandbox_id: str, log: Path | None = None) -> bool:
+        """Kill and delete the runsc container ``sandbox_id`` if runsc still has it (a stopped,
+        checkpointed one included); returns whether it had. Killed first: a checkpoint that
+        caught a process mid-fork (the zygote forking a standby) left a sandbox that `delete`
+        alone waited 5 s for (3 in 10 here; none with the kill)."""
+        if self.binary is None or not self._has_state(sandbox_id):
+            return False
+        if log is None:
+            log = self._bundle_dir(sandbox_id) / "runsc.log"
+        await self._control(log, "kill", "--all", sandbox_id, "KILL", check=False)
+        await self._control(log, "delete", "--force", sandbox_id, check=False)
+        return True
 
     def _has_state(self, sandbox_id: str) -> bool:
         # runsc keeps "<id>_sandbox:<sandbox id>.state" under --root while a container exists;
