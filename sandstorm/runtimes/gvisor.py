@@ -91,12 +91,25 @@ class GvisorRuntime(CgroupAccounting):
         if found is None:
             return Detection(False, None, None, "not found at " + ", ".join(self.search_paths))
         found = os.path.abspath(found)
+        # A broken binary makes the runtime unavailable, with the reason; never the gateway.
         try:
-            result = await trio.run_process(
-                [found, "--version"], capture_stdout=True, capture_stderr=True, env=RUNSC_ENV
-            )
+            with trio.move_on_after(CONTROL_TIMEOUT_S) as scope:
+                result = await trio.run_process(
+                    [found, "--version"],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                    env=RUNSC_ENV,
+                )
         except OSError as exc:
             return Detection(False, found, None, f"{found} cannot be run: {exc}")
+        if scope.cancelled_caught:
+            reason = f"`{found} --version` did not answer within {CONTROL_TIMEOUT_S:.0f}s"
+            return Detection(False, found, None, reason)
+        if result.returncode != 0:
+            said = result.stderr.decode(errors="replace").strip()[-300:]
+            reason = f"`{found} --version` failed (exit status {result.returncode}): {said}"
+            return Detection(False, found, None, reason)
         first = result.stdout.decode(errors="replace").splitlines()[:1]
         version = first[0].removeprefix("runsc version ").strip() if first else "unknown"
         if os.geteuid() != 0:
@@ -157,7 +170,7 @@ class GvisorRuntime(CgroupAccounting):
             log_path=log,
         )
         try:
-            stream, handshake = await attach(paths, 0)
+            stream, handshake = await attach(paths, 0, just_started=True)
         except BaseException:
             with trio.CancelScope(shield=True):
                 process.kill()

@@ -169,7 +169,7 @@ class KataRuntime(GvisorRuntime):
             paths, argv, env=RUNSC_ENV, journal_max=self.journal_max, log_path=log
         )
         try:
-            stream, handshake = await attach(paths, 0)
+            stream, handshake = await attach(paths, 0, just_started=True)
         except BaseException:
             with trio.CancelScope(shield=True):
                 process.kill()

@@ -324,7 +324,7 @@ class QemuRuntime(CgroupAccounting):
             paths, argv, env=QEMU_ENV, journal_max=self.journal_max, log_path=log, cwd=directory
         )
         try:
-            stream, handshake = await attach(paths, 0)
+            stream, handshake = await attach(paths, 0, just_started=True)
         except BaseException:
             with trio.CancelScope(shield=True):
                 process.kill()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import select
 import shutil
@@ -189,7 +190,8 @@ def live_shims(shims_dir: Path, paths_of: Callable[[str], ShimPaths]) -> list[st
 
 async def end_shim(paths: ShimPaths, *, grace: float) -> list[str]:
     """Make sure the shim of ``paths`` is gone (waiting ``grace`` seconds for it to leave on its
-    own, then SIGKILL), then remove its directory and socket. What was released, described."""
+    own, then SIGKILL, its runtime process first), then remove its directory and socket. What
+    was released, described."""
     released: list[str] = []
     pids = read_pids(paths)
     if pids is not None and is_shim_process(pids[0], paths):
@@ -201,6 +203,15 @@ async def end_shim(paths: ShimPaths, *, grace: float) -> list[str]:
                 poller = select.poll()
                 poller.register(fd, select.POLLIN)
                 if not poller.poll(0):  # still running
+                    # Its runtime first: a shim killed alone would orphan a runtime that hangs
+                    # (a `runsc run` stuck before its sandbox exists), which nobody then reaps.
+                    runtime = _pidfd_of_child(pids[1], pids[0])
+                    if runtime is not None:
+                        try:
+                            signal.pidfd_send_signal(runtime, signal.SIGKILL)
+                        finally:
+                            os.close(runtime)
+                        released.append(f"runtime process {pids[1]}")
                     signal.pidfd_send_signal(fd, signal.SIGKILL)
                     with trio.move_on_after(2):
                         await trio.lowlevel.wait_readable(fd)
@@ -283,11 +294,15 @@ async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
     return bytes(data)
 
 
-async def attach(paths: ShimPaths, offset: int) -> tuple[trio.SocketStream, Handshake]:
+async def attach(
+    paths: ShimPaths, offset: int, *, just_started: bool = False
+) -> tuple[trio.SocketStream, Handshake]:
     """Connect to a live shim and ask for its stream from ``offset``.
 
     Raises :class:`RuntimeStartError` with the reason when there is no live shim, it does not
     answer within :data:`ATTACH_TIMEOUT_S`, or the bytes from ``offset`` are not in its journal.
+    A shim ``just_started`` has no such bound: its start-up (a Python process, seconds on a
+    loaded host) is bounded by the caller's boot deadline instead.
     """
     try:
         stream = await trio.open_unix_socket(str(paths.socket))
@@ -297,7 +312,7 @@ async def attach(paths: ShimPaths, offset: int) -> tuple[trio.SocketStream, Hand
             raise RuntimeStartError(f"the sandbox exited with status {recorded}") from None
         raise RuntimeStartError(f"no live shim at {paths.socket}: {exc.strerror}") from None
     try:
-        with trio.move_on_after(ATTACH_TIMEOUT_S) as scope:
+        with trio.move_on_after(math.inf if just_started else ATTACH_TIMEOUT_S) as scope:
             request = wire.OFFSET.pack(offset)
             await stream.send_all(HEADER.pack(wire.ATTACH, 0, len(request)) + request)
             header = await _receive_exactly(stream, HEADER.size)

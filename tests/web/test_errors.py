@@ -443,6 +443,28 @@ async def test_small_configured_body_limit(start_gateway: Callable[..., Any]) ->
 # ------------------------------------------------------------------ 503
 
 
+async def test_a_broken_runsc_is_an_unavailable_runtime_not_a_dead_gateway(
+    start_gateway: Callable[..., Any], tmp_path: Path
+) -> None:
+    broken = tmp_path / "runsc"
+    broken.write_text("#!/bin/sh\necho 'runsc: cannot load its configuration' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    paths = {name: list(p) for name, p in DEFAULT_RUNTIME_PATHS.items()}
+    paths["gvisor"] = [str(broken)]
+    paths["qemu"] = ["/nonexistent/qemu-system-x86_64"]
+    with trio.fail_after(30):
+        async with start_gateway(runtime_paths=paths) as g:
+            never_500(g)
+            runtimes = {r["name"]: r for r in (await g.client.get("/v1/runtimes")).json()}
+            gvisor = runtimes["gvisor"]
+            assert not gvisor["available"], gvisor
+            assert "exit status 3" in gvisor["reason"], gvisor
+            assert "cannot load its configuration" in gvisor["reason"], gvisor
+            assert (await g.client.get("/health")).status_code == 200
+            details = assert_error(await g.run(command=["true"]), 503, "runtime_unavailable")
+            assert details["candidates"], details
+
+
 async def test_maximum_isolation_is_503_runtime_unavailable(
     start_gateway: Callable[..., Any],
 ) -> None:

@@ -8,6 +8,8 @@ Every check here runs well inside the reaper's 30 s interval, so the reaper cann
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -179,3 +181,41 @@ async def test_shutdown_leaves_nothing_behind(
         # The gateway is gone: leaving the block cancelled it, and it tore its sandboxes down.
         after = await settled_state(data_dir, cgroup_parent, HostState.is_empty)
     assert after.is_empty(), after
+
+
+async def test_a_sandbox_that_never_boots_is_cut_at_the_boot_deadline_and_leaves_nothing(
+    start_gateway: Callable[..., Any], data_dir: Path, cgroup_parent: str, tmp_path: Path
+) -> None:
+    # A runsc whose `run` hangs before the sandbox exists: the shim starts and answers, the
+    # agent never says HELLO. Everything else (detection, list) is the real runsc.
+    hanging = tmp_path / "runsc"
+    hanging.write_text(
+        "#!/bin/sh\n"
+        'for arg; do [ "$arg" = run ] && exec sleep 613.25; done\n'
+        f'exec {shutil.which("runsc")} "$@"\n'
+    )
+    hanging.chmod(0o755)
+    paths = {name: list(p) for name, p in DEFAULT_RUNTIME_PATHS.items()}
+    paths["gvisor"] = [str(hanging)]
+    paths["qemu"] = ["/nonexistent/qemu-system-x86_64"]
+    with trio.fail_after(60):
+        async with start_gateway(runtime_paths=paths, boot_timeout_s=3.0) as gw:
+            never_500(gw)
+            start = trio.current_time()
+            response = await gw.run(command=["true"])
+            assert 3.0 <= trio.current_time() - start < 10
+            assert response.status_code == 503, response.text
+            error = assert_error_shape(response)
+            assert error["code"] == "runtime_unavailable"
+            assert "did not boot within 3s" in error["message"], error
+            after = await settled_state(data_dir, cgroup_parent, HostState.is_empty)
+            assert after.is_empty(), after
+            assert not any(b"sleep\x00613.25" in _cmdline(p) for p in os.listdir("/proc"))
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
