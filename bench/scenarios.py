@@ -243,7 +243,9 @@ ROUNDS = {
     "stream-first-byte": (20, 2),
     "stream-throughput": (5, 1),
     "concurrency": (5, 1),
-    "snapshot": (10, 1),
-    "resume": (10, 1),
+    # One cycle per round on each side takes ~1 s, and its samples spread widely on a loaded
+    # 2-core machine (90-360 ms for the same checkpoint): 20 rounds for a stable median.
+    "snapshot": (20, 1),
+    "resume": (20, 1),
     "footprint": (1, 1),
 }
