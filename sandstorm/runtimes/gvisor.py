@@ -251,10 +251,15 @@ class GvisorRuntime(CgroupAccounting):
         released: list[str] = []
         bundle = self._bundle_dir(sandbox_id)
         log = bundle / "runsc.log" if bundle.exists() else self.state_root / "runsc.log"
-        if await self._free_name(sandbox_id, log):
+        had_container = await self._free_name(sandbox_id, log)
+        # runsc has exited now, so its shim records that and leaves; one that does not is killed
+        # together with its `runsc run`. Killed in the middle of a boot, that may leave the
+        # container half made (runsc's state, the sandbox in its cgroup): freed after it.
+        shim_released = await self._end_shim(self._shim_paths(sandbox_id), grace=SHIM_EXIT_GRACE_S)
+        had_container = await self._free_name(sandbox_id, log) or had_container
+        if had_container:
             released.append(f"runsc container {sandbox_id}")
-        # runsc has exited now, so its shim records that and leaves; one that does not is killed.
-        released += await self._end_shim(self._shim_paths(sandbox_id), grace=SHIM_EXIT_GRACE_S)
+        released += shim_released
         released += await self.cgroups.release(sandbox_id, tries=20)
         if bundle.exists():
             # Never delete through a mount: it reaches the host's files (raises if one stays).
