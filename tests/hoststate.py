@@ -151,7 +151,9 @@ def _processes(data_dir: Path, match: Callable[[bytes], bool]) -> frozenset[str]
             continue  # gone meanwhile, or a kernel thread
         if needle in cmdline and match(cmdline):
             text = cmdline.replace(b"\0", b" ").decode(errors="replace")
-            found.add(f"{entry}: {text[:300]}")
+            # Long enough to hold the sandbox id (after a shim's launcher and paths), which
+            # is what HostState.mentioning looks for.
+            found.add(f"{entry}: {text[:2000]}")
     return frozenset(found)
 
 
