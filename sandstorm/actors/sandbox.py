@@ -97,6 +97,7 @@ AGENT_SEND_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 3.0
 # After a checkpoint, how long the old runtime process gets to deliver its last frames and exit.
 CHECKPOINT_DRAIN_S = 10.0
+QUIESCE_TIMEOUT_S = 1.0  # the agent's answer to QUIESCE before a checkpoint
 # Crash recovery: how often a busy sandbox checkpoints its state (and lets its shim drop the
 # journal before it), and after how many unacknowledged bytes it does so at once.
 PROGRESS_INTERVAL_S = 1.0
@@ -200,7 +201,8 @@ class SandboxActor:
         # Set while the agent channel is live (cleared across a snapshot's checkpoint/restore).
         self._live = trio.Event()
         self._failure_logged = 0
-        self._pong = trio.Event()
+        # PONG payload -> who waits for it (a probe, a quiesce before a checkpoint).
+        self._pongs: dict[bytes, trio.Event] = {}
         # Crash recovery (runtimes whose instance is held by a shim): what was last saved.
         self._progress_lock = trio.Lock()
         self._progress_wanted = trio.Event()
@@ -602,7 +604,8 @@ class SandboxActor:
             if waiter is not None:
                 waiter.send_nowait((written.ok, written.error))
         elif kind == FrameKind.PONG:
-            self._pong.set()
+            if (pong := self._pongs.pop(payload, None)) is not None:
+                pong.set()
         else:
             raise AgentProtocolError(f"unexpected frame kind {kind} from the agent")
 
@@ -654,7 +657,7 @@ class SandboxActor:
     async def _probe_agent(self) -> None:
         """PING the agent; one that does not answer (stopped by code in the sandbox, say) can
         serve nothing more, so its sandbox is failed."""
-        pong = self._pong = trio.Event()
+        pong = self._pongs.setdefault(b"probe", trio.Event())
         with contextlib.suppress(SandboxNotRunning):
             await self._to_agent(lambda ch: ch.send_ping(b"probe"))
         with trio.move_on_after(PROBE_TIMEOUT_S):
@@ -811,6 +814,7 @@ class SandboxActor:
         self._expect_eof = True
         self._incarnation_done = trio.Event()
         try:
+            await self._quiesce()
             await self.runtime.checkpoint(self.params.spec, staging)
             with trio.fail_after(CHECKPOINT_DRAIN_S):
                 await self._incarnation_done.wait()  # every frame written before it is read
@@ -863,6 +867,21 @@ class SandboxActor:
         self._saved = (-1, -1, -1)
         await self._checkpoint()
         return meta
+
+    async def _quiesce(self) -> None:
+        """Before a checkpoint: the agent stops its python zygote and the zygote's standby, two
+        interpreters that would more than double the image and the checkpoint's time (3.8 MB
+        and ~310 ms against 1.4 MB and ~130 ms here); it starts them again once idle. Bounded:
+        an agent that does not answer in time (or an older one, which answers ERROR and then
+        the PONG) is checkpointed as it is."""
+        pong = self._pongs.setdefault(b"quiesce", trio.Event())
+        try:
+            await self._to_agent(lambda ch: ch.send_quiesce())
+            await self._to_agent(lambda ch: ch.send_ping(b"quiesce"))
+            with trio.move_on_after(QUIESCE_TIMEOUT_S):
+                await pong.wait()
+        finally:
+            self._pongs.pop(b"quiesce", None)
 
     async def _destroy_after_snapshot(self, snapshot_id: str) -> None:
         with contextlib.suppress(SandboxNotRunning):

@@ -47,6 +47,7 @@ PONG = 11
 ERROR = 12
 WRITE_FILE = 13
 FILE_WRITTEN = 14
+QUIESCE = 15
 
 MAX_GATEWAY_FRAME = 1024 * 1024  # largest payload accepted from the gateway
 MAX_PING_PAYLOAD = 64
@@ -506,6 +507,7 @@ class Agent(object):
         # The python zygote: its pid and socket while it runs, execs waiting for its reply.
         self.zygote_enabled = os.environ.get("SANDSTORM_ZYGOTE", "1") != "0"
         self.zygote_pid = 0
+        self.zygote_standby = 0  # the process it forked for the next exec, once it says so
         self.zygote_sock = None
         self.zygote_started = 0.0
         self.zygote_waiting = []  # Execs in the order they were sent (the zygote keeps it)
@@ -661,27 +663,38 @@ class Agent(object):
         self.fd_owner[ours.fileno()] = (None, ZYGOTE)
         self.poller.register(ours.fileno(), POLLIN)
 
-    def zygote_gone(self):
-        """The zygote died, closed its socket or stopped answering: kill it, run what waited
-        for it as normal execs, and start a new one later."""
+    def zygote_gone(self, failed=True):
+        """The zygote died, closed its socket or stopped answering (``failed``), or a checkpoint
+        is coming (not failed): kill it and its standby, run what waited for it as normal
+        execs, and start a new one later."""
         sock = self.zygote_sock
         if sock is not None:
             self.poller.unregister(sock.fileno())
             del self.fd_owner[sock.fileno()]
             sock.close()
             self.zygote_sock = None
-        if self.zygote_pid:
-            try:
-                os.killpg(self.zygote_pid, signal.SIGKILL)
-            except OSError:
-                pass
-            self.zygote_pid = 0
+        for pid in (self.zygote_pid, self.zygote_standby):
+            if pid:
+                try:
+                    # Each leads its own group; both are our children, not reaped yet.
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        if self.zygote_pid and failed:
             self.zygote_failures += 1  # reset by every exec it serves
+        self.zygote_pid = self.zygote_standby = 0
         self.zygote_due = time.monotonic() + ZYGOTE_IDLE_S * (1 << self.zygote_failures)
         self.zygote_latest = self.zygote_due + ZYGOTE_LATEST_S
         waiting, self.zygote_waiting = self.zygote_waiting, []
         for ex in waiting:
             self.zygote_fallback(ex)
+
+    def quiesce(self):
+        """QUIESCE, before a checkpoint: the zygote and its standby are two python processes
+        that would more than double the snapshot (and its time). The gateway follows with a
+        PING, so its PONG says they are killed. The zygote starts again once idle, as always."""
+        if self.zygote_sock is not None or self.zygote_pid:
+            self.zygote_gone(failed=False)
 
     def zygote_reply(self):
         try:
@@ -690,6 +703,12 @@ class Agent(object):
             return
         except OSError:
             message = b""
+        if message[:1] == b"S":  # "S<pid>": the standby it forked for the next exec
+            try:
+                self.zygote_standby = max(0, int(message[1:]))
+            except ValueError:
+                self.zygote_gone()
+            return
         if not message or not self.zygote_waiting:
             self.zygote_gone()  # EOF, or a reply nobody asked for
             return
@@ -698,6 +717,8 @@ class Agent(object):
             pid = int(message)
         except ValueError:
             pid = -1
+        if pid == self.zygote_standby:
+            self.zygote_standby = 0  # an exec now, not the zygote's
         if pid <= 0:
             self.zygote_fallback(ex)  # it could not fork: "-errno"
             return
@@ -830,6 +851,8 @@ class Agent(object):
                 send(PONG, channel, payload)
         elif kind == WRITE_FILE:
             self.on_write_file(channel, payload)
+        elif kind == QUIESCE:
+            self.quiesce()
         else:
             send_error(0, "unknown frame kind %d" % kind)
 

@@ -77,6 +77,7 @@ class FrameKind(enum.IntEnum):
     ERROR = 12
     WRITE_FILE = 13
     FILE_WRITTEN = 14
+    QUIESCE = 15
 
 
 AGENT_TO_GATEWAY: Final = frozenset(
@@ -99,6 +100,7 @@ GATEWAY_TO_AGENT: Final = frozenset(
         FrameKind.SIGNAL,
         FrameKind.PING,
         FrameKind.WRITE_FILE,
+        FrameKind.QUIESCE,
     }
 )
 # Kinds that belong to an exec or request and therefore never use channel 0.
@@ -469,6 +471,11 @@ class AgentChannel:
             path=path, data_b64=base64.b64encode(data).decode("ascii"), mode=mode, append=append
         )
         await self.send_frame(FrameKind.WRITE_FILE, channel, _encoder.encode(request))
+
+    async def send_quiesce(self) -> None:
+        """Send QUIESCE: the agent stops what it runs for itself (its python zygote) before a
+        checkpoint. No answer of its own: follow it with a PING, whose PONG comes after."""
+        await self.send_frame(FrameKind.QUIESCE, 0, b"")
 
     async def send_ping(self, payload: bytes = b"", *, channel: int = 0) -> None:
         """Send PING; the agent answers PONG with the same payload and channel."""

@@ -8,9 +8,10 @@
 # (PID 1) and reaped by it like any other exec (exit status and rusage from the agent's own wait4).
 # fd 0 is a SOCK_SEQPACKET socket to the agent. A request is one byte with SCM_RIGHTS
 # [stdin_r, stdout_w, stderr_w, err_w]; the reply (once the standby holds them) is the exec's
-# pid in ASCII, or "-errno" ("-11" when no standby is ready). The exec then reads its request
-# (argv, env, cwd) from its own stdin: the agent writes it there only after it has registered
-# the pid, so the exec cannot run (or exit) before the agent knows it.
+# pid in ASCII, or "-errno" ("-11" when no standby is ready). Each standby is also announced,
+# unasked, as "S<pid>" once forked: the agent kills it with the zygote (QUIESCE, a failure).
+# The exec then reads its request (argv, env, cwd) from its own stdin: the agent writes it there
+# only after it has registered the pid, so the exec cannot run (or exit) before the agent knows it.
 import sys
 
 _BASELINE = frozenset(sys.modules)  # what a fresh interpreter has; the exec gets exactly this
@@ -209,11 +210,19 @@ def _hand_over(standby, fds):
     return True
 
 
+def _announce(sock, standby_pid):
+    """Tell the agent the standby's pid ("S<pid>"), so that it can kill it too when it stops
+    this zygote (before a checkpoint). Not a reply: the agent tells them apart by the "S"."""
+    if standby_pid > 0:
+        sock.send(b"S%d" % standby_pid)
+
+
 def _serve():
     sock = _socket.socket(fileno=0)
     standby_pid, standby = _fork_standby()
     if standby_pid == 0:
         return _stand_by(sock, standby)
+    _announce(sock, standby_pid)
     while True:
         # The next standby is forked once no request has come for a moment: forking while an
         # exec runs would compete with it for the sandbox's CPU (a fork is the dearest thing
@@ -229,6 +238,7 @@ def _serve():
             standby_pid, standby = _fork_standby()
             if standby_pid == 0:
                 return _stand_by(sock, standby)
+            _announce(sock, standby_pid)
             continue
         if not message:
             os._exit(0)  # the agent is gone

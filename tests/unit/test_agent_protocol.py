@@ -67,6 +67,7 @@ def test_kind_numbers_and_directions() -> None:
         ("ERROR", 12),
         ("WRITE_FILE", 13),
         ("FILE_WRITTEN", 14),
+        ("QUIESCE", 15),
     ]
     assert set(FrameKind) == AGENT_TO_GATEWAY | GATEWAY_TO_AGENT
     assert not AGENT_TO_GATEWAY & GATEWAY_TO_AGENT

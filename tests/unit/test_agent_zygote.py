@@ -318,6 +318,36 @@ async def test_the_zygote_waits_for_running_execs_and_never_follows_a_last_one(
             assert (result.stdout, zygote) == (b"still served\n", False)
 
 
+def _started_at(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+async def test_quiesce_kills_the_zygote_and_its_standby_and_both_come_back(
+    tmp_path: Path,
+) -> None:
+    """QUIESCE (sent before a checkpoint) kills the zygote and the standby it forked, so the
+    snapshot holds neither; the PING that follows is answered once both are killed. The standby
+    is stopped first, so it cannot leave by itself when its zygote dies: only the agent's kill
+    ends it. Once idle again, the zygote comes back and serves."""
+    async with running_agent(tmp_path) as agent:
+        with trio.fail_after(TIMEOUT):
+            await wait_for_zygote(agent)
+            zygote, standby = sorted(children_of(agent.process.pid), key=_started_at)
+            os.kill(standby, signal.SIGSTOP)
+            await agent.channel.send_quiesce()
+            await agent.channel.send_ping(b"quiesced")
+            pong = await agent.next(0)
+            assert (pong.kind, pong.payload) == (FrameKind.PONG, b"quiesced"), pong
+            while children_of(agent.process.pid):  # killed, then reaped by the agent
+                await trio.sleep(0.01)
+            assert not [f for f in agent.log if f.kind is FrameKind.ERROR], agent.log
+            result, _ = await run(agent, ["python3", "-c", "print('after')"])
+            assert result.stdout == b"after\n"
+            await wait_for_zygote(agent)
+            assert zygote not in children_of(agent.process.pid)
+
+
 async def test_last_must_be_a_boolean(tmp_path: Path) -> None:
     with trio.fail_after(TIMEOUT):
         async with running_agent(tmp_path) as agent:

@@ -147,3 +147,40 @@ async def test_a_corrupted_snapshot_is_refused(gw: RunningGateway) -> None:
         assert response.status_code == 400
         assert response.json()["error"]["details"]["field"] == "snapshot_id"
         assert "sha256" in response.json()["error"]["message"]
+
+
+async def test_output_written_before_a_final_snapshot_reaches_its_exec(gw: RunningGateway) -> None:
+    """A `leave_running: false` snapshot reads the stopped sandbox's stream to its end before
+    the teardown, so what a running exec wrote before the checkpoint is in its result, and the
+    exec ends `killed`. The agent's quiesce before the checkpoint stops only its own zygote:
+    the exec's process is in the snapshot, and a resume continues it."""
+    with trio.fail_after(gw.seconds(60)):
+        sid = (await gw.run_ok(command=["true"], keep_alive=120))["id"]
+        started = await gw.client.post(
+            f"/v1/sandboxes/{sid}/exec",
+            json={
+                "command": ["sh", "-c", "echo one; echo two; touch /tmp/ready; exec sleep 1000"],
+                "wait": False,
+            },
+        )
+        assert started.status_code == 202, started.text
+        exec_id = started.json()["exec_id"]
+        await _exec(gw, sid, "while [ ! -e /tmp/ready ]; do sleep 0.01; done")
+        response = await gw.client.post(
+            f"/v1/sandboxes/{sid}/snapshot", json={"leave_running": False}
+        )
+        assert response.status_code == 201, response.text
+        status = await gw.wait_state(sid, "destroyed")
+        (record,) = [e for e in status["execs"] if e["exec_id"] == exec_id]
+        assert record["state"] == "finished", record
+        assert record["result"]["verdict"] == "killed", record
+        assert record["result"]["stdout"] == "one\ntwo\n", record
+        # The snapshot holds the sleeping exec, which a resume continues.
+        resumed = await gw.client.post(
+            "/v1/sandboxes/resume", json={"snapshot_id": response.json()["snapshot_id"]}
+        )
+        assert resumed.status_code == 201, resumed.text
+        rid = resumed.json()["id"]
+        count = "grep -l 's[l]eep' /proc/[0-9]*/cmdline | wc -l"  # (not grep's own line)
+        assert (await _exec(gw, rid, count)).strip() == "1"
+        await gw.client.delete(f"/v1/sandboxes/{rid}")
