@@ -215,7 +215,14 @@ class Gateway:
             detection = self.registry.detections.get(name)
             if detection is None or not detection.available:
                 continue
-            for orphan in await driver.list_orphans(router.live_ids):
+            try:
+                orphans = await driver.list_orphans(router.live_ids)
+            except Exception as exc:
+                # A runtime too slow or broken to list its sandboxes must not stop the gateway
+                # (nor the other runtimes' reaping): the next pass tries again.
+                log.warning("reaper: cannot list %s's sandboxes: %s", name, exc)
+                continue
+            for orphan in orphans:
                 with trio.CancelScope(shield=True):
                     try:
                         released += await driver.destroy(orphan)

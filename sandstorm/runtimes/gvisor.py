@@ -12,7 +12,6 @@ is done by the caller as checkpoint then restore, whose stdio become the new age
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -288,16 +287,19 @@ class GvisorRuntime(CgroupAccounting):
         return any(self.state_root.glob(f"{sandbox_id}_sandbox:*.state"))
 
     async def list_containers(self) -> set[str]:
+        """The containers runsc holds under its root, from its state files (see _has_state).
+        Not `runsc list`: it loads every container under its lock, and with 100 sandboxes
+        booting on this 2-core host it took more than its 15 s bound."""
         if self.binary is None:
             return set()
-        result = await self._control(
-            self.state_root / "runsc.log", "list", "--format", "json", check=False
-        )
-        try:
-            entries = json.loads(result or b"null") or []
-        except ValueError:
-            return set()
-        return {str(e.get("id")) for e in entries if isinstance(e, dict)}
+
+        def scan() -> set[str]:
+            return {
+                path.name.split("_sandbox:", 1)[0]
+                for path in self.state_root.glob("*_sandbox:*.state")
+            }
+
+        return await trio.to_thread.run_sync(scan)
 
     async def _control(self, log: Path, *args: str, check: bool = True) -> bytes:
         """Run a short runsc subcommand; bounded in time, output captured."""

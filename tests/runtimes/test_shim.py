@@ -276,3 +276,24 @@ async def _run_victim(
         start_new_session=True,  # its own group, so killpg reaches it and only it
     )
     task_status.started(process)
+
+
+async def test_the_reaper_reads_runscs_containers_from_its_state_files(
+    runtime: GvisorRuntime, data_dir: Path
+) -> None:
+    """The reaper's view of runsc's containers comes from runsc's state files, not `runsc list`
+    (which loads every container under its lock and ran past its 15 s bound with 100 sandboxes
+    booting here, which stopped the gateway): both must agree."""
+    spec = make_spec(data_dir)
+    with trio.fail_after(60):
+        instance = await runtime.start(spec)
+        await instance.channel.wait_hello()
+        assert await runtime.list_containers() == {spec.sandbox_id}
+        log = runtime.state_root / "runsc.log"
+        listed = json.loads(await runtime._control(log, "list", "--format", "json"))
+        assert {entry["id"] for entry in listed} == {spec.sandbox_id}
+        assert await runtime.list_orphans(set) == [spec.sandbox_id]
+        assert await runtime.list_orphans(lambda: {spec.sandbox_id}) == []
+        await runtime.destroy(spec.sandbox_id)
+        await instance.wait()
+        assert await runtime.list_containers() == set()
