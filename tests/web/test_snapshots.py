@@ -3,6 +3,7 @@ both continue."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from tests.harness import RunningGateway
@@ -184,3 +185,23 @@ async def test_output_written_before_a_final_snapshot_reaches_its_exec(gw: Runni
         count = "grep -l 's[l]eep' /proc/[0-9]*/cmdline | wc -l"  # (not grep's own line)
         assert (await _exec(gw, rid, count)).strip() == "1"
         await gw.client.delete(f"/v1/sandboxes/{rid}")
+
+
+@pytest.mark.runtimes("gvisor")  # a VM's migration stream is its whole RAM, zygote or not
+async def test_a_snapshot_leaves_out_the_agents_own_python_zygote(gw: RunningGateway) -> None:
+    """Once a sandbox has been idle a moment its agent runs a python zygote and a standby (two
+    interpreters, for fast python execs). The agent stops both before a checkpoint, so the
+    snapshot of an idle sandbox is no larger than one taken before they existed (without the
+    stop it was 2.7 times larger here: 3.8 MB against 1.4 MB)."""
+    sizes = []
+    with trio.fail_after(gw.seconds(60)):
+        for idle in (0.0, 1.0):  # the zygote starts after 0.2 s idle
+            sid = (await gw.run_ok(command=["true"], keep_alive=120))["id"]
+            await trio.sleep(idle)
+            response = await gw.client.post(
+                f"/v1/sandboxes/{sid}/snapshot", json={"leave_running": False}
+            )
+            assert response.status_code == 201, response.text
+            sizes.append(response.json()["size_bytes"])
+            await gw.client.delete(f"/v1/snapshots/{response.json()['snapshot_id']}")
+    assert sizes[1] < 1.3 * sizes[0], sizes
