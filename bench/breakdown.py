@@ -198,11 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in report.items():
         cpu, untimed = row["process_cpu_ms"], row["untimed_rounds"]
         print(f"{name}  (this process's CPU per request: {cpu} ms; untimed rounds: {untimed})")
-        for phase, ms in row["phases_ms"].items():
-            print(f"  {phase:<20} {ms:8.2f} ms")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print_phases(row["phases_ms"])
+    write_json(args.json, report)
     return 0
+
+
+def print_phases(phases_ms: dict[str, float]) -> None:
+    for phase, ms in phases_ms.items():
+        print(f"  {phase:<20} {ms:8.2f} ms")
+
+
+def write_json(path: Path | None, report: dict[str, Any]) -> None:
+    if path is not None:
+        path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
