@@ -1167,6 +1167,8 @@ class Agent(object):
             if pid == self.zygote_pid:
                 self.zygote_gone()
                 continue
+            if pid == self.zygote_standby:
+                self.zygote_standby = 0  # reaped: its pid may be reused, never to be killed
             ex = self.leaders.pop(pid, None)
             if ex is not None:
                 self.finish(ex, status, usage)
