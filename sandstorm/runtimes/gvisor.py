@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -52,6 +52,7 @@ CONTROL_TIMEOUT_S = 15.0
 SHIM_EXIT_GRACE_S = 3.0
 # How long a checkpointed sandbox may take to stop and let runsc delete its container.
 CHECKPOINT_EXIT_S = 1.0
+STATE_MARK = "_sandbox:"  # in runsc's state file names, between container and sandbox id
 
 
 class RunscError(RuntimeStartError):
@@ -281,23 +282,23 @@ class GvisorRuntime(CgroupAccounting):
         await self._control(log, "delete", "--force", sandbox_id, check=False)
         return True
 
-    def _has_state(self, sandbox_id: str) -> bool:
+    def _state_files(self, sandbox_id: str = "*") -> Iterator[Path]:
         # runsc keeps "<id>_sandbox:<sandbox id>.state" under --root while a container exists;
-        # checking the file costs nothing, asking "runsc list" costs a process.
-        return any(self.state_root.glob(f"{sandbox_id}_sandbox:*.state"))
+        # looking at the files costs nothing, asking `runsc list` costs a process.
+        return self.state_root.glob(f"{sandbox_id}{STATE_MARK}*.state")
+
+    def _has_state(self, sandbox_id: str) -> bool:
+        return any(self._state_files(sandbox_id))
 
     async def list_containers(self) -> set[str]:
-        """The containers runsc holds under its root, from its state files (see _has_state).
+        """The containers runsc holds under its root, from its state files (_state_files).
         Not `runsc list`: it loads every container under its lock, and with 100 sandboxes
         booting on this 2-core host it took more than its 15 s bound."""
         if self.binary is None:
             return set()
 
         def scan() -> set[str]:
-            return {
-                path.name.split("_sandbox:", 1)[0]
-                for path in self.state_root.glob("*_sandbox:*.state")
-            }
+            return {path.name.split(STATE_MARK, 1)[0] for path in self._state_files()}
 
         return await trio.to_thread.run_sync(scan)
 
