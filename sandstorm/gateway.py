@@ -27,7 +27,7 @@ from sandstorm.protocol import LanguageInfo, Ready
 from sandstorm.recorder import Recorder
 from sandstorm.runtimes.cgroups import SandboxCgroups
 from sandstorm.runtimes.registry import RuntimeRegistry, build_registry
-from sandstorm.shim import prepare_shim_bytecode
+from sandstorm.shim import prepare_shim
 from sandstorm.snapshots import SnapshotCatalog
 from sandstorm.store import AsyncStore, SandboxRecord
 from sandstorm.validation import LANGUAGE_COMMANDS
@@ -106,9 +106,10 @@ class Gateway:
         self.manifest = load_manifest(self.data_dir, self.config.image)
         if self.manifest is None:
             log.warning("image %r is not built: run `sandstorm image build`", self.config.image)
-        # Compiled once here rather than at every sandbox start (see sandstorm.bytecode).
+        # Compiled once here rather than at every sandbox start (see sandstorm.bytecode; the
+        # shim's binary, sandstorm.shim.build).
         await trio.to_thread.run_sync(prepare_agent_bytecode)
-        await trio.to_thread.run_sync(prepare_shim_bytecode)
+        await trio.to_thread.run_sync(prepare_shim)
         await self.registry.detect_all()
         for info in self.registry.infos():
             log.info("runtime %s: %s", info.name, "available" if info.available else info.reason)

@@ -13,7 +13,8 @@ from pathlib import Path
 import trio
 
 from sandstorm.runtimes.cgroups import V1_ALL
-from sandstorm.shim import SHIM_MAIN, short_socket_dir
+from sandstorm.shim import short_socket_dir
+from sandstorm.shim.client import shim_argv_directory
 
 CONTROLLERS = ("memory", "cpu", "pids")
 
@@ -129,13 +130,16 @@ def shim_files(data_dir: Path) -> frozenset[str]:
 
 
 def shim_processes(data_dir: Path) -> frozenset[str]:
-    return _processes(data_dir, lambda cmdline: os.fsencode(SHIM_MAIN) in cmdline)
+    return _processes(data_dir, _is_shim)
 
 
 def runsc_processes(data_dir: Path) -> frozenset[str]:
     # A shim's command line names runsc (it is the shim's argument), but it is not runsc.
-    shim = os.fsencode(SHIM_MAIN)
-    return _processes(data_dir, lambda cmdline: b"runsc" in cmdline and shim not in cmdline)
+    return _processes(data_dir, lambda cmdline: b"runsc" in cmdline and not _is_shim(cmdline))
+
+
+def _is_shim(cmdline: bytes) -> bool:
+    return shim_argv_directory(cmdline.split(b"\0")) is not None
 
 
 def _processes(data_dir: Path, match: Callable[[bytes], bool]) -> frozenset[str]:

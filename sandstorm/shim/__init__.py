@@ -1,10 +1,10 @@
 """The per-sandbox shim: a small process that holds a runtime's stdio, so sandboxes outlive the
-gateway (the containerd-shim idea). ``main.py`` is the shim (standard library only, run by path);
+gateway (the containerd-shim and conmon idea). ``shim.c`` is the shim, a small C program that
+``build.py`` compiles once per source; ``wire.py`` holds its wire format's numbers and
 ``client.py`` is the gateway side. Wire format: ``protocol/shim.md``."""
 
 from .client import (
     DEFAULT_JOURNAL_MAX,
-    SHIM_MAIN,
     Handshake,
     ShimChannel,
     ShimInstance,
@@ -13,7 +13,7 @@ from .client import (
     end_shim,
     is_shim_process,
     live_shims,
-    prepare_shim_bytecode,
+    prepare_shim,
     read_exit_status,
     read_pids,
     remove_socket,
@@ -25,7 +25,6 @@ from .client import (
 
 __all__ = [
     "DEFAULT_JOURNAL_MAX",
-    "SHIM_MAIN",
     "Handshake",
     "ShimChannel",
     "ShimInstance",
@@ -34,7 +33,7 @@ __all__ = [
     "end_shim",
     "is_shim_process",
     "live_shims",
-    "prepare_shim_bytecode",
+    "prepare_shim",
     "read_exit_status",
     "read_pids",
     "remove_socket",

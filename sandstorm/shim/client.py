@@ -1,6 +1,6 @@
 """Gateway side of the shim (``protocol/shim.md``): start one, attach to one, and the instance.
 
-A shim holds one runtime process's stdio (see ``main.py``). The gateway binds the shim's
+A shim holds one runtime process's stdio (see ``shim.c``). The gateway binds the shim's
 listening socket itself and hands it over as an inherited descriptor, so connecting never waits
 for the shim's Python to start, and reattaching after a gateway restart is the same connect.
 """
@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,19 +24,29 @@ from typing import Final
 import trio
 
 from sandstorm.agent.client import HEADER, AgentChannel, Frame
-from sandstorm.bytecode import ensure_bytecode, launcher
 from sandstorm.ids import is_id
 from sandstorm.runtimes.base import RuntimeStartError
-from sandstorm.shim import main as wire
+from sandstorm.shim import wire
+from sandstorm.shim.build import ensure_shim_binary, is_shim_argv
 
-SHIM_MAIN: Final = Path(wire.__file__).resolve()
-# The shim imports main.py as a module, to start from its cached bytecode (sandstorm.bytecode);
-# SHIM_MAIN stays in its command line, right before the state directory.
-_SHIM_LAUNCHER: Final = launcher("m.main(a[2:])")
+# Shims started by gateways before the shim was C: ``python -I -S [-c LAUNCHER] main.py DIR …``.
+# They speak the same protocol, so a gateway upgraded under them still finds and reattaches them.
+_PYTHON_SHIM_MAIN: Final = os.fsencode(Path(__file__).resolve().with_name("main.py"))
 
 
-def prepare_shim_bytecode() -> None:
-    ensure_bytecode(SHIM_MAIN)
+def prepare_shim() -> None:
+    """Build the shim binary now (at gateway start) rather than at the first sandbox."""
+    ensure_shim_binary()
+
+
+def shim_argv_directory(argv: list[bytes]) -> bytes | None:
+    """The state directory named by a shim's command line, or None for any other process."""
+    if is_shim_argv(argv):
+        return argv[1] if len(argv) > 1 else None
+    if len(argv) > 6 and _PYTHON_SHIM_MAIN in argv[:6]:
+        at = argv.index(_PYTHON_SHIM_MAIN) + 1
+        return argv[at] if at < len(argv) else None
+    return None
 
 
 DEFAULT_JOURNAL_MAX: Final = 64 * 1024 * 1024
@@ -130,13 +139,12 @@ def is_shim_process(pid: int, paths: ShimPaths) -> bool:
             argv = f.read().split(b"\0")
     except OSError:
         return False
-    return os.fsencode(SHIM_MAIN) in argv and os.fsencode(paths.directory) in argv
+    return shim_argv_directory(argv) == os.fsencode(paths.directory)
 
 
 def shim_process_ids(shims_dir: Path) -> dict[str, int]:
     """Every live shim process whose state directory is under ``shims_dir``: id → pid."""
     found: dict[str, int] = {}
-    main = os.fsencode(SHIM_MAIN)
     prefix = os.fsencode(shims_dir) + b"/"
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -146,11 +154,9 @@ def shim_process_ids(shims_dir: Path) -> dict[str, int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue  # gone meanwhile, or a kernel thread
-        # python -I -S -c LAUNCHER main.py DIR … (a shim of an older gateway: without -c LAUNCHER)
-        if len(argv) > 6 and main in argv[:6]:
-            directory = argv[argv.index(main) + 1]
-            if directory.startswith(prefix):
-                found[os.fsdecode(directory[len(prefix) :])] = int(entry)
+        directory = shim_argv_directory(argv)
+        if directory is not None and directory.startswith(prefix):
+            found[os.fsdecode(directory[len(prefix) :])] = int(entry)
     return found
 
 
@@ -243,8 +249,10 @@ async def spawn_shim(
 
     The shim's stderr (and the runtime's) is appended to ``log_path``. The runtime inherits the
     shim's working directory, ``cwd`` (for paths its argv gives relative: QEMU's QMP socket).
-    Raises ``OSError`` when the directory or socket cannot be made; nothing is left running then.
+    Raises ``OSError`` when the directory or socket cannot be made, ``ShimBuildError`` when
+    there is no shim binary and it cannot be built; nothing is left running then.
     """
+    binary = ensure_shim_binary()  # built at gateway start (prepare_shim): a lookup here
     paths.directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     paths.directory.mkdir(mode=0o700)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -266,8 +274,8 @@ async def spawn_shim(
         os.chmod(paths.socket, 0o600)
         listener.listen(8)
         return await trio.lowlevel.open_process(
-            [sys.executable, "-I", "-S", "-c", _SHIM_LAUNCHER, str(SHIM_MAIN), str(paths.directory),
-             str(journal_max), str(listener.fileno()), "--", *runtime_argv],
+            [str(binary), str(paths.directory), str(journal_max), str(listener.fileno()), "--",
+             *runtime_argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,

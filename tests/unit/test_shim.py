@@ -6,7 +6,9 @@ replay from an offset, acknowledgements, the bound, STOP, and exit recording.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,12 +17,13 @@ import trio
 
 from sandstorm.agent.client import HEADER, FrameKind
 from sandstorm.runtimes.base import RuntimeStartError
-from sandstorm.shim import main as wire
+from sandstorm.shim import build, wire
 from sandstorm.shim.client import (
     ShimPaths,
     attach,
     read_exit_status,
     remove_socket,
+    shim_argv_directory,
     shim_paths,
     spawn_shim,
 )
@@ -164,4 +167,112 @@ async def test_a_connection_must_attach_first(paths: ShimPaths) -> None:
         stream, _ = await attach(paths, 0)
         await stream.send_all(HEADER.pack(wire.STOP, 0, 0))
         assert await process.wait() == 0
+        await stream.aclose()
+
+
+def test_the_c_shim_is_built_with_the_wire_numbers() -> None:
+    """shim.c and wire.py (which the gateway and protocol/shim.md use) state every number
+    once each: they must agree."""
+    source = build.SHIM_SOURCE.read_text()
+    define = re.compile(r"^#define (\w+) ([0-9A-Fx().*+ ]+?)\s*(?:/\*.*)?$", re.M)
+    # eval: integer arithmetic from our own source (the pattern admits nothing else).
+    defines = {name: float(eval(value, {})) for name, value in define.findall(source)}
+    assert defines == {
+        "HEADER_SIZE": wire.HEADER.size,
+        "OFFSET_SIZE": wire.OFFSET.size,
+        "ATTACHED_SIZE": wire.ATTACHED.size,
+        "RESERVED": wire.RESERVED,
+        "ATTACH": wire.ATTACH,
+        "ACK": wire.ACK,
+        "STOP": wire.STOP,
+        "KILL": wire.KILL,
+        "ATTACHED_KIND": wire.ATTACHED_KIND,
+        "MAX_FRAME": wire.MAX_FRAME,
+        "STDIN_MAX": wire.STDIN_MAX,
+        "READ_SIZE": wire.READ_SIZE,
+        "SEND_SIZE": wire.SEND_SIZE,
+        "EXIT_DRAIN_S": wire.EXIT_DRAIN_S,
+        "LINGER_S": wire.LINGER_S,
+        "ATTACH_WAIT_S": wire.ATTACH_WAIT_S,
+    }
+
+
+def test_shims_are_told_from_other_processes_by_their_command_line() -> None:
+    binary = os.fsencode(build.SHIM_BIN_DIR / f"{build.SHIM_PREFIX}0123456789abcdef")
+    state = b"/var/lib/sandstorm/shims/sbx_A"
+    assert shim_argv_directory([binary, state, b"64", b"3", b"--", b"runsc"]) == state
+    # A shim of an older binary (the source changed since) is still a shim.
+    older = os.fsencode(build.SHIM_BIN_DIR / f"{build.SHIM_PREFIX}fedcba9876543210")
+    assert shim_argv_directory([older, state, b"64", b"3", b"--", b"runsc"]) == state
+    # A shim a gateway started before the shim was C.
+    python_main = os.fsencode(Path(build.SHIM_SOURCE).with_name("main.py"))
+    legacy = [b"/usr/bin/python3", b"-I", b"-S", b"-c", b"import sys", python_main, state, b"64"]
+    assert shim_argv_directory(legacy) == state
+    # The same name elsewhere, runsc itself (whose arguments name the state), anything else.
+    assert shim_argv_directory([b"/tmp/" + binary.rpartition(b"/")[2], state]) is None
+    assert shim_argv_directory([b"runsc", b"--root", state, b"run"]) is None
+    assert shim_argv_directory([b""]) is None
+    assert shim_argv_directory([]) is None
+
+
+def test_a_shim_that_cannot_be_built_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "shim.c"
+    broken.write_text("int main(void) { return undeclared; }\n")
+    monkeypatch.setattr(build, "SHIM_SOURCE", broken)
+    monkeypatch.setattr(build, "SHIM_BIN_DIR", tmp_path / "bin")
+    monkeypatch.setattr(build, "_built", None)
+    with pytest.raises(build.ShimBuildError, match="undeclared"):
+        build.ensure_shim_binary()
+    assert list((tmp_path / "bin").iterdir()) == []  # no half-written binary
+    broken.write_text("int main(void) { return 0; }\n")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gcc on it
+    with pytest.raises(build.ShimBuildError, match="apt-get install gcc"):
+        build.ensure_shim_binary()
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    built = build.ensure_shim_binary()
+    assert built.parent == tmp_path / "bin" and built.name.startswith(build.SHIM_PREFIX)
+    assert os.access(built, os.X_OK)
+    assert build.ensure_shim_binary() == built
+
+
+async def test_a_frame_over_the_limit_closes_the_connection(paths: ShimPaths) -> None:
+    with trio.fail_after(20):
+        process = await start(paths, "exec cat")
+        stream, _ = await attach(paths, 0)
+        await stream.send_all(HEADER.pack(FrameKind.STDIN, 1, wire.MAX_FRAME + 1) + b"x" * 10)
+        assert await stream.receive_some(10) == b""
+        await stream.aclose()
+        stream, handshake = await attach(paths, 0)
+        assert handshake.end_offset == 0  # nothing of it reached the runtime
+        await stream.send_all(HEADER.pack(wire.STOP, 0, 0))
+        assert await process.wait() == 0
+        await stream.aclose()
+
+
+def _rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))  # type: ignore[union-attr]
+
+
+async def test_a_runtime_that_does_not_read_stdin_bounds_what_the_shim_holds(
+    paths: ShimPaths,
+) -> None:
+    """16 MiB of frames queue for the runtime's stdin, then the socket is not read: the
+    gateway's sends block instead of the shim's memory growing."""
+    with trio.fail_after(30):
+        process = await start(paths, "exec sleep 60")
+        stream, handshake = await attach(paths, 0)
+        frame = HEADER.pack(FrameKind.STDIN, 1, wire.MAX_FRAME) + b"y" * wire.MAX_FRAME
+        sent = 0
+        with trio.move_on_after(3):
+            while sent < 64 * wire.MAX_FRAME:
+                await stream.send_all(frame)
+                sent += len(frame)
+        assert wire.STDIN_MAX <= sent < 48 * wire.MAX_FRAME
+        assert _rss_kib(process.pid) < (wire.STDIN_MAX + 8 * wire.MAX_FRAME) // 1024
+        os.kill(handshake.runtime_pid, signal.SIGKILL)
+        assert await process.wait() == 0
+        assert read_exit_status(paths) == -signal.SIGKILL
         await stream.aclose()
