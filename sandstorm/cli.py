@@ -14,6 +14,7 @@ from sandstorm import cli_admin, cli_client
 from sandstorm.config import DEFAULT_DATA_DIR, ConfigError, load_config
 from sandstorm.images.builder import ImageError
 from sandstorm.logs import configure as configure_logs
+from sandstorm.shim.build import ShimBuildError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ImageError as exc:
         print(f"sandstorm: image build failed: {exc}", file=sys.stderr)
+        return 1
+    except ShimBuildError as exc:
+        print(f"sandstorm: cannot start: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

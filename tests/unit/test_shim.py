@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from sandstorm import cli
 from sandstorm.agent.client import HEADER, FrameKind
 from sandstorm.runtimes.base import RuntimeStartError
 from sandstorm.shim import build, wire
@@ -276,3 +277,19 @@ async def test_a_runtime_that_does_not_read_stdin_bounds_what_the_shim_holds(
         assert await process.wait() == 0
         assert read_exit_status(paths) == -signal.SIGKILL
         await stream.aclose()
+
+
+def test_a_gateway_that_cannot_build_its_shim_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No shim binary and no gcc: `sandstorm serve` stops at once with what to install, not a
+    traceback, before it serves anything."""
+    monkeypatch.setattr(build, "SHIM_BIN_DIR", tmp_path / "bin")
+    monkeypatch.setattr(build, "_built", None)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    argv = ["serve", "--port", "0", "--data-dir", str(tmp_path / "data")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "sandstorm: cannot start: cannot run gcc to build the shim" in err
+    assert "apt-get install gcc libc6-dev" in err
+    assert "Traceback" not in err
