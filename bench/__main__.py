@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +20,38 @@ import trio
 from bench.harness import bench_context, loadavg, machine
 from bench.scenarios import ROUNDS, SCENARIOS
 from bench.targets import verdict
+from sandstorm.config import Config
 
 
-async def run_all(names: list[str], quick: bool) -> dict[str, Any]:
+async def run_all(
+    names: list[str], quick: bool, gvisor_platform: str | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The rows of every scenario that ran, and why each one that failed did: a failed
+    scenario (a request refused under load) does not cost the others' results."""
     rows: dict[str, Any] = {}
+    failed: dict[str, str] = {}
     ran: set[object] = set()
-    async with bench_context(quick) as ctx:
+    async with bench_context(quick, gvisor_platform) as ctx:
         for name in names:
             scenario = SCENARIOS[name]
             if scenario in ran:
                 continue  # snapshot and resume come from one cycle
             ran.add(scenario)
             full, smoke = ROUNDS[name]
-            produced = await scenario(ctx, smoke if quick else full)
+            try:
+                produced = await scenario(ctx, smoke if quick else full)
+            except Exception as exc:  # reported, and the exit status says so
+                traceback.print_exc()
+                failed[name] = f"{type(exc).__name__}: {exc}"
+                print(f"bench: scenario {name} failed: {failed[name]}", file=sys.stderr)
+                continue
             for row_name, result in produced.items():
                 row = result.to_json()
                 row["target"] = verdict(row_name, row)
                 rows[row_name] = row
     # Only the rows asked for: --scenario resume does not report the snapshot row.
-    return {k: v for k, v in rows.items() if any(k == n or k.startswith(n + "-") for n in names)}
+    asked = {k: v for k, v in rows.items() if any(k == n or k.startswith(n + "-") for n in names)}
+    return asked, failed
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -89,18 +103,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few rounds each")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument(
+        "--gvisor-platform",
+        choices=["ptrace", "systrap", "kvm"],
+        help="runsc --platform for both sides (default: the gateway's, gvisor_platform)",
+    )
     args = parser.parse_args(argv)
     names = list(dict.fromkeys(args.scenario or SCENARIOS))
     load_before = loadavg()
-    results = trio.run(run_all, names, args.quick)
+    results, failed = trio.run(run_all, names, args.quick, args.gvisor_platform)
     print_table(results)
+    for name, why in failed.items():
+        print(f"{name:<18} FAILED: {why}")
     if args.json:
         # The host's load average before and after: other work on the machine shows here.
         about = {**machine(), "loadavg_before": load_before, "loadavg_after": loadavg()}
-        args.json.write_text(json.dumps({"machine": about, "results": results}, indent=2) + "\n")
-    if args.plot:
+        about["gvisor_platform"] = args.gvisor_platform or Config().gvisor_platform
+        report = {"machine": about, "results": results, "failed": failed}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot and results:
         plot(results, args.plot)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

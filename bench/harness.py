@@ -132,14 +132,16 @@ class Context:
         (data / "images").symlink_to(IMAGE_DATA_DIR / "images")
         config = load_config(
             None, port=0, data_dir=str(data), cgroup_parent=f"{self.cgroup_parent}-{name}",
-            max_sandboxes=256, on_shutdown="destroy", **overrides,
+            max_sandboxes=256, on_shutdown="destroy",
+            gvisor_platform=self.config.gvisor_platform, **overrides,
         )  # fmt: skip
         async with _gateway(config) as clients:
             yield clients
 
     def runsc_cmd(self, *args: str) -> list[str]:
         """A runsc command line with the same global flags as the gateway's."""
-        return [self.runsc, "--root", str(self.workdir / "root"), "--network=none",
+        return [self.runsc, "--root", str(self.workdir / "root"),
+                f"--platform={self.config.gvisor_platform}", "--network=none",
                 "--overlay2=root:memory", *args]  # fmt: skip
 
     @asynccontextmanager
@@ -233,7 +235,9 @@ class Context:
 
 
 @asynccontextmanager
-async def bench_context(quick: bool) -> AsyncIterator[Context]:
+async def bench_context(quick: bool, gvisor_platform: str | None = None) -> AsyncIterator[Context]:
+    """A gateway of its own (and its raw counterpart's flags), on ``gvisor_platform`` when
+    given, else the gateway's default."""
     if load_manifest(IMAGE_DATA_DIR) is None:
         raise SystemExit("no default image: run `sandstorm image build` first")
     work = Path(
@@ -252,6 +256,7 @@ async def bench_context(quick: bool) -> AsyncIterator[Context]:
     config = load_config(
         None, port=0, data_dir=str(work / "data"), cgroup_parent=parent, max_sandboxes=256,
         memory_budget=256 << 30, on_shutdown="destroy", warm_pool=[],
+        **({"gvisor_platform": gvisor_platform} if gvisor_platform else {}),
     )  # fmt: skip
     try:
         async with _gateway(config) as (client, http):

@@ -102,9 +102,22 @@ async def _settle() -> None:
     await trio.sleep(1.0)  # let start-up page cache and freed buffers settle before reading
 
 
+IDLE_CPU_WINDOW_S = 5.0
+
+
+async def _idle_cpu_ms_per_s(cgroups: SandboxCgroups, ids: list[str]) -> float:
+    """Host CPU each idle sandbox uses per second (ms/s, median over the sandboxes), from its
+    cgroup over IDLE_CPU_WINDOW_S: what idle sandboxes take from the ones that work."""
+    before = [cgroups.cpu_time_ms(i) for i in ids]
+    await trio.sleep(IDLE_CPU_WINDOW_S)
+    used = [cgroups.cpu_time_ms(i) - b for i, b in zip(ids, before, strict=True)]
+    return round(sorted(used)[len(used) // 2] / IDLE_CPU_WINDOW_S, 2)
+
+
 async def footprint(ctx: Context, rounds: int) -> dict[str, Result]:
-    """K idle sandboxes: the gateway's RSS, each sandbox's cgroup memory, and host memory per
-    sandbox (MemAvailable before/after), vs K raw containers idling the same agent."""
+    """K idle sandboxes: the gateway's RSS, each sandbox's cgroup memory, host memory per
+    sandbox (MemAvailable before/after) and host CPU per idle sandbox, vs K raw containers
+    idling the same agent."""
     count = 5 if ctx.quick else 100
     result = Result("MiB", extra={"sandboxes": count})
     cgroups = SandboxCgroups(ctx.cgroup_parent)
@@ -127,6 +140,7 @@ async def footprint(ctx: Context, rounds: int) -> dict[str, Result]:
         result.extra["gateway_rss_mib"] = round(_rss_mib(), 1)
         result.extra["gateway_host_mib_per_sandbox"] = round((before - _available_mib()) / count, 2)
         result.gateway.samples.extend(cgroups.memory_bytes(i) / MIB for i in ids)
+        result.extra["gateway_idle_cpu_ms_per_s"] = await _idle_cpu_ms_per_s(cgroups, ids)
     finally:
         with trio.CancelScope(shield=True):
             for sandbox_id in ids:
@@ -143,8 +157,14 @@ async def footprint(ctx: Context, rounds: int) -> dict[str, Result]:
         await _settle()
         result.extra["raw_host_mib_per_sandbox"] = round((before - _available_mib()) / count, 2)
         result.raw.samples.extend(cgroups.memory_bytes(r.sid) / MIB for r in raws)
+        raw_ids = [r.sid for r in raws]
+        result.extra["raw_idle_cpu_ms_per_s"] = await _idle_cpu_ms_per_s(cgroups, raw_ids)
     result.notes.append(
         f"gateway RSS {result.extra['gateway_rss_mib']} MiB with {count} idle sandboxes "
         f"({result.extra['gateway_rss_idle_mib']} MiB with none; bench client included)"
+    )
+    result.notes.append(
+        f"host CPU per idle sandbox {result.extra['gateway_idle_cpu_ms_per_s']} ms/s "
+        f"(raw {result.extra['raw_idle_cpu_ms_per_s']} ms/s)"
     )
     return {"footprint": result}

@@ -71,6 +71,11 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         "io.containerd.kata.v2"
     )
     containerd_address: str = "/run/containerd/containerd.sock"
+    # gVisor's platform (runsc --platform). systrap, runsc's own default since 2023, keeps every
+    # sandbox's stub threads waking: an idle sandbox (even `sleep`) costs ~35 ms of host CPU per
+    # second on this 2-core host, so ~60 idle sandboxes fill it (gVisor issues 10793, 13361);
+    # ptrace idles at ~0.1 ms/s. Measured in bench/ (README "Performance") for both.
+    gvisor_platform: Literal["ptrace", "systrap", "kvm"] = "ptrace"
     # Mount sources must resolve under one of these roots; empty means no mounts at all.
     mount_allow_list: list[str] = []
     max_memory_limit: Annotated[int, Meta(ge=32 * MIB)] = 8192 * MIB

@@ -47,6 +47,13 @@ AGENT_ENV = [
     "PYTHONDONTWRITEBYTECODE=1",
 ]
 SANDBOX_UID = 1000
+# Config.gvisor_platform's default; why, there.
+DEFAULT_PLATFORM = "ptrace"
+PLATFORMS = frozenset({"ptrace", "systrap", "kvm"})
+# The platform a sandbox was booted on, in its bundle and in each checkpoint image of it: an
+# image restores only on the platform it was taken on (systrap's does not on ptrace). Absent
+# (sandboxes and snapshots of gateways that passed no --platform): runsc's own default.
+PLATFORM_FILE = "platform"
 CONTROL_TIMEOUT_S = 15.0
 # After runsc is told to stop, how long its shim may take to record the exit and leave.
 SHIM_EXIT_GRACE_S = 3.0
@@ -74,8 +81,10 @@ class GvisorRuntime(CgroupAccounting):
         cgroups: SandboxCgroups,
         *,
         journal_max: int = DEFAULT_JOURNAL_MAX,
+        platform: str = DEFAULT_PLATFORM,
     ) -> None:
         self.search_paths = search_paths
+        self.platform = platform
         self.data_dir = data_dir
         self.state_root = data_dir / "runsc"
         self.sandboxes_dir = data_dir / "sandboxes"
@@ -125,17 +134,26 @@ class GvisorRuntime(CgroupAccounting):
     def _bundle_dir(self, sandbox_id: str) -> Path:
         return self.sandboxes_dir / sandbox_id
 
-    def _global_flags(self, log: Path) -> list[str]:
+    def _global_flags(self, log: Path, platform: str | None) -> list[str]:
         assert self.binary is not None, "detect() first"
         return [
             self.binary,
             "--root", str(self.state_root),
+            *([f"--platform={platform}"] if platform is not None else []),
             "--network=none",
             "--overlay2=root:memory",
             "--log", str(log),
         ]  # fmt: skip
 
-    def _write_bundle(self, spec: SandboxSpec) -> Path:
+    def _platform_of(self, sandbox_id: str) -> str | None:
+        """The platform ``sandbox_id`` was booted on (PLATFORM_FILE), None for runsc's
+        default (and for a bundle whose file is unreadable: teardown must not fail on it)."""
+        try:
+            return read_platform(self._bundle_dir(sandbox_id))
+        except RuntimeStartError:
+            return None
+
+    def _write_bundle(self, spec: SandboxSpec, platform: str | None) -> Path:
         bundle = self._bundle_dir(spec.sandbox_id)
         # The id is fresh random; an existing directory means a bug or an attack: refuse.
         bundle.mkdir(mode=0o700)
@@ -144,6 +162,8 @@ class GvisorRuntime(CgroupAccounting):
         config = oci_config(spec, self.cgroups.runtime_path(spec.sandbox_id))
         with open(bundle / "config.json", "wb") as f:
             f.write(msgspec.json.encode(config))
+        if platform is not None:
+            (bundle / PLATFORM_FILE).write_text(platform + "\n")
         return bundle
 
     def _shim_paths(self, sandbox_id: str) -> ShimPaths:
@@ -153,7 +173,9 @@ class GvisorRuntime(CgroupAccounting):
     def _ack_every(self) -> int:
         return max(64 * 1024, self.journal_max // 4)
 
-    async def _spawn(self, spec: SandboxSpec, argv_tail: list[str]) -> ShimInstance:
+    async def _spawn(
+        self, spec: SandboxSpec, platform: str | None, argv_tail: list[str]
+    ) -> ShimInstance:
         log = self._bundle_dir(spec.sandbox_id) / "runsc.log"
         paths = self._shim_paths(spec.sandbox_id)
         # A restore after a checkpoint reuses the id: the last incarnation's shim has ended,
@@ -164,7 +186,7 @@ class GvisorRuntime(CgroupAccounting):
         # process group reaches neither.
         process = await spawn_shim(
             paths,
-            [*self._global_flags(log), *argv_tail],
+            [*self._global_flags(log, platform), *argv_tail],
             env=RUNSC_ENV,
             journal_max=self.journal_max,
             log_path=log,
@@ -208,8 +230,10 @@ class GvisorRuntime(CgroupAccounting):
     async def start(self, spec: SandboxSpec) -> ShimInstance:
         try:
             self.cgroups.create(spec.sandbox_id, host_limits(spec))
-            bundle = self._write_bundle(spec)
-            return await self._spawn(spec, ["run", "--bundle", str(bundle), spec.sandbox_id])
+            bundle = self._write_bundle(spec, self.platform)
+            return await self._spawn(
+                spec, self.platform, ["run", "--bundle", str(bundle), spec.sandbox_id]
+            )
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.destroy(spec.sandbox_id)
@@ -220,7 +244,10 @@ class GvisorRuntime(CgroupAccounting):
 
     async def checkpoint(self, spec: SandboxSpec, image_dir: Path) -> None:
         log = self._bundle_dir(spec.sandbox_id) / "runsc.log"
+        platform = self._platform_of(spec.sandbox_id)
         await self._control(log, "checkpoint", "--image-path", str(image_dir), spec.sandbox_id)
+        if platform is not None:
+            (image_dir / PLATFORM_FILE).write_text(platform + "\n")
         # The checkpointed sandbox stops, and `runsc run` then deletes the container, which
         # frees its name for a restore: no kill and delete (two runsc processes, ~40 ms) on the
         # snapshot's path. One still there after a moment is stuck: see _free_name.
@@ -232,12 +259,15 @@ class GvisorRuntime(CgroupAccounting):
     async def restore(self, spec: SandboxSpec, image_dir: Path) -> ShimInstance:
         bundle = self._bundle_dir(spec.sandbox_id)
         fresh = not bundle.exists()
+        # The image's own platform, whatever this gateway boots new sandboxes on.
+        platform = read_platform(image_dir)
         try:
             if fresh:
                 self.cgroups.create(spec.sandbox_id, host_limits(spec))
-                bundle = self._write_bundle(spec)
+                bundle = self._write_bundle(spec, platform)
             return await self._spawn(
                 spec,
+                platform,
                 ["restore", "--image-path", str(image_dir), "--bundle", str(bundle),
                  spec.sandbox_id],
             )  # fmt: skip
@@ -303,10 +333,11 @@ class GvisorRuntime(CgroupAccounting):
         return await trio.to_thread.run_sync(scan)
 
     async def _control(self, log: Path, *args: str, check: bool = True) -> bytes:
-        """Run a short runsc subcommand; bounded in time, output captured."""
+        """Run a short runsc subcommand on the container named last in ``args``, with the
+        platform it was booted on; bounded in time, output captured."""
         assert self.binary is not None
         return await run_control(
-            [*self._global_flags(log), *args],
+            [*self._global_flags(log, self._platform_of(args[-1])), *args],
             name=f"runsc {args[0]}",
             env=RUNSC_ENV,
             timeout_s=CONTROL_TIMEOUT_S,
@@ -343,6 +374,20 @@ class GvisorRuntime(CgroupAccounting):
         # Ask who is live only now, after the last await: a sandbox that started booting
         # while runsc listed its containers is in that set by the time we look.
         return sorted(i for i in held - live() if i.startswith("sbx_"))
+
+
+def read_platform(directory: Path) -> str | None:
+    """The platform recorded in ``directory`` (a bundle, a checkpoint image): None when there
+    is none (runsc's default). Raises RuntimeStartError for one runsc would not know."""
+    try:
+        platform = (directory / PLATFORM_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise RuntimeStartError(f"cannot read the gVisor platform in {directory}: {exc}") from exc
+    if platform not in PLATFORMS:
+        raise RuntimeStartError(f"unknown gVisor platform {platform!r} in {directory}")
+    return platform
 
 
 def host_limits(spec: SandboxSpec) -> Limits:

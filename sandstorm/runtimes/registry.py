@@ -120,6 +120,7 @@ def build_registry(config: Config, cgroups: SandboxCgroups | None = None) -> Run
         data_dir,
         cgroups,
         journal_max=config.shim_journal_max,
+        platform=config.gvisor_platform,
     )
     qemu = QemuRuntime(
         paths["qemu"], data_dir, config.image, cgroups, journal_max=config.shim_journal_max

@@ -54,6 +54,9 @@ async def test_bench_quick_runs_every_scenario(runsc_required: None, tmp_path: P
     results = report["results"]
     assert results["concurrency-4"]["extra"]["gateway_failures"] == 0
     assert results["footprint"]["extra"]["sandboxes"] == 5
+    assert results["footprint"]["extra"]["gateway_idle_cpu_ms_per_s"] >= 0
+    assert results["footprint"]["extra"]["raw_idle_cpu_ms_per_s"] >= 0
+    assert report["failed"] == {}
     assert 0 < results["footprint"]["extra"]["gateway_rss_mib"] < 1024
     assert plot == [] or (tmp_path / "bench.png").stat().st_size > 0
     # A single scenario can be asked for; resume alone does not report the snapshot row.
