@@ -245,7 +245,9 @@ class GvisorRuntime(CgroupAccounting):
     async def checkpoint(self, spec: SandboxSpec, image_dir: Path) -> None:
         log = self._bundle_dir(spec.sandbox_id) / "runsc.log"
         platform = self._platform_of(spec.sandbox_id)
-        await self._control(log, "checkpoint", "--image-path", str(image_dir), spec.sandbox_id)
+        await self._control(
+            log, spec.sandbox_id, "checkpoint", "--image-path", str(image_dir), spec.sandbox_id
+        )
         if platform is not None:
             (image_dir / PLATFORM_FILE).write_text(platform + "\n")
         # The checkpointed sandbox stops, and `runsc run` then deletes the container, which
@@ -308,8 +310,8 @@ class GvisorRuntime(CgroupAccounting):
             return False
         if log is None:
             log = self._bundle_dir(sandbox_id) / "runsc.log"
-        await self._control(log, "kill", "--all", sandbox_id, "KILL", check=False)
-        await self._control(log, "delete", "--force", sandbox_id, check=False)
+        await self._control(log, sandbox_id, "kill", "--all", sandbox_id, "KILL", check=False)
+        await self._control(log, sandbox_id, "delete", "--force", sandbox_id, check=False)
         return True
 
     def _state_files(self, sandbox_id: str = "*") -> Iterator[Path]:
@@ -332,12 +334,16 @@ class GvisorRuntime(CgroupAccounting):
 
         return await trio.to_thread.run_sync(scan)
 
-    async def _control(self, log: Path, *args: str, check: bool = True) -> bytes:
-        """Run a short runsc subcommand on the container named last in ``args``, with the
-        platform it was booted on; bounded in time, output captured."""
+    async def _control(
+        self, log: Path, sandbox_id: str | None, *args: str, check: bool = True
+    ) -> bytes:
+        """Run a short runsc subcommand on ``sandbox_id``'s container, with the platform it
+        was booted on (None: on no container, with the configured platform); bounded in time,
+        output captured."""
         assert self.binary is not None
+        platform = self.platform if sandbox_id is None else self._platform_of(sandbox_id)
         return await run_control(
-            [*self._global_flags(log, self._platform_of(args[-1])), *args],
+            [*self._global_flags(log, platform), *args],
             name=f"runsc {args[0]}",
             env=RUNSC_ENV,
             timeout_s=CONTROL_TIMEOUT_S,

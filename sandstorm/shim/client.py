@@ -2,7 +2,7 @@
 
 A shim holds one runtime process's stdio (see ``shim.c``). The gateway binds the shim's
 listening socket itself and hands it over as an inherited descriptor, so connecting never waits
-for the shim's Python to start, and reattaching after a gateway restart is the same connect.
+for the shim to start, and reattaching after a gateway restart is the same connect.
 """
 
 from __future__ import annotations

@@ -290,7 +290,7 @@ async def test_the_reaper_reads_runscs_containers_from_its_state_files(
         await instance.channel.wait_hello()
         assert await runtime.list_containers() == {spec.sandbox_id}
         log = runtime.state_root / "runsc.log"
-        listed = json.loads(await runtime._control(log, "list", "--format", "json"))
+        listed = json.loads(await runtime._control(log, None, "list", "--format", "json"))
         assert {entry["id"] for entry in listed} == {spec.sandbox_id}
         assert await runtime.list_orphans(set) == [spec.sandbox_id]
         assert await runtime.list_orphans(lambda: {spec.sandbox_id}) == []
