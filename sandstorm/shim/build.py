@@ -51,7 +51,10 @@ def ensure_shim_binary() -> Path:
     if _built is not None:  # this process built or found it: the source is not read again
         return _built
     with _lock:
-        target = shim_binary_path()
+        try:
+            target = shim_binary_path()
+        except OSError as exc:
+            raise ShimBuildError(f"cannot read the shim's source {SHIM_SOURCE}: {exc}") from exc
         if target.is_file():
             _built = target
             return target

@@ -293,3 +293,11 @@ def test_a_gateway_that_cannot_build_its_shim_says_why(
     assert "sandstorm: cannot start: cannot run gcc to build the shim" in err
     assert "apt-get install gcc libc6-dev" in err
     assert "Traceback" not in err
+
+
+def test_a_missing_shim_source_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "SHIM_SOURCE", tmp_path / "shim.c")
+    monkeypatch.setattr(build, "SHIM_BIN_DIR", tmp_path / "bin")
+    monkeypatch.setattr(build, "_built", None)
+    with pytest.raises(build.ShimBuildError, match="cannot read the shim's source"):
+        build.ensure_shim_binary()

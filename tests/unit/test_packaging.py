@@ -1,0 +1,30 @@
+"""A non-editable install (the Containerfile's `pip install .`) carries every file the package
+reads at run time: the C sources it compiles on the host (the shim, the VM init, the statx
+shim), the console's static files. Anything that is not Python must be package data."""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+# Made at run time (bytecode, the compiled shim), never shipped.
+BUILT = ("__pycache__", "shim/bin")
+
+
+def test_every_file_the_package_reads_is_package_data() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["sandstorm"]
+    package = ROOT / "sandstorm"
+    missing = []
+    for path in package.rglob("*"):
+        relative = path.relative_to(package).as_posix()
+        if not path.is_file() or path.suffix == ".py" or relative.startswith(BUILT):
+            continue
+        if "/__pycache__/" in f"/{relative}":
+            continue
+        if not any(fnmatch.fnmatch(relative, pattern) for pattern in patterns):
+            missing.append(relative)
+    assert missing == [], f"not package data in pyproject.toml: {missing}"
+    assert any(fnmatch.fnmatch("shim/shim.c", pattern) for pattern in patterns)
