@@ -13,14 +13,14 @@ import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import trio
 
 from bench.harness import bench_context, loadavg, machine
 from bench.scenarios import ROUNDS, SCENARIOS
 from bench.targets import verdict
-from sandstorm.config import Config
+from sandstorm.config import DEFAULT_GVISOR_PLATFORM, GvisorPlatform
 
 
 async def run_all(
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path)
     parser.add_argument(
         "--gvisor-platform",
-        choices=["ptrace", "systrap", "kvm"],
+        choices=get_args(GvisorPlatform),
         help="runsc --platform for both sides (default: the gateway's, gvisor_platform)",
     )
     args = parser.parse_args(argv)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         # The host's load average before and after: other work on the machine shows here.
         about = {**machine(), "loadavg_before": load_before, "loadavg_after": loadavg()}
-        about["gvisor_platform"] = args.gvisor_platform or Config().gvisor_platform
+        about["gvisor_platform"] = args.gvisor_platform or DEFAULT_GVISOR_PLATFORM
         report = {"machine": about, "results": results, "failed": failed}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.plot and results:

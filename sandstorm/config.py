@@ -35,6 +35,11 @@ DEFAULT_RUNTIME_PATHS: dict[RuntimeName, list[str]] = {
 DEFAULT_JAILER_PATHS = ["/usr/local/bin/jailer"]
 
 
+# runsc --platform values; Config.gvisor_platform explains the default.
+GvisorPlatform = Literal["ptrace", "systrap", "kvm"]
+DEFAULT_GVISOR_PLATFORM: GvisorPlatform = "ptrace"
+
+
 class ConfigError(Exception):
     pass
 
@@ -75,7 +80,7 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     # sandbox's stub threads waking: an idle sandbox (even `sleep`) costs ~35 ms of host CPU per
     # second on this 2-core host, so ~60 idle sandboxes fill it (gVisor issues 10793, 13361);
     # ptrace idles at ~0.1 ms/s. Measured in bench/ (README "Performance") for both.
-    gvisor_platform: Literal["ptrace", "systrap", "kvm"] = "ptrace"
+    gvisor_platform: GvisorPlatform = DEFAULT_GVISOR_PLATFORM
     # Mount sources must resolve under one of these roots; empty means no mounts at all.
     mount_allow_list: list[str] = []
     max_memory_limit: Annotated[int, Meta(ge=32 * MIB)] = 8192 * MIB

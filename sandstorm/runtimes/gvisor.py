@@ -16,11 +16,13 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import get_args
 
 import msgspec
 import trio
 
 from sandstorm.agent import AGENT_COMMAND, AGENT_MOUNT_POINT, AGENT_SOURCE_PATH
+from sandstorm.config import DEFAULT_GVISOR_PLATFORM, GvisorPlatform
 from sandstorm.ids import is_id
 from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec, run_control
@@ -47,9 +49,7 @@ AGENT_ENV = [
     "PYTHONDONTWRITEBYTECODE=1",
 ]
 SANDBOX_UID = 1000
-# Config.gvisor_platform's default; why, there.
-DEFAULT_PLATFORM = "ptrace"
-PLATFORMS = frozenset({"ptrace", "systrap", "kvm"})
+PLATFORMS = frozenset(get_args(GvisorPlatform))
 # The platform a sandbox was booted on, in its bundle and in each checkpoint image of it: an
 # image restores only on the platform it was taken on (systrap's does not on ptrace). Absent
 # (sandboxes and snapshots of gateways that passed no --platform): runsc's own default.
@@ -81,7 +81,7 @@ class GvisorRuntime(CgroupAccounting):
         cgroups: SandboxCgroups,
         *,
         journal_max: int = DEFAULT_JOURNAL_MAX,
-        platform: str = DEFAULT_PLATFORM,
+        platform: GvisorPlatform = DEFAULT_GVISOR_PLATFORM,
     ) -> None:
         self.search_paths = search_paths
         self.platform = platform
@@ -162,8 +162,7 @@ class GvisorRuntime(CgroupAccounting):
         config = oci_config(spec, self.cgroups.runtime_path(spec.sandbox_id))
         with open(bundle / "config.json", "wb") as f:
             f.write(msgspec.json.encode(config))
-        if platform is not None:
-            (bundle / PLATFORM_FILE).write_text(platform + "\n")
+        write_platform(bundle, platform)
         return bundle
 
     def _shim_paths(self, sandbox_id: str) -> ShimPaths:
@@ -248,8 +247,7 @@ class GvisorRuntime(CgroupAccounting):
         await self._control(
             log, spec.sandbox_id, "checkpoint", "--image-path", str(image_dir), spec.sandbox_id
         )
-        if platform is not None:
-            (image_dir / PLATFORM_FILE).write_text(platform + "\n")
+        write_platform(image_dir, platform)
         # The checkpointed sandbox stops, and `runsc run` then deletes the container, which
         # frees its name for a restore: no kill and delete (two runsc processes, ~40 ms) on the
         # snapshot's path. One still there after a moment is stuck: see _free_name.
@@ -380,6 +378,13 @@ class GvisorRuntime(CgroupAccounting):
         # Ask who is live only now, after the last await: a sandbox that started booting
         # while runsc listed its containers is in that set by the time we look.
         return sorted(i for i in held - live() if i.startswith("sbx_"))
+
+
+def write_platform(directory: Path, platform: str | None) -> None:
+    """Record ``platform`` in ``directory`` for read_platform; None records nothing (runsc's
+    default, as a gateway that passed no --platform)."""
+    if platform is not None:
+        (directory / PLATFORM_FILE).write_text(platform + "\n")
 
 
 def read_platform(directory: Path) -> str | None:
