@@ -18,7 +18,7 @@ import httpx
 import msgspec
 import trio
 
-from sandstorm.agent import AGENT_COMMAND, HEADER, FrameKind
+from sandstorm.agent import HEADER, FrameKind, agent_command
 from sandstorm.client import AsyncClient
 from sandstorm.config import Config, load_config
 from sandstorm.gateway import serve
@@ -208,7 +208,7 @@ class Context:
     async def raw_agent(self) -> AsyncIterator[RawContainer]:
         """A raw container running the agent, idle (the raw twin of an idle sandbox); yields
         once the agent has said HELLO."""
-        async with self.raw_bundle(list(AGENT_COMMAND)) as (sid, bundle):
+        async with self.raw_bundle(list(agent_command())) as (sid, bundle):
             proc = None
             try:
                 proc = await self.start_raw(["run", "--bundle", str(bundle), sid])

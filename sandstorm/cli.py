@@ -14,7 +14,7 @@ from sandstorm import cli_admin, cli_client
 from sandstorm.config import DEFAULT_DATA_DIR, ConfigError, load_config
 from sandstorm.images.builder import ImageError
 from sandstorm.logs import configure as configure_logs
-from sandstorm.shim.build import ShimBuildError
+from sandstorm.native import NativeBuildError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImageError as exc:
         print(f"sandstorm: image build failed: {exc}", file=sys.stderr)
         return 1
-    except ShimBuildError as exc:
+    except NativeBuildError as exc:
         print(f"sandstorm: cannot start: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

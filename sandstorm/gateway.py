@@ -19,7 +19,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from sandstorm import __version__
 from sandstorm.actors.router import Router
-from sandstorm.agent import prepare_agent_bytecode
+from sandstorm.agent import prepare_agent
 from sandstorm.config import Config
 from sandstorm.images.builder import ImageManifest, image_rootfs, load_manifest
 from sandstorm.metrics import Metrics
@@ -106,9 +106,8 @@ class Gateway:
         self.manifest = load_manifest(self.data_dir, self.config.image)
         if self.manifest is None:
             log.warning("image %r is not built: run `sandstorm image build`", self.config.image)
-        # Compiled once here rather than at every sandbox start (see sandstorm.bytecode; the
-        # shim's binary, sandstorm.shim.build).
-        await trio.to_thread.run_sync(prepare_agent_bytecode)
+        # The agent's and the shim's binaries, compiled once per source (sandstorm.native).
+        await trio.to_thread.run_sync(prepare_agent)
         await trio.to_thread.run_sync(prepare_shim)
         await self.registry.detect_all()
         for info in self.registry.infos():

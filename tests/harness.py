@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import trio
 
-from sandstorm.agent import AGENT_COMMAND
+from sandstorm.agent import AGENT_COMMAND_PREFIX
 from sandstorm.client import AsyncClient
 from sandstorm.config import Config
 from sandstorm.protocol import IsolationLevel, RuntimeName
@@ -26,9 +26,9 @@ VM_SLOWDOWN = 4.0
 _CREATE_PATHS = frozenset({"/v1/sandboxes", "/v1/sandboxes/run"})
 #: Shell words for the agent's pid inside a sandbox: 1 in gVisor (the agent is PID 1); in a VM
 #: the guest's init is PID 1 and the agent its child. The lowest pid whose command line names the
-#: agent's script (one grep, not a process per pid: under TCG every process costs milliseconds).
+#: agent's binary (one grep, not a process per pid: under TCG every process costs milliseconds).
 AGENT_PID_SH = (
-    f"$(grep -alF -- '{AGENT_COMMAND[-1]}' /proc/[0-9]*/cmdline 2>/dev/null"
+    f"$(grep -alF -- '{AGENT_COMMAND_PREFIX}' /proc/[0-9]*/cmdline 2>/dev/null"
     " | sort -t/ -k3 -n | head -n 1 | cut -d/ -f3)"
 )
 #: The same as a Python function, ``agent_pid()``, for code that runs in the sandbox.
@@ -38,7 +38,7 @@ def agent_pid():
     for p in sorted((p for p in os.listdir('/proc') if p.isdigit()), key=int):
         try:
             with open('/proc/%s/cmdline' % p, 'rb') as f:
-                if f.read() == {"".join(a + chr(0) for a in AGENT_COMMAND).encode()!r}:
+                if f.read().startswith({AGENT_COMMAND_PREFIX.encode()!r}):
                     return int(p)
         except OSError:
             pass

@@ -1,15 +1,15 @@
 """The in-sandbox agent and the gateway side of its protocol.
 
-``agent.py`` is standard library only and runs inside the sandbox; the runtime bind-mounts this
-directory read-only at ``/.sandstorm`` so it appears as ``/.sandstorm/agent.py``, with the
-bytecode the gateway compiled once (see ``sandstorm.bytecode``). Everything else here is the
-gateway side (see ``protocol/agent.md``).
+``agent.c`` is the agent: PID 1 of every sandbox, compiled once per source and linked statically
+(``build.py``); ``zygote.py`` is the python zygote it starts. The runtime bind-mounts this
+directory read-only at ``/.sandstorm``, so the agent is ``/.sandstorm/bin/sandstorm-agent-<hash>``
+and the zygote ``/.sandstorm/zygote.py``. Everything else here is the gateway side (see
+``protocol/agent.md``).
 """
 
 from pathlib import Path
 
-from sandstorm.bytecode import cached_bytecode, ensure_bytecode, launcher
-
+from .build import AGENT_BIN_DIR, AGENT_PREFIX, AgentBuildError, ensure_agent_binary
 from .client import (
     AGENT_TO_GATEWAY,
     GATEWAY_TO_AGENT,
@@ -38,40 +38,41 @@ from .client import (
     decode_started,
 )
 
-#: The agent script on the host; its directory is mounted at ``/.sandstorm`` in the sandbox.
-AGENT_SOURCE_PATH: Path = Path(__file__).resolve().with_name("agent.py")
-#: Where the directory holding :data:`AGENT_SOURCE_PATH` is mounted inside the sandbox.
+#: The directory mounted at ``/.sandstorm`` in the sandbox (the agent's binaries and the zygote).
+AGENT_DIRECTORY: Path = AGENT_BIN_DIR.parent
+#: Where :data:`AGENT_DIRECTORY` is mounted inside the sandbox.
 AGENT_MOUNT_POINT = "/.sandstorm"
-#: The agent's command line inside the sandbox: agent.py imported as a module, so that it
-#: starts from its cached bytecode; its path stays the last word (what finds it in ``/proc``).
-AGENT_COMMAND: tuple[str, ...] = (
-    "/usr/bin/python3", "-I", "-S", "-c", launcher("m.main()"), "/.sandstorm/agent.py",
-)  # fmt: skip
+#: What every agent's command line starts with, whichever source built it (finds it in ``/proc``).
+AGENT_COMMAND_PREFIX = f"{AGENT_MOUNT_POINT}/bin/{AGENT_PREFIX}"
 
 
-def prepare_agent_bytecode() -> None:
-    """Compile agent.py once for every sandbox this gateway starts (it runs in the image's
-    python3: Debian 12's 3.11, as on the host; another version compiles the source itself)."""
-    ensure_bytecode(AGENT_SOURCE_PATH)
+def agent_command() -> tuple[str, ...]:
+    """The agent's command line inside the sandbox (its binary is built first if missing)."""
+    return (f"{AGENT_MOUNT_POINT}/bin/{ensure_agent_binary().name}",)
 
 
-def agent_files() -> list[tuple[str, bytes | None]]:
-    """The agent's directory for a VM's initramfs: (relative name, contents, None for a
-    directory), parents first."""
-    files: list[tuple[str, bytes | None]] = []
-    for source in sorted(AGENT_SOURCE_PATH.parent.glob("*.py")):
-        files.append((source.name, source.read_bytes()))
-    compiled = cached_bytecode(AGENT_SOURCE_PATH)
-    if compiled.exists():
-        files.append((compiled.parent.name, None))
-        files.append((f"{compiled.parent.name}/{compiled.name}", compiled.read_bytes()))
-    return files
+def prepare_agent() -> None:
+    """Compile the agent once for every sandbox this gateway starts; raises
+    ``AgentBuildError``."""
+    ensure_agent_binary()
+
+
+def agent_files() -> list[tuple[str, bytes | None, int]]:
+    """The agent's directory for a VM's initramfs: (relative name, contents or None for a
+    directory, mode), parents first."""
+    binary = ensure_agent_binary()
+    zygote = AGENT_DIRECTORY / "zygote.py"
+    return [
+        ("bin", None, 0o755),
+        (f"bin/{binary.name}", binary.read_bytes(), 0o755),
+        ("zygote.py", zygote.read_bytes(), 0o644),
+    ]
 
 
 __all__ = [
-    "AGENT_COMMAND",
+    "AGENT_COMMAND_PREFIX",
+    "AGENT_DIRECTORY",
     "AGENT_MOUNT_POINT",
-    "AGENT_SOURCE_PATH",
     "AGENT_TO_GATEWAY",
     "GATEWAY_TO_AGENT",
     "HEADER",
@@ -82,6 +83,7 @@ __all__ = [
     "MAX_STDIN_BUFFER",
     "PROTOCOL_VERSION",
     "WRITE_FILE_CHUNK",
+    "AgentBuildError",
     "AgentChannel",
     "AgentChannelStatistics",
     "AgentProtocolError",
@@ -92,11 +94,12 @@ __all__ = [
     "FrameKind",
     "Hello",
     "Started",
+    "agent_command",
     "agent_files",
     "decode_error",
     "decode_exit",
     "decode_file_written",
     "decode_hello",
     "decode_started",
-    "prepare_agent_bytecode",
+    "prepare_agent",
 ]

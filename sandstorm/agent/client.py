@@ -131,6 +131,9 @@ NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 class Hello(msgspec.Struct, frozen=True, kw_only=True):
     protocol: int
     pid: Annotated[int, msgspec.Meta(ge=1)]
+    #: The agent's implementation: "c" (agent.c); empty from the python agent of older gateways.
+    agent: str = ""
+    #: The python agent's interpreter version (older gateways' sandboxes); empty from agent.c.
     python: str = ""
 
 

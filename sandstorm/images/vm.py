@@ -355,9 +355,9 @@ class CpioWriter:
 
 
 def add_agent(cpio: CpioWriter) -> None:
-    """The agent's scripts and their bytecode, under ``agent/`` (mounted at /.sandstorm)."""
-    for name, data in agent_files():
+    """The agent's binary and the zygote, under ``agent/`` (mounted at /.sandstorm)."""
+    for name, data, mode in agent_files():
         if data is None:
-            cpio.add_dir(f"agent/{name}")
+            cpio.add_dir(f"agent/{name}", mode)
         else:
-            cpio.add_file(f"agent/{name}", data, 0o644)
+            cpio.add_file(f"agent/{name}", data, mode)

@@ -40,7 +40,7 @@ from typing import Final
 import msgspec
 import trio
 
-from sandstorm.agent import AGENT_COMMAND, AGENT_MOUNT_POINT
+from sandstorm.agent import AGENT_MOUNT_POINT, agent_command
 from sandstorm.agent.client import AgentChannel
 from sandstorm.ids import is_id
 from sandstorm.images.vm import CpioWriter, add_agent, load_vm_manifest, vm_dir
@@ -314,7 +314,7 @@ class FirecrackerRuntime(CgroupAccounting):
             extra = CpioWriter()
             add_agent(extra)
             extra.add_file(f"agent/{BRIDGE_NAME}", bridge.read_bytes(), 0o755)
-            command = [f"{AGENT_MOUNT_POINT}/{BRIDGE_NAME}", str(VSOCK_PORT), *AGENT_COMMAND]
+            command = [f"{AGENT_MOUNT_POINT}/{BRIDGE_NAME}", str(VSOCK_PORT), *agent_command()]
             launch = "\n".join(command) + "\n\n" + "\n".join(AGENT_ENV) + "\n"
             extra.add_file("launch", launch.encode(), 0o644)
             tail = extra.finish()

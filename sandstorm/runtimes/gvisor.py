@@ -21,7 +21,7 @@ from typing import get_args
 import msgspec
 import trio
 
-from sandstorm.agent import AGENT_COMMAND, AGENT_MOUNT_POINT, AGENT_SOURCE_PATH
+from sandstorm.agent import AGENT_DIRECTORY, AGENT_MOUNT_POINT, agent_command
 from sandstorm.config import DEFAULT_GVISOR_PLATFORM, GvisorPlatform
 from sandstorm.ids import is_id
 from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
@@ -416,7 +416,7 @@ def oci_config(spec: SandboxSpec, cgroups_path: str) -> dict[str, object]:
         {
             "destination": AGENT_MOUNT_POINT,
             "type": "bind",
-            "source": str(AGENT_SOURCE_PATH.parent),
+            "source": str(AGENT_DIRECTORY),
             "options": ["rbind", "ro", "nosuid", "nodev"],
         },
     ]
@@ -435,7 +435,7 @@ def oci_config(spec: SandboxSpec, cgroups_path: str) -> dict[str, object]:
         "process": {
             "terminal": False,
             "user": {"uid": SANDBOX_UID, "gid": SANDBOX_UID, "additionalGids": []},
-            "args": list(AGENT_COMMAND),
+            "args": list(agent_command()),
             "env": AGENT_ENV,
             "cwd": "/workspace",
             "noNewPrivileges": True,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import trio
 
-from sandstorm.agent import AGENT_COMMAND
+from sandstorm.agent import agent_command
 from sandstorm.ids import is_id
 from sandstorm.images.vm import CpioWriter, add_agent, load_vm_manifest, vm_dir
 from sandstorm.protocol import MIB, IsolationLevel, RuntimeCapabilities, RuntimeName
@@ -214,7 +214,7 @@ class QemuRuntime(CgroupAccounting):
         base = vm_dir(self.data_dir, self.image) / "initramfs.cpio"
         extra = CpioWriter()
         add_agent(extra)
-        launch = "\n".join(AGENT_COMMAND) + "\n\n" + "\n".join(AGENT_ENV) + "\n"
+        launch = "\n".join(agent_command()) + "\n\n" + "\n".join(AGENT_ENV) + "\n"
         extra.add_file("launch", launch.encode(), 0o644)
         tail = extra.finish()
         stat = base.stat()

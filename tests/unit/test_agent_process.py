@@ -1,4 +1,5 @@
-"""The real agent.py, run as a host subprocess and driven through the real client.
+"""The real agent (agent.c, built as the gateway builds it), run as a host subprocess and driven
+through the real client.
 
 The agent is not PID 1 here, so orphan reaping is out of reach; everything else about execs,
 streaming, signals, stdin, files and the protocol's error handling is exercised end to end.
@@ -22,7 +23,6 @@ import pytest
 import trio
 
 from sandstorm.agent import (
-    AGENT_SOURCE_PATH,
     HEADER,
     MAX_GATEWAY_FRAME,
     MAX_STDIN_BUFFER,
@@ -36,12 +36,10 @@ from sandstorm.agent import (
     decode_file_written,
     decode_started,
 )
+from sandstorm.agent.build import ensure_agent_binary
 
-# The sandbox image runs Debian's python3; prefer the host's equivalent when there is one.
-# SANDSTORM_AGENT_PYTHON runs the agent (and the test programs) under another interpreter (3.9+).
-PYTHON = os.environ.get("SANDSTORM_AGENT_PYTHON") or (
-    "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
-)
+# The test programs' interpreter: the host's equivalent of the image's python3 when there is one.
+PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 PATH = "/usr/local/bin:/usr/bin:/bin"
 ENV = {"PATH": PATH, "LC_ALL": "C.UTF-8"}
 TIMEOUT = 10
@@ -171,7 +169,7 @@ class Agent:
 @asynccontextmanager
 async def running_agent(cwd: Path, *, prefix: tuple[str, ...] = ()) -> AsyncIterator[Agent]:
     process = await trio.lowlevel.open_process(
-        [*prefix, PYTHON, "-I", "-S", str(AGENT_SOURCE_PATH)],
+        [*prefix, str(ensure_agent_binary())],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         cwd=cwd,
@@ -227,7 +225,7 @@ async def test_hello(tmp_path: Path) -> None:
         async with running_agent(tmp_path) as agent:
             assert agent.hello.protocol == 1
             assert agent.hello.pid == agent.process.pid
-            assert agent.hello.python.count(".") == 2
+            assert agent.hello.agent == "c"
 
 
 async def test_ping(tmp_path: Path) -> None:
@@ -285,14 +283,13 @@ async def test_child_sees_only_fds_0_to_2_and_default_signals(tmp_path: Path) ->
             assert result.stdout.split() == [b"0", b"1", b"2", b"3"]
 
             result = await agent.run(["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"])
-            # Every signal a program can use is at its default. Only 32 and 33 start ignored:
-            # glibc's own (SIGCANCEL, SIGSETXID; SIGRTMIN is 34), which its posix_spawn sets to
-            # SIG_IGN in every child and which glibc installs itself before it uses them.
+            # Every signal at its default, none blocked: the agent ignores SIGTERM and others
+            # for itself (and glibc's posix_spawn would leave 32 and 33 ignored); execs get none.
             assert result.stdout.split() == [
                 b"SigBlk:",
                 b"0000000000000000",
                 b"SigIgn:",
-                b"0000000180000000",
+                b"0000000000000000",
             ]
 
             # Own process group, led by the exec's pid.
@@ -609,6 +606,89 @@ async def test_write_file(tmp_path: Path) -> None:
                 result = decode_file_written((await agent.next(number)).payload)
                 assert not result.ok, payload
                 assert result.error
+
+
+async def test_write_file_appends_and_decodes_every_padding(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "er" / "file"
+    with trio.fail_after(TIMEOUT):
+        async with running_agent(tmp_path) as agent:
+            expected = b""
+            for number, piece in enumerate([b"", b"a", b"bc", b"def", bytes(range(256))], 1):
+                await agent.channel.send_write_file(number, str(target), piece, 0o644, append=True)
+                assert decode_file_written((await agent.next(number)).payload).ok
+                expected += piece
+            assert target.read_bytes() == expected
+            # A file where a parent directory should be: refused, with the reason.
+            await agent.channel.send_write_file(9, str(target / "below"), b"x", 0o644)
+            failed = decode_file_written((await agent.next(9)).payload)
+            assert not failed.ok and failed.error
+            bad = [
+                b'{"path":"/tmp/x","data_b64":"QQ=A","mode":420}',  # padding inside
+                b'{"path":"/tmp/x","data_b64":"QQ==QQ==","mode":420}',  # padding mid-stream
+                b'{"path":"/tmp/x","data_b64":"QQ=","mode":420}',  # not a multiple of 4
+                b'{"path":"/tmp/x","data_b64":"","mode":4096}',
+                b'{"path":"/tmp/x","data_b64":"","mode":true}',
+                b'{"path":"/tmp/x","data_b64":"","append":1}',
+                b'{"path":"/tm\\u0000p","data_b64":""}',
+            ]
+            for number, payload in enumerate(bad, start=10):
+                await agent.channel.send_frame(FrameKind.WRITE_FILE, number, payload)
+                result = decode_file_written((await agent.next(number)).payload)
+                assert not result.ok, payload
+                assert result.error
+
+
+async def test_exec_payloads_are_parsed_as_strictly_as_python_json(tmp_path: Path) -> None:
+    """The agent's own JSON parser: escapes, surrogate pairs, repeated names (the last wins, as
+    in a Python dict), and every malformed payload finishes its channel with a reason."""
+    with trio.fail_after(TIMEOUT):
+        async with running_agent(tmp_path) as agent:
+
+            async def exec_raw(payload: bytes) -> Result:
+                number = agent.new_channel()
+                await agent.channel.send_frame(FrameKind.EXEC, number, payload)
+                await agent.channel.send_stdin_close(number)
+                return await agent.finish(number)
+
+            argv = '["printf", "%s|%s", "\\u00fc\\ud83d\\ude00\\/\\t", "\\udc80"]'
+            result = await exec_raw(
+                b'{"argv": %s, "env": {"PATH": "%s", "A": "1", "A": "2"}, "cwd": "/"}'
+                % (argv.encode(), PATH.encode())
+            )
+            assert result.errors == []
+            assert result.stdout == "ü😀/\t|".encode() + b"\x80"
+
+            result = await exec_raw(
+                b'{"argv": ["env"], "env": {"PATH": "%s", "A": "1", "A": "2"}, "cwd": "/"}'
+                % PATH.encode()
+            )
+            assert sorted(result.stdout.split()) == [b"A=2", b"PATH=" + PATH.encode()]
+
+            nested = b"[" * 100 + b"]" * 100
+            cases = {
+                b'{"argv": ["a\\u0000b"], "env": {}, "cwd": "/"}': "NUL character",
+                b'{"argv": ["\\ud800"], "env": {}, "cwd": "/"}': "must be encodable",
+                b'{"argv": ["\xff"], "env": {}, "cwd": "/"}': "not UTF-8",
+                b'{"argv": ["true"], "env": {}, "cwd": "/"} x': "Extra data",
+                b'{"argv": ["true"], "env": {}, "cwd": "/", "x": %s}' % nested: "nested",
+                b'{"argv": ["true"], "env": {}, "cwd": "/", "last": 1}': "last must be",
+                b'{"argv": ["true"], "env": [], "cwd": "/"}': "env must be an object",
+                b'{"argv": ["true"], "env": {"A=B": "1"}, "cwd": "/"}': "variable name",
+                b'{"argv": ["true"], "env": {"A": 1}, "cwd": "/"}': "env values",
+                b'{"argv": ["true"], "env": {}, "cwd": ""}': "cwd must be",
+                b'{"argv": [1], "env": {}, "cwd": "/"}': "argv must be a list",
+                b'{"argv": ["true"], "env": {}, "cwd": "/", "x": "\x01"}': "control character",
+                b'{"argv": ["true"], "env": {}, "cwd": "/", "x": 01}': "delimiter",
+                b'{"argv": ["true"], "env": {}, "cwd": "/", "x": NaN}': "Expecting value",
+                b"[]": "must be a JSON object",
+                b"": "Expecting value",
+            }
+            for payload, reason in cases.items():
+                result = await exec_raw(payload)
+                assert FrameKind.STARTED not in result.kinds, payload
+                assert len(result.errors) == 1 and reason in result.errors[0], (payload, result)
+                assert result.exit is not None and result.exit.exit_code == 126
+            assert (await agent.run(["echo", "fine"])).stdout == b"fine\n"
 
 
 # -- hostile or broken input from the gateway side ---------------------------------------------

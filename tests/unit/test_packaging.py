@@ -1,6 +1,6 @@
 """A non-editable install (the Containerfile's `pip install .`) carries every file the package
-reads at run time: the C sources it compiles on the host (the shim, the VM init, the statx
-shim), the console's static files. Anything that is not Python must be package data."""
+reads at run time: the C sources it compiles on the host (the shim, the agent, the VM init, the
+statx shim), the console's static files. Anything that is not Python must be package data."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# Made at run time (bytecode, the compiled shim), never shipped.
-BUILT = ("__pycache__", "shim/bin")
+# Made at run time (bytecode, the compiled shim and agent), never shipped.
+BUILT = ("__pycache__", "shim/bin", "agent/bin")
 
 
 def test_every_file_the_package_reads_is_package_data() -> None:
@@ -28,3 +28,4 @@ def test_every_file_the_package_reads_is_package_data() -> None:
             missing.append(relative)
     assert missing == [], f"not package data in pyproject.toml: {missing}"
     assert any(fnmatch.fnmatch("shim/shim.c", pattern) for pattern in patterns)
+    assert any(fnmatch.fnmatch("agent/agent.c", pattern) for pattern in patterns)

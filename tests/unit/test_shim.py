@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from sandstorm import cli
+from sandstorm.agent.build import ensure_agent_binary
 from sandstorm.agent.client import HEADER, FrameKind
 from sandstorm.runtimes.base import RuntimeStartError
 from sandstorm.shim import build, wire
@@ -284,6 +285,7 @@ def test_a_gateway_that_cannot_build_its_shim_says_why(
 ) -> None:
     """No shim binary and no gcc: `sandstorm serve` stops at once with what to install, not a
     traceback, before it serves anything."""
+    ensure_agent_binary()  # built while gcc is there: this is about the shim
     monkeypatch.setattr(build, "SHIM_BIN_DIR", tmp_path / "bin")
     monkeypatch.setattr(build, "_built", None)
     monkeypatch.setenv("PATH", str(tmp_path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import trio
 
+from sandstorm.agent import AGENT_COMMAND_PREFIX
 from tests.harness import RunningGateway
 
 PROBE = r"""
@@ -57,6 +58,6 @@ async def test_host_is_not_visible(gw: RunningGateway) -> None:
         )
     out = body["result"]["stdout"]
     assert "No such file" in out
-    assert "agent.py" in out  # the agent's own read-only mount, and nothing else of the host
+    assert "zygote.py" in out  # the agent's own read-only mount, and nothing else of the host
     # PID 1 is the agent in gVisor; in a VM it is the guest's init, whose only child is the agent.
-    assert ("/.sandstorm/agent.py" if gw.runtime == "gvisor" else "/init\x00") in out
+    assert (AGENT_COMMAND_PREFIX if gw.runtime == "gvisor" else "/init\x00") in out

@@ -1,0 +1,44 @@
+"""The agent binary: ``agent.c`` compiled with the host's gcc, once per source (see
+``sandstorm.native``), and linked statically: it runs inside sandboxes and VMs whose images
+have their own C library, or none.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Final
+
+from sandstorm.native import NativeBuildError, binary_path, compile_once
+
+AGENT_SOURCE: Final = Path(__file__).resolve().with_name("agent.c")
+AGENT_BIN_DIR: Final = AGENT_SOURCE.parent / "bin"
+AGENT_PREFIX: Final = "sandstorm-agent-"
+# libc.a is in libc6-dev, which gcc's install brings.
+AGENT_FLAGS: Final = ("-static",)
+
+_lock = threading.Lock()
+_built: Path | None = None
+
+
+class AgentBuildError(NativeBuildError):
+    """The agent cannot be compiled here; the message says what to install or fix."""
+
+
+def agent_binary_path() -> Path:
+    """Where the current source's binary is (built or not)."""
+    return binary_path(AGENT_SOURCE, AGENT_BIN_DIR, AGENT_PREFIX)
+
+
+def ensure_agent_binary() -> Path:
+    """The current agent binary, compiled first if it is missing. Blocking (gcc takes about a
+    second, once per source); raises ``AgentBuildError``."""
+    global _built
+    if _built is not None:
+        return _built
+    with _lock:
+        _built = compile_once(
+            AGENT_SOURCE, AGENT_BIN_DIR, AGENT_PREFIX, what="agent", error=AgentBuildError,
+            extra_flags=AGENT_FLAGS,
+        )  # fmt: skip
+        return _built

@@ -1,0 +1,74 @@
+"""The agent binary: agent.c compiled once per source, statically (it runs in images with their
+own C library or none), and a gateway that cannot build it says why instead of starting."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from sandstorm import cli
+from sandstorm.agent import AGENT_COMMAND_PREFIX, agent_command, agent_files, build
+from sandstorm.shim.build import ensure_shim_binary
+
+PT_INTERP = 3
+
+
+def _program_header_types(binary: bytes) -> list[int]:
+    """The p_type of every program header of a 64-bit little-endian ELF file."""
+    assert binary[:4] == b"\x7fELF" and binary[4] == 2 and binary[5] == 1
+    phoff, = struct.unpack_from("<Q", binary, 0x20)  # fmt: skip
+    phentsize, phnum = struct.unpack_from("<HH", binary, 0x36)
+    return [struct.unpack_from("<I", binary, phoff + i * phentsize)[0] for i in range(phnum)]
+
+
+def test_the_agent_is_static_and_named_by_its_source() -> None:
+    binary = build.ensure_agent_binary()
+    assert binary == build.agent_binary_path()
+    types = _program_header_types(binary.read_bytes())
+    assert types and PT_INTERP not in types  # no dynamic loader: nothing of the image's libc
+    command = agent_command()
+    assert command == (f"/.sandstorm/bin/{binary.name}",)
+    assert command[0].startswith(AGENT_COMMAND_PREFIX)
+
+
+def test_a_vm_gets_the_binary_executable_and_the_zygote() -> None:
+    files = {name: (data, mode) for name, data, mode in agent_files()}
+    binary = build.ensure_agent_binary()
+    assert files["bin"] == (None, 0o755)
+    assert files[f"bin/{binary.name}"] == (binary.read_bytes(), 0o755)
+    assert files["zygote.py"][0] == (build.AGENT_SOURCE.parent / "zygote.py").read_bytes()
+
+
+def test_an_agent_that_cannot_be_built_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "agent.c"
+    broken.write_text("int main(void) { return undeclared; }\n")
+    monkeypatch.setattr(build, "AGENT_SOURCE", broken)
+    monkeypatch.setattr(build, "AGENT_BIN_DIR", tmp_path / "bin")
+    monkeypatch.setattr(build, "_built", None)
+    with pytest.raises(build.AgentBuildError, match="undeclared"):
+        build.ensure_agent_binary()
+    assert list((tmp_path / "bin").iterdir()) == []  # no half-written binary
+    broken.write_text("int main(void) { return 0; }\n")
+    built = build.ensure_agent_binary()
+    assert built.parent == tmp_path / "bin" and built.name.startswith(build.AGENT_PREFIX)
+    assert os.access(built, os.X_OK)
+
+
+def test_a_gateway_that_cannot_build_its_agent_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ensure_shim_binary()  # built while gcc is there: this is about the agent
+    monkeypatch.setattr(build, "AGENT_BIN_DIR", tmp_path / "bin")
+    monkeypatch.setattr(build, "_built", None)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gcc on it
+    argv = ["serve", "--port", "0", "--data-dir", str(tmp_path / "data")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "sandstorm: cannot start: cannot run gcc to build the agent" in err
+    assert "apt-get install gcc libc6-dev" in err
+    assert "Traceback" not in err
