@@ -92,6 +92,8 @@ class GvisorRuntime(CgroupAccounting):
         self.cgroups = cgroups
         self.journal_max = journal_max
         self.binary: str | None = None
+        # Checkpointed, their containers maybe still being deleted by `runsc run` (_await_name).
+        self._checkpointed: set[str] = set()
 
     # ------------------------------------------------------------------ detection
 
@@ -248,13 +250,22 @@ class GvisorRuntime(CgroupAccounting):
             log, spec.sandbox_id, "checkpoint", "--image-path", str(image_dir), spec.sandbox_id
         )
         write_platform(image_dir, platform)
-        # The checkpointed sandbox stops, and `runsc run` then deletes the container, which
-        # frees its name for a restore: no kill and delete (two runsc processes, ~40 ms) on the
-        # snapshot's path. One still there after a moment is stuck: see _free_name.
+        # The checkpointed sandbox stops, and `runsc run` then deletes the container (~6 ms,
+        # at times 100): not on the snapshot's path, but before a restore or a destroy of the
+        # same sandbox (_await_name).
+        self._checkpointed.add(spec.sandbox_id)
+
+    async def _await_name(self, sandbox_id: str, log: Path) -> None:
+        """After a checkpoint, until `runsc run` has deleted the stopped container, which frees
+        its name for a restore: no kill and delete (two runsc processes, ~40 ms) on the way.
+        One still there after a moment is stuck: see _free_name."""
+        if sandbox_id not in self._checkpointed:
+            return
         with trio.move_on_after(CHECKPOINT_EXIT_S):
-            while self._has_state(spec.sandbox_id):  # noqa: ASYNC110 - a file runsc owns
+            while self._has_state(sandbox_id):  # noqa: ASYNC110 - a file runsc owns
                 await trio.sleep(0.005)
-        await self._free_name(spec.sandbox_id, log)
+        self._checkpointed.discard(sandbox_id)
+        await self._free_name(sandbox_id, log)
 
     async def restore(self, spec: SandboxSpec, image_dir: Path) -> ShimInstance:
         bundle = self._bundle_dir(spec.sandbox_id)
@@ -265,6 +276,8 @@ class GvisorRuntime(CgroupAccounting):
             if fresh:
                 self.cgroups.create(spec.sandbox_id, host_limits(spec))
                 bundle = self._write_bundle(spec, platform)
+            else:  # the same sandbox going on after its checkpoint (leave_running)
+                await self._await_name(spec.sandbox_id, bundle / "runsc.log")
             return await self._spawn(
                 spec,
                 platform,
@@ -281,6 +294,7 @@ class GvisorRuntime(CgroupAccounting):
         released: list[str] = []
         bundle = self._bundle_dir(sandbox_id)
         log = bundle / "runsc.log" if bundle.exists() else self.state_root / "runsc.log"
+        await self._await_name(sandbox_id, log)
         had_container = await self._free_name(sandbox_id, log)
         # runsc has exited now, so its shim records that and leaves; one that does not is killed
         # together with its `runsc run`. Killed in the middle of a boot, that may leave the
