@@ -83,7 +83,7 @@
 
 /* The python zygote (see "Python zygote" in protocol/agent.md). */
 #define ZYGOTE_PYTHON "/usr/bin/python3"
-#define ZYGOTE_IDLE_S 0.2 /* started once the agent has been idle this long: never on the cold path */
+#define ZYGOTE_IDLE_S 0.2 /* started once the agent has idled this long: never on the cold path */
 #define ZYGOTE_LATEST_S 1.0 /* ... or this long after it was wanted, for a sandbox never idle */
 #define ZYGOTE_REPLY_S 2.0 /* a zygote that does not report a pid by then is replaced */
 #define ZYGOTE_MAX_FAILURES 5 /* early deaths in a row before the agent stops restarting it */
@@ -95,9 +95,11 @@ static const char *const ZYGOTE_ENV[] = {
     "PATH=" DEFAULT_PATH, "HOME=/workspace", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1", NULL,
 };
 
-/* Signals the agent ignores: code in the sandbox runs as the agent's user and could otherwise end
- * PID 1 (and with it the sandbox) by a plain `kill 1`. */
-static const int IGNORED_SIGNALS[] = {
+/* Signals the agent blocks for good: code in the sandbox runs as the agent's user and could
+ * otherwise end PID 1 (and with it the sandbox) by a plain `kill 1`; SIGPIPE and SIGXFSZ make a
+ * write fail (EPIPE, EFBIG) instead. Blocked rather than ignored: a child's empty signal mask is
+ * then all it takes to give it every default (one system call, not one per signal). */
+static const int BLOCKED_SIGNALS[] = {
     SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM,
     SIGTSTP, SIGTTIN, SIGTTOU, SIGVTALRM, SIGPROF, SIGPIPE, SIGXFSZ,
 };
@@ -718,7 +720,8 @@ static void send_json(int kind, uint32_t channel, struct buf *json) {
     buf_free(json);
 }
 
-static void send_error(uint32_t channel, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void send_error(uint32_t channel, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 static void send_error(uint32_t channel, const char *fmt, ...) {
     char message[1024];
     va_list ap;
@@ -944,8 +947,13 @@ static void free_list(char **list) {
 /* ------------------------------------------------------------------------------------------ */
 /* Starting processes: clone(CLONE_VM | CLONE_VFORK) on a stack of its own, as glibc's        */
 /* posix_spawn does (no copy of the agent's address space: in gVisor a fork is the dearest    */
-/* part of an exec), but with exact errors reported through a close-on-exec pipe.            */
+/* part of an exec). The agent is suspended until the child has exec'd or exited, and the     */
+/* child shares its memory: a failure is written into spawn_args, so when clone returns the   */
+/* agent knows whether the program started, with no pipe to read (every system call costs     */
+/* ~26 us on gVisor's ptrace platform, and the child's are on the exec's path).               */
 /* ------------------------------------------------------------------------------------------ */
+
+enum { STAGE_NONE = 0, STAGE_CHDIR = 1, STAGE_EXEC = 2 };
 
 struct spawn_args {
     char **candidates;
@@ -953,38 +961,30 @@ struct spawn_args {
     char **env;
     const char *cwd;
     int fds[3]; /* become 0, 1, 2 */
-    int err_w;  /* close-on-exec: EOF at execve, else {stage, errno} */
+    /* Written by the child before it exits: the step that failed and its errno. */
+    volatile int failed_stage;
+    volatile int failed_errno;
 };
-
-enum { STAGE_CHDIR = 1, STAGE_EXEC = 2 };
 
 static int spawn_child(void *arg) {
     struct spawn_args *a = arg;
     setpgid(0, 0);
-    /* Back to the default: what the agent changed (what it ignores, and SIGCHLD's handler). */
-    struct sigaction dfl;
-    memset(&dfl, 0, sizeof dfl);
-    dfl.sa_handler = SIG_DFL;
-    for (size_t i = 0; i < sizeof IGNORED_SIGNALS / sizeof *IGNORED_SIGNALS; i++)
-        sigaction(IGNORED_SIGNALS[i], &dfl, NULL);
-    sigaction(SIGCHLD, &dfl, NULL);
+    /* The agent's only handler (SIGCHLD's) is reset by execve, and it ignores no signal (it
+     * blocks them): an empty mask leaves every signal at its default. (A signal it inherited
+     * as ignored from its own parent would stay so; runsc and the VM init leave none.) */
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     for (int i = 0; i < 3; i++) {
-        if (a->fds[i] == i) {
-            fcntl(i, F_SETFD, 0);
-        } else if (dup2(a->fds[i], i) < 0) {
-            int report[2] = {STAGE_EXEC, errno};
-            if (a->err_w >= 0 && write(a->err_w, report, sizeof report) < 0) {
-            }
+        if (dup2(a->fds[i], i) < 0) {
+            a->failed_errno = errno;
+            a->failed_stage = STAGE_EXEC;
             _exit(EXIT_CANNOT_EXECUTE);
         }
     }
     if (chdir(a->cwd) < 0) {
-        int report[2] = {STAGE_CHDIR, errno};
-        if (a->err_w >= 0 && write(a->err_w, report, sizeof report) < 0) {
-        }
+        a->failed_errno = errno;
+        a->failed_stage = STAGE_CHDIR;
         _exit(EXIT_CANNOT_EXECUTE);
     }
     int saved = 0, last = ENOENT;
@@ -995,16 +995,16 @@ static int spawn_child(void *arg) {
             saved = last;
     }
     int failure = saved ? saved : last;
-    int report[2] = {STAGE_EXEC, failure};
-    if (a->err_w >= 0 && write(a->err_w, report, sizeof report) < 0) {
-    }
+    a->failed_errno = failure;
+    a->failed_stage = STAGE_EXEC;
     _exit(failure == ENOENT || failure == ENOTDIR ? EXIT_NOT_FOUND : EXIT_CANNOT_EXECUTE);
 }
 
 static char *spawn_stack;
 #define SPAWN_STACK_SIZE (256 * 1024)
 
-/* Starts a process; its pid, or -errno when no process could be created. */
+/* Starts a process; its pid, or -errno when no process could be created. A pid with
+ * a->failed_stage set is a child that could not run the program and has exited (126 or 127). */
 static pid_t spawn(struct spawn_args *a) {
     if (!spawn_stack) {
         void *stack = mmap(NULL, SPAWN_STACK_SIZE, PROT_READ | PROT_WRITE,
@@ -1013,17 +1013,14 @@ static pid_t spawn(struct spawn_args *a) {
             return -errno;
         spawn_stack = stack;
     }
-    /* No handler of the agent may run in the child before it resets them. */
-    sigset_t all, old;
-    sigfillset(&all);
-    sigprocmask(SIG_SETMASK, &all, &old);
+    a->failed_stage = STAGE_NONE;
+    a->failed_errno = 0;
     pid_t pid = clone(spawn_child, spawn_stack + SPAWN_STACK_SIZE,
                       CLONE_VM | CLONE_VFORK | SIGCHLD, a);
-    int saved = errno;
-    sigprocmask(SIG_SETMASK, &old, NULL);
     if (pid < 0)
-        return -saved;
-    setpgid(pid, pid); /* also here: no window where a signal misses the group */
+        return -errno;
+    if (a->failed_stage == STAGE_NONE)
+        setpgid(pid, pid); /* also here, as the child did: never a window without the group */
     return pid;
 }
 
@@ -1036,8 +1033,7 @@ struct exec {
     pid_t pid; /* 0 while a zygote exec waits for its pid */
     double started;
     int stdin_fd, stdout_fd, stderr_fd;
-    int start_fd; /* the error pipe until execve is known to have succeeded or failed */
-    bool start_binary; /* the agent's own child reports {stage, errno}; the zygote's, text */
+    int start_fd; /* a zygote exec's error pipe, until it has exec'd or failed */
     struct buf start_error;
     struct buf pending; /* stdin not yet written */
     bool close_requested;
@@ -1082,9 +1078,14 @@ static long long oom_kill_count(void) {
     /* The kernel's count of OOM kills (oom_kill in /proc/vmstat), -1 where there is none
      * (gVisor). In a VM it is the guest kernel's own; in a container the host's. */
     static char data[65536];
-    int fd = open("/proc/vmstat", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    static bool absent; /* no file or no counter: the kernel does not grow one later */
+    if (absent)
         return -1;
+    int fd = open("/proc/vmstat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        absent = errno == ENOENT;
+        return -1;
+    }
     size_t len = 0;
     for (;;) {
         ssize_t n = read(fd, data + len, sizeof data - 1 - len);
@@ -1099,8 +1100,10 @@ static long long oom_kill_count(void) {
     close(fd);
     data[len] = 0;
     char *at = strstr(data, "\noom_kill ");
-    if (!at)
+    if (!at) {
+        absent = len > 0;
         return -1;
+    }
     char *end;
     errno = 0;
     long long value = strtoll(at + 10, &end, 10);
@@ -1273,25 +1276,28 @@ static void drain_output(struct exec *ex, int kind) {
     }
 }
 
-/* The error report of a process this agent started: {stage, errno} as a message. */
-static void report_start_failure(struct exec *ex) {
-    int report[2];
-    if (ex->start_error.len < sizeof report) {
-        send_error(ex->channel, "exec failed: truncated start report");
-        return;
-    }
-    memcpy(report, ex->start_error.data, sizeof report);
-    const char *argv0 = ex->request ? ex->request->argv[0] : "?";
-    if (report[0] == STAGE_CHDIR)
-        send_error(ex->channel, "cannot change directory to %s: %s",
-                   ex->request ? ex->request->cwd : "?", strerror(report[1]));
-    else if (report[1] == ENOENT || report[1] == ENOTDIR)
-        send_error(ex->channel, "%s: command not found", argv0);
-    else
-        send_error(ex->channel, "%s: %s", argv0, strerror(report[1]));
+static void send_started(struct exec *ex) {
+    struct buf b = {0};
+    buf_printf(&b, "{\"pid\":%d,\"zygote\":%s}", (int)ex->pid, ex->zygote ? "true" : "false");
+    send_json(STARTED, ex->channel, &b);
 }
 
-/* Reads the error pipe; on EOF reports STARTED, or the exec's failure (ERROR). */
+/* A process this agent started could not run the program: ERROR instead of STARTED (the child
+ * exits 126 or 127 and is reaped like any other). */
+static void report_start_failure(struct exec *ex, int stage, int error) {
+    close_stdin(ex);
+    const char *argv0 = ex->request->argv[0];
+    if (stage == STAGE_CHDIR)
+        send_error(ex->channel, "cannot change directory to %s: %s", ex->request->cwd,
+                   strerror(error));
+    else if (error == ENOENT || error == ENOTDIR)
+        send_error(ex->channel, "%s: command not found", argv0);
+    else
+        send_error(ex->channel, "%s: %s", argv0, strerror(error));
+}
+
+/* A zygote exec's error pipe (close-on-exec in the exec's process): on EOF reports STARTED,
+ * or the failure the process wrote there (ERROR). */
 static void check_start(struct exec *ex) {
     if (ex->start_fd < 0)
         return;
@@ -1310,16 +1316,11 @@ static void check_start(struct exec *ex) {
     close(ex->start_fd);
     ex->start_fd = -1;
     if (ex->start_error.len) {
-        /* No STARTED: the child exits 126/127 and is reaped like any other. */
+        /* No STARTED: the process exits 126/127 and is reaped like any other. */
         close_stdin(ex);
-        if (ex->start_binary)
-            report_start_failure(ex);
-        else
-            send_error_bytes(ex->channel, ex->start_error.data, ex->start_error.len);
+        send_error_bytes(ex->channel, ex->start_error.data, ex->start_error.len);
     } else {
-        struct buf b = {0};
-        buf_printf(&b, "{\"pid\":%d,\"zygote\":%s}", (int)ex->pid, ex->zygote ? "true" : "false");
-        send_json(STARTED, ex->channel, &b);
+        send_started(ex);
     }
 }
 
@@ -1380,11 +1381,12 @@ static void finish(struct exec *ex, int status, const struct rusage *usage) {
 /* Normal execs                                                                               */
 /* ------------------------------------------------------------------------------------------ */
 
-/* An exec's four pipes (stdin, stdout, stderr, start error) as r, w pairs, close-on-exec. */
-static int exec_pipes(int fds[8]) {
+/* An exec's pipes as r, w pairs, close-on-exec: stdin, stdout, stderr, and for a zygote exec
+ * (count 4) its error pipe; -1 for those not made. */
+static int exec_pipes(int fds[8], int count) {
     for (int i = 0; i < 8; i++)
         fds[i] = -1;
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < count; i++) {
         if (pipe2(fds + 2 * i, O_CLOEXEC) < 0) {
             int saved = errno;
             for (int k = 0; k < 8; k++)
@@ -1396,21 +1398,21 @@ static int exec_pipes(int fds[8]) {
     return 0;
 }
 
-/* Keeps the agent's ends of an exec's pipes and closes the child's. */
+/* Keeps the agent's ends of an exec's pipes (non-blocking) and closes the child's. */
 static void track(struct exec *ex, pid_t pid, const int fds[8]) {
-    close(fds[0]); /* stdin_r */
-    close(fds[3]); /* stdout_w */
-    close(fds[5]); /* stderr_w */
-    close(fds[7]); /* err_w */
+    for (int i = 0; i < 8; i++) {
+        if (fds[i] < 0)
+            continue;
+        if (i == 0 || i == 3 || i == 5 || i == 7) /* the child's: stdin_r, stdout_w, ... */
+            close(fds[i]);
+        else /* a new pipe has no other status flag: no F_GETFL needed */
+            fcntl(fds[i], F_SETFL, O_NONBLOCK);
+    }
     ex->pid = pid;
     ex->stdin_fd = fds[1];
     ex->stdout_fd = fds[2];
     ex->stderr_fd = fds[4];
     ex->start_fd = fds[6];
-    set_nonblocking(ex->stdin_fd);
-    set_nonblocking(ex->stdout_fd);
-    set_nonblocking(ex->stderr_fd);
-    set_nonblocking(ex->start_fd);
 }
 
 static void deliver_signals(struct exec *ex) {
@@ -1428,25 +1430,24 @@ static void start_exec(uint32_t channel, struct request *r, struct exec *ex) {
         ex->started = monotonic();
     }
     int fds[8];
-    int failed = exec_pipes(fds);
+    int failed = exec_pipes(fds, 3);
     char **cands = NULL;
     pid_t pid = 0;
+    struct spawn_args a = {0};
     if (!failed) {
         cands = candidates(r->argv[0], r->env);
-        struct spawn_args a = {
-            .candidates = cands,
-            .argv = r->argv,
-            .env = r->env,
-            .cwd = r->cwd,
-            .fds = {fds[0], fds[3], fds[5]},
-            .err_w = fds[7],
-        };
+        a.candidates = cands;
+        a.argv = r->argv;
+        a.env = r->env;
+        a.cwd = r->cwd;
+        a.fds[0] = fds[0], a.fds[1] = fds[3], a.fds[2] = fds[5];
         pid = spawn(&a);
         free_list(cands);
         if (pid < 0) {
             failed = (int)pid;
             for (int k = 0; k < 8; k++)
-                close(fds[k]);
+                if (fds[k] >= 0)
+                    close(fds[k]);
         }
     }
     if (failed) {
@@ -1458,7 +1459,11 @@ static void start_exec(uint32_t channel, struct request *r, struct exec *ex) {
         return;
     }
     track(ex, pid, fds);
-    ex->start_binary = true;
+    /* The child has exec'd (or exited): STARTED or the failure now, before any output. */
+    if (a.failed_stage != STAGE_NONE)
+        report_start_failure(ex, a.failed_stage, a.failed_errno);
+    else
+        send_started(ex);
     if (fresh) {
         exec_link(ex);
         return;
@@ -1578,7 +1583,6 @@ static void start_zygote(void) {
         .env = (char **)ZYGOTE_ENV,
         .cwd = "/",
         .fds = {pair[1], null_pipe[1], null_pipe[1]},
-        .err_w = -1,
     };
     pid_t pid = spawn(&a);
     close(pair[1]);
@@ -1714,7 +1718,7 @@ static void zygote_reply(void) {
 
 static void spawn_zygote(uint32_t channel, struct request *r) {
     int fds[8];
-    int failed = exec_pipes(fds);
+    int failed = exec_pipes(fds, 4);
     if (!failed) {
         int passed[FD_COUNT] = {fds[0], fds[3], fds[5], fds[7]};
         char cbuf[CMSG_SPACE(sizeof passed)];
@@ -2216,7 +2220,9 @@ static void zygote_tick(void) {
         start_zygote();
 }
 
-enum slot_kind { SLOT_GATEWAY, SLOT_WAKE, SLOT_ZYGOTE, SLOT_STDOUT, SLOT_STDERR, SLOT_START, SLOT_STDIN };
+enum slot_kind {
+    SLOT_GATEWAY, SLOT_WAKE, SLOT_ZYGOTE, SLOT_STDOUT, SLOT_STDERR, SLOT_START, SLOT_STDIN,
+};
 
 struct slot {
     enum slot_kind kind;
@@ -2367,8 +2373,11 @@ int main(int argc, char **argv) {
     char hello[96];
     int len = snprintf(hello, sizeof hello, "{\"protocol\":%d,\"pid\":%d,\"agent\":\"c\"}",
                        PROTOCOL_VERSION, (int)getpid());
-    struct sigaction ignore = {.sa_handler = SIG_IGN};
-    sigaction(SIGPIPE, &ignore, NULL); /* a write to a closed pipe is EPIPE, not death */
+    sigset_t blocked;
+    sigemptyset(&blocked);
+    for (size_t i = 0; i < sizeof BLOCKED_SIGNALS / sizeof *BLOCKED_SIGNALS; i++)
+        sigaddset(&blocked, BLOCKED_SIGNALS[i]);
+    sigprocmask(SIG_BLOCK, &blocked, NULL); /* before HELLO: a closed fd 1 is EPIPE, not death */
     send_frame(HELLO, 0, hello, (size_t)len);
     if (gateway_gone)
         return 1;
@@ -2377,8 +2386,6 @@ int main(int argc, char **argv) {
     for (int fd = 0; fd <= 2; fd++)
         if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) < 0)
             return 1;
-    for (size_t i = 0; i < sizeof IGNORED_SIGNALS / sizeof *IGNORED_SIGNALS; i++)
-        sigaction(IGNORED_SIGNALS[i], &ignore, NULL);
     int wake[2];
     if (pipe2(wake, O_CLOEXEC | O_NONBLOCK) < 0)
         return 1;
