@@ -149,7 +149,7 @@ class ExitInfo(msgspec.Struct, frozen=True, kw_only=True):
     cpu_time_ms: NonNegFloat = 0.0
     max_rss_bytes: NonNegInt = 0
     duration_ms: NonNegFloat = 0.0
-    #: The process died of SIGKILL while the kernel counted an OOM kill (agent.py
+    #: The process died of SIGKILL while the kernel counted an OOM kill (agent.c
     #: ``oom_kill_count``); older agents never send it.
     oom_killed: bool = False
 
