@@ -970,8 +970,8 @@ static int spawn_child(void *arg) {
     struct spawn_args *a = arg;
     setpgid(0, 0);
     /* The agent's only handler (SIGCHLD's) is reset by execve, and it ignores no signal (it
-     * blocks them): an empty mask leaves every signal at its default. (A signal it inherited
-     * as ignored from its own parent would stay so; runsc and the VM init leave none.) */
+     * blocks them, and resets those it blocks at start): an empty mask leaves every signal at
+     * its default. */
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
@@ -2379,6 +2379,12 @@ int main(int argc, char **argv) {
         sigaddset(&blocked, BLOCKED_SIGNALS[i]);
     sigprocmask(SIG_BLOCK, &blocked, NULL); /* before HELLO: a closed fd 1 is EPIPE, not death */
     send_frame(HELLO, 0, hello, (size_t)len);
+    /* Those it blocks may have come ignored from its parent (nohup, a shell's trap): children
+     * must get them at their default, and an ignored signal survives execve. Once per sandbox,
+     * after HELLO; blocked, they still never reach the agent itself. */
+    struct sigaction dfl = {.sa_handler = SIG_DFL};
+    for (size_t i = 0; i < sizeof BLOCKED_SIGNALS / sizeof *BLOCKED_SIGNALS; i++)
+        sigaction(BLOCKED_SIGNALS[i], &dfl, NULL);
     if (gateway_gone)
         return 1;
     close_inherited_on_exec();
