@@ -1,10 +1,10 @@
 """The gateway's C programs (the shim, the agent), compiled with the host's gcc once per source.
 
-A binary is named by its source's hash (``<bin_dir>/<prefix><hash>``), so a changed source gets a
-new binary and a process still running an older one (a gateway upgraded under its sandboxes)
-keeps its own file. It is written to a temporary name and renamed into place: two gateways
-building at once both end with one whole binary. Old binaries are never deleted: a running
-process, or a snapshot's restored one, may still be executing one.
+A binary is named by the hash of its source and flags (``<bin_dir>/<prefix><hash>``), so a
+changed source gets a new binary and a process still running an older one (a gateway upgraded
+under its sandboxes) keeps its own file. It is written to a temporary name and renamed into
+place: two gateways building at once both end with one whole binary. Old binaries are never
+deleted: a running process, or a snapshot's restored one, may still be executing one.
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ class NativeBuildError(RuntimeError):
     """A C program cannot be compiled here; the message says what to install or fix."""
 
 
-def binary_path(source: Path, bin_dir: Path, prefix: str) -> Path:
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+def binary_path(
+    source: Path, bin_dir: Path, prefix: str, extra_flags: tuple[str, ...] = ()
+) -> Path:
+    """Where ``source`` compiled with ``extra_flags`` goes: named by the hash of both, so a
+    change of either is a new binary."""
+    flags = "\0".join((*GCC_FLAGS, *extra_flags)).encode()
+    digest = hashlib.sha256(source.read_bytes() + b"\0" + flags).hexdigest()[:16]
     return bin_dir / f"{prefix}{digest}"
 
 
@@ -49,7 +54,7 @@ def compile_once(
     """The binary of ``source``, compiled first if it is missing. Blocking (gcc takes about a
     second); raises ``error`` naming ``what`` was being built."""
     try:
-        target = binary_path(source, bin_dir, prefix)
+        target = binary_path(source, bin_dir, prefix, extra_flags)
     except OSError as exc:
         raise error(f"cannot read the {what}'s source {source}: {exc}") from exc
     if target.is_file():

@@ -27,7 +27,7 @@ class AgentBuildError(NativeBuildError):
 
 def agent_binary_path() -> Path:
     """Where the current source's binary is (built or not)."""
-    return binary_path(AGENT_SOURCE, AGENT_BIN_DIR, AGENT_PREFIX)
+    return binary_path(AGENT_SOURCE, AGENT_BIN_DIR, AGENT_PREFIX, AGENT_FLAGS)
 
 
 def ensure_agent_binary() -> Path:

@@ -11,6 +11,7 @@ import pytest
 
 from sandstorm import cli
 from sandstorm.agent import AGENT_COMMAND_PREFIX, agent_command, agent_files, build
+from sandstorm.native import binary_path
 from sandstorm.shim.build import ensure_shim_binary
 
 PT_INTERP = 3
@@ -29,6 +30,9 @@ def test_the_agent_is_static_and_named_by_its_source() -> None:
     assert binary == build.agent_binary_path()
     types = _program_header_types(binary.read_bytes())
     assert types and PT_INTERP not in types  # no dynamic loader: nothing of the image's libc
+    # Named by source and flags: the same source built another way is another binary.
+    unlinked = binary_path(build.AGENT_SOURCE, build.AGENT_BIN_DIR, build.AGENT_PREFIX)
+    assert unlinked.parent == binary.parent and unlinked.name != binary.name
     command = agent_command()
     assert command == (f"/.sandstorm/bin/{binary.name}",)
     assert command[0].startswith(AGENT_COMMAND_PREFIX)
