@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,16 @@ def agent_pid():
         except OSError:
             pass
 """
+
+
+_C_NUMBER_DEFINE = re.compile(r"^#define (\w+) ([0-9A-Fx().*+ ]+?)\s*(?:/\*.*)?$", re.M)
+
+
+def c_number_defines(source: str) -> dict[str, float]:
+    """The numeric ``#define``s of one of our C programs (shim.c, agent.c), evaluated: the tests
+    compare them with the Python side of the same protocol."""
+    # eval: integer arithmetic from our own source (the pattern admits nothing else).
+    return {name: float(eval(value, {})) for name, value in _C_NUMBER_DEFINE.findall(source)}
 
 
 @dataclass

@@ -1339,7 +1339,8 @@ static void zygote_busy(void);
 
 static void finish(struct exec *ex, int status, const struct rusage *usage) {
     double duration_ms = (monotonic() - ex->started) * 1000.0;
-    /* The child is gone, so its error pipe is closed: settle STARTED / ERROR before EXIT. */
+    /* The process is gone, so a zygote exec's error pipe is closed: settle STARTED / ERROR
+     * before EXIT (the agent's own children reported theirs when clone returned). */
     check_start(ex);
     if (ex->stdout_fd >= 0)
         drain_output(ex, STDOUT);

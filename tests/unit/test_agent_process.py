@@ -283,8 +283,8 @@ async def test_child_sees_only_fds_0_to_2_and_default_signals(tmp_path: Path) ->
             assert result.stdout.split() == [b"0", b"1", b"2", b"3"]
 
             result = await agent.run(["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"])
-            # Every signal at its default, none blocked: the agent ignores SIGTERM and others
-            # for itself (and glibc's posix_spawn would leave 32 and 33 ignored); execs get none.
+            # Every signal at its default, none blocked: the agent blocks SIGTERM and others for
+            # itself (and glibc's posix_spawn would leave 32 and 33 ignored); execs get neither.
             assert result.stdout.split() == [
                 b"SigBlk:",
                 b"0000000000000000",

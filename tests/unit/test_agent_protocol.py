@@ -32,6 +32,7 @@ from sandstorm.agent import (
     decode_started,
 )
 from sandstorm.agent.build import AGENT_SOURCE
+from tests.harness import c_number_defines
 
 TIMEOUT = 5
 
@@ -394,9 +395,7 @@ def test_the_agent_is_built_with_the_protocols_numbers() -> None:
     """agent.c and the client (which the gateway and protocol/agent.md use) state every number
     of the protocol once each: they must agree."""
     source = AGENT_SOURCE.read_text()
-    define = re.compile(r"^#define (\w+) ([0-9().*+ ]+?)\s*(?:/\*.*)?$", re.M)
-    # eval: integer arithmetic from our own source (the pattern admits nothing else).
-    defines = {name: eval(value, {}) for name, value in define.findall(source)}
+    defines = c_number_defines(source)
     for kind in FrameKind:
         assert defines[kind.name] == kind.value, kind
     assert defines["PROTOCOL_VERSION"] == PROTOCOL_VERSION

@@ -29,6 +29,7 @@ from sandstorm.shim.client import (
     shim_paths,
     spawn_shim,
 )
+from tests.harness import c_number_defines
 
 ENV = {"PATH": "/usr/bin:/bin"}
 NUMBERS = b"".join(b"%d\n" % i for i in range(20000))  # about 109 KiB
@@ -175,11 +176,7 @@ async def test_a_connection_must_attach_first(paths: ShimPaths) -> None:
 def test_the_c_shim_is_built_with_the_wire_numbers() -> None:
     """shim.c and wire.py (which the gateway and protocol/shim.md use) state every number
     once each: they must agree."""
-    source = build.SHIM_SOURCE.read_text()
-    define = re.compile(r"^#define (\w+) ([0-9A-Fx().*+ ]+?)\s*(?:/\*.*)?$", re.M)
-    # eval: integer arithmetic from our own source (the pattern admits nothing else).
-    defines = {name: float(eval(value, {})) for name, value in define.findall(source)}
-    assert defines == {
+    assert c_number_defines(build.SHIM_SOURCE.read_text()) == {
         "HEADER_SIZE": wire.HEADER.size,
         "OFFSET_SIZE": wire.OFFSET.size,
         "ATTACHED_SIZE": wire.ATTACHED.size,
