@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +34,10 @@ import trio
 from sandstorm.protocol import ExecResult, SandboxState
 
 DB_NAME = "sandstorm.db"
+# Rewritten (a new random token) by every change to keys and tenants made through Store, from
+# any process: a gateway keeps what a key resolved to until the token changes.
+CREDENTIALS_STAMP = "credentials.stamp"
+KEY_CACHE_MAX = 1024
 SCHEMA_VERSION = 2
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -264,6 +269,8 @@ class Store:
             raise
         self._db = db
         self.path.chmod(0o600)
+        if self.credentials_stamp() is None:
+            self._credentials_changed()
         return self
 
     def close(self) -> None:
@@ -321,6 +328,26 @@ class Store:
 
     # ------------------------------------------------------------------ tenants and keys
 
+    def credentials_stamp(self) -> bytes | None:
+        """The token of the last change to keys and tenants (None when unreadable)."""
+        try:
+            with open(self.path.parent / CREDENTIALS_STAMP, "rb") as f:
+                return f.read(64)
+        except OSError:
+            return None
+
+    def _credentials_changed(self) -> None:
+        """After a committed change to keys or tenants: a new token, written whole (rename),
+        so a gateway that cached what keys resolve to asks the database again."""
+        stamp = self.path.parent / CREDENTIALS_STAMP
+        staging = stamp.with_name(f".{CREDENTIALS_STAMP}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(16))
+        finally:
+            os.close(fd)
+        os.replace(staging, stamp)
+
     def set_tenant(self, name: str, quotas: Quotas | None = None) -> Tenant:
         """Create the tenant; with ``quotas``, replace the limits that are given (not None)."""
         q = quotas or Quotas()
@@ -333,6 +360,7 @@ class Store:
                     db.execute(f"UPDATE tenants SET {column} = ? WHERE name = ?", (value, name))
 
         self._tx(work, full=True)
+        self._credentials_changed()
         tenant = self.get_tenant(name)
         assert tenant is not None
         return tenant
@@ -358,6 +386,7 @@ class Store:
             ),
             full=True,
         )
+        self._credentials_changed()
         return ApiKey(id=key_id, tenant=tenant, created_at=now, revoked_at=None)
 
     def revoke_key(self, key_id: str) -> ApiKey | None:
@@ -370,6 +399,7 @@ class Store:
             ),
             full=True,
         )
+        self._credentials_changed()
         return next((k for k in self.list_keys() if k.id == key_id), None)
 
     def list_keys(self) -> list[ApiKey]:
@@ -787,6 +817,9 @@ class AsyncStore:
         self._limiter = trio.CapacityLimiter(1)
         self._reader = Store(data_dir)
         self._read_limiter = trio.CapacityLimiter(1)
+        # What key hashes resolved to (see cached_credentials), for this credentials stamp.
+        self._credentials: dict[str | None, Any] = {}
+        self._credentials_stamp: bytes | None = None
 
     async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn`` (a method of ``self.sync``) in the worker thread. Cancellation abandons
@@ -794,6 +827,32 @@ class AsyncStore:
         return await trio.to_thread.run_sync(
             lambda: fn(*args, **kwargs), limiter=self._limiter, abandon_on_cancel=False
         )
+
+    async def cached_credentials(
+        self,
+        digest: str | None,
+        resolve: Callable[[Store, str | None], T],
+        *,
+        keep: Callable[[T], bool],
+    ) -> T:
+        """``resolve(self.sync, digest)`` in the worker thread, or what it gave last time:
+        every request resolves its key, and the answer changes only with keys and tenants,
+        which rewrite the credentials stamp (read here, a small file in the page cache: no
+        trip to a thread). ``keep``: which answers to cache (a caller keeps only those that
+        name a tenant, so unknown keys cannot fill it)."""
+        stamp = self.sync.credentials_stamp()
+        if stamp is None or stamp != self._credentials_stamp:
+            self._credentials.clear()
+            self._credentials_stamp = stamp
+        elif digest in self._credentials:
+            cached: T = self._credentials[digest]
+            return cached
+        value = await self.call(resolve, self.sync, digest)
+        if stamp is not None and keep(value):
+            if len(self._credentials) >= KEY_CACHE_MAX:
+                self._credentials.clear()
+            self._credentials[digest] = value
+        return value
 
     async def open(self) -> None:
         await self.call(self.sync.open)

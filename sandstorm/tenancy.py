@@ -71,8 +71,11 @@ async def authenticate(store: AsyncStore, key: str | None, *, open_allowed: bool
     """The caller's tenant. ``open_allowed``: whether a gateway without keys may serve
     (loopback, or --insecure-no-auth). Raises Unauthorized."""
     digest = key_hash(key) if key is not None and _KEY_RE.match(key) else None
-    # One trip to the store's thread per request: the key's tenant, or the default tenant.
-    any_key, tenant, default = await store.call(_resolve, store.sync, digest)
+    # The key's tenant, or the default tenant: one trip to the store's thread, unless keys and
+    # tenants are unchanged since this key (or no key) was last resolved.
+    any_key, tenant, default = await store.cached_credentials(
+        digest, _resolve, keep=lambda found: digest is None or found[1] is not None
+    )
     if tenant is not None:
         return tenant
     if key is not None:

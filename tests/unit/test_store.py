@@ -6,15 +6,18 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
+from sandstorm import store as store_module
 from sandstorm.cli_admin import parse_since
 from sandstorm.ids import new_id
 from sandstorm.protocol import ExecResult, SnapshotInfo
 from sandstorm.snapshots import SnapshotCatalog, SnapshotMeta
 from sandstorm.store import (
+    CREDENTIALS_STAMP,
     DB_NAME,
     SCHEMA_VERSION,
     AsyncStore,
@@ -112,6 +115,68 @@ def test_keys_are_stored_hashed_and_revocation_counts_at_once(store: Store, tmp_
     assert store.authenticate(key_hash(secret)) == (False, None)
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith(DB_NAME))
     assert secret.encode() not in raw
+
+
+async def test_resolved_keys_are_cached_until_keys_or_tenants_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway keeps what a key resolved to, and asks the database again after any change
+    to keys or tenants made through Store by another process (the CLI)."""
+    gateway = AsyncStore(tmp_path)
+    cli = Store(tmp_path).open()
+    asked: list[str | None] = []
+
+    def resolve(store: Store, digest: str | None) -> tuple[bool, Any]:
+        asked.append(digest)
+        return store.authenticate(digest)
+
+    def named(found: tuple[bool, Any]) -> bool:
+        return found[1] is not None
+
+    async def resolved(digest: str) -> tuple[bool, Any]:
+        return await gateway.cached_credentials(digest, resolve, keep=named)
+
+    try:
+        with trio.fail_after(20):
+            await gateway.open()
+            key_id, secret = new_key()
+            cli.set_tenant("acme", Quotas(max_sandboxes=3))
+            cli.add_key(key_id, "acme", key_hash(secret))
+            good, bad = key_hash(secret), key_hash(secret + "x")
+            first = await resolved(good)
+            assert first[1] is not None and first[1].quotas.max_sandboxes == 3
+            assert await resolved(good) == first
+            assert asked == [good]  # the second from the cache
+            # An unknown key is never kept: every try asks the database.
+            assert await resolved(bad) == (True, None)
+            assert await resolved(bad) == (True, None)
+            assert asked == [good, bad, bad]
+            # Changes count at the next call: quotas, then the revocation.
+            cli.set_tenant("acme", Quotas(max_sandboxes=5))
+            changed = await resolved(good)
+            assert changed[1] is not None and changed[1].quotas.max_sandboxes == 5
+            cli.revoke_key(key_id)
+            assert await resolved(good) == (False, None)
+            # Without a readable stamp nothing is cached.
+            asked.clear()
+            (tmp_path / CREDENTIALS_STAMP).unlink()
+            await resolved(good)
+            await resolved(good)
+            assert asked == [good, good]
+            # Bounded: a full cache starts over.
+            cli.set_tenant("acme")
+            monkeypatch.setattr(store_module, "KEY_CACHE_MAX", 2)
+            keys = []
+            for _ in range(3):
+                other_id, other_secret = new_key()
+                cli.add_key(other_id, "acme", key_hash(other_secret))
+                keys.append(key_hash(other_secret))
+            for digest in keys:
+                await resolved(digest)
+            assert len(gateway._credentials) <= 2
+    finally:
+        cli.close()
+        await gateway.close()
 
 
 def test_set_tenant_only_replaces_given_limits(store: Store) -> None:
