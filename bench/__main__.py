@@ -17,7 +17,7 @@ from typing import Any, get_args
 
 import trio
 
-from bench.harness import bench_context, loadavg, machine
+from bench.harness import Interrupted, bench_context, loadavg, machine
 from bench.scenarios import ROUNDS, SCENARIOS
 from bench.targets import verdict
 from sandstorm.config import DEFAULT_GVISOR_PLATFORM, GvisorPlatform
@@ -97,6 +97,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _signal_of(group: BaseExceptionGroup[Interrupted]) -> int:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _signal_of(exc)
+        return exc.signum
+    raise AssertionError("an empty exception group")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
@@ -111,7 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = list(dict.fromkeys(args.scenario or SCENARIOS))
     load_before = loadavg()
-    results, failed = trio.run(run_all, names, args.quick, args.gvisor_platform)
+    try:
+        results, failed = trio.run(run_all, names, args.quick, args.gvisor_platform)
+    except BaseExceptionGroup as group:
+        interrupted, rest = group.split(Interrupted)
+        if interrupted is None or rest is not None:
+            raise
+        signum = _signal_of(interrupted)
+        print(f"bench: stopped by signal {signum}; its sandboxes are destroyed", file=sys.stderr)
+        return 128 + signum
     print_table(results)
     for name, why in failed.items():
         print(f"{name:<18} FAILED: {why}")

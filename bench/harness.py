@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import secrets
+import signal
 import statistics
 import subprocess
 import time
@@ -286,9 +287,42 @@ async def _gateway(config: Config) -> AsyncIterator[tuple[AsyncClient, httpx.Asy
         async with (
             AsyncClient(binds[0]) as client,
             httpx.AsyncClient(base_url=binds[0], timeout=300) as http,
+            _stopped_by_signals(),
         ):
             yield client, http
         nursery.cancel_scope.cancel()
+
+
+class Interrupted(Exception):
+    """The bench was stopped by a signal (its number), after its gateway cleaned up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+@asynccontextmanager
+async def _stopped_by_signals() -> AsyncIterator[None]:
+    """SIGTERM or SIGHUP (``timeout``, a closed terminal) cancels what runs inside, so the
+    gateway around it still destroys its sandboxes (their shims outlive a killed gateway by
+    design, and nobody else would reap a bench's), then raises :class:`Interrupted`."""
+    caught: list[int] = []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    caught.append(signum)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(watch)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
+    if caught:
+        raise Interrupted(caught[0])
 
 
 async def _serve(config: Config, *, task_status: trio.TaskStatus[list[str]]) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
 import sys
 from importlib.util import find_spec
 from pathlib import Path
@@ -73,3 +76,46 @@ async def test_bench_quick_runs_every_scenario(runsc_required: None, tmp_path: P
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     assert set(json.loads(out.read_text())["results"]) == {"resume"}
     assert report["machine"]["cpus"] == os.cpu_count()
+
+
+async def test_a_bench_stopped_by_sigterm_leaves_no_sandbox(
+    runsc_required: None, tmp_path: Path
+) -> None:
+    """`timeout` or a closed terminal stops the bench with SIGTERM or SIGHUP: its gateway still
+    destroys every sandbox (their shims would outlive it, and nobody else reaps a bench's)."""
+    env = {**os.environ, "SANDSTORM_DATA_DIR": str(IMAGE_DATA_DIR), "TMPDIR": str(tmp_path)}
+    with trio.fail_after(120):
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "bench", "--quick", "--scenario", "footprint"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            # Its five idle sandboxes are up once their shims' directories are there.
+            while len(list(tmp_path.glob("sandstorm-bench-*/data/shims/sbx_*"))) < 5:
+                assert process.poll() is None, "the bench ended before its sandboxes were up"
+                await trio.sleep(0.1)
+            work = next(tmp_path.glob("sandstorm-bench-*"))
+            process.send_signal(signal.SIGTERM)
+            assert process.stderr is not None
+            stderr = b""
+            while chunk := await process.stderr.receive_some(65536):
+                stderr += chunk
+            assert await process.wait() == 128 + signal.SIGTERM, stderr.decode()[-3000:]
+        finally:
+            with trio.CancelScope(shield=True):
+                process.kill()
+                await process.wait()
+    assert b"stopped by signal 15" in stderr
+    assert not work.exists()
+    assert [c for c in _command_lines() if str(work).encode() in c] == []
+
+
+def _command_lines() -> list[bytes]:
+    lines = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            lines.append(path.read_bytes())
+    return lines
