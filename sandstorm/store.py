@@ -848,7 +848,9 @@ class AsyncStore:
             cached: T = self._credentials[digest]
             return cached
         value = await self.call(resolve, self.sync, digest)
-        if stamp is not None and keep(value):
+        # Kept only under the stamp read before the query: a request that saw a newer stamp
+        # meanwhile may have cleared the cache after a change this query did not see.
+        if stamp is not None and stamp == self._credentials_stamp and keep(value):
             if len(self._credentials) >= KEY_CACHE_MAX:
                 self._credentials.clear()
             self._credentials[digest] = value

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from sandstorm import store as store_module
 from sandstorm.cli_admin import parse_since
@@ -157,6 +158,30 @@ async def test_resolved_keys_are_cached_until_keys_or_tenants_change(
             assert changed[1] is not None and changed[1].quotas.max_sandboxes == 5
             cli.revoke_key(key_id)
             assert await resolved(good) == (False, None)
+            # A query that began before a change, and ends after another request saw it, is
+            # not kept: its answer may predate the change.
+            cli.set_tenant("acme", Quotas(max_sandboxes=5))
+            cli.add_key(key_id + "x", "acme", key_hash(secret + "y"))
+            late = key_hash(secret + "y")
+            started, release = trio.Event(), trio.Event()
+
+            def slow(store: Store, digest: str | None) -> tuple[bool, Any]:
+                trio.from_thread.run_sync(started.set)
+                trio.from_thread.run(release.wait)
+                return resolve(store, digest)
+
+            async def slow_lookup() -> None:
+                await gateway.cached_credentials(late, slow, keep=named)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow_lookup)
+                await started.wait()
+                cli.set_tenant("acme", Quotas(max_sandboxes=6))
+                # Another request sees the new stamp (and waits for the thread behind it).
+                nursery.start_soon(resolved, good)
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+            assert late not in gateway._credentials
             # Without a readable stamp nothing is cached.
             asked.clear()
             (tmp_path / CREDENTIALS_STAMP).unlink()
