@@ -293,8 +293,9 @@ async def _gateway(config: Config) -> AsyncIterator[tuple[AsyncClient, httpx.Asy
         nursery.cancel_scope.cancel()
 
 
-class Interrupted(Exception):
-    """The bench was stopped by a signal (its number), after its gateway cleaned up."""
+class Interrupted(BaseException):
+    """The bench was stopped by a signal (its number), after its gateway cleaned up. Not an
+    ``Exception``: a scenario's failure is reported and the run goes on, a stop is not."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by signal {signum}")

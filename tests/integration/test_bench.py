@@ -11,6 +11,7 @@ import sys
 from importlib.util import find_spec
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.conftest import IMAGE_DATA_DIR
@@ -78,23 +79,31 @@ async def test_bench_quick_runs_every_scenario(runsc_required: None, tmp_path: P
     assert report["machine"]["cpus"] == os.cpu_count()
 
 
+@pytest.mark.parametrize(
+    ("scenario", "shims", "count"),
+    [
+        ("footprint", "data/shims/sbx_*", 5),  # five idle sandboxes of the bench's gateway
+        ("warm-run", "warm/shims/sbx_*", 2),  # the warm pool of a second gateway inside it
+    ],
+)
 async def test_a_bench_stopped_by_sigterm_leaves_no_sandbox(
-    runsc_required: None, tmp_path: Path
+    runsc_required: None, tmp_path: Path, scenario: str, shims: str, count: int
 ) -> None:
-    """`timeout` or a closed terminal stops the bench with SIGTERM or SIGHUP: its gateway still
-    destroys every sandbox (their shims would outlive it, and nobody else reaps a bench's)."""
+    """`timeout` or a closed terminal stops the bench with SIGTERM or SIGHUP: its gateways still
+    destroy every sandbox (their shims would outlive them, and nobody else reaps a bench's),
+    and the run stops there rather than going on to the next scenario."""
     env = {**os.environ, "SANDSTORM_DATA_DIR": str(IMAGE_DATA_DIR), "TMPDIR": str(tmp_path)}
     with trio.fail_after(120):
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "bench", "--quick", "--scenario", "footprint"],
+            [sys.executable, "-m", "bench", "--quick", "--scenario", scenario],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         try:
-            # Its five idle sandboxes are up once their shims' directories are there.
-            while len(list(tmp_path.glob("sandstorm-bench-*/data/shims/sbx_*"))) < 5:
+            # Its sandboxes are up once their shims' directories are there.
+            while len(list(tmp_path.glob(f"sandstorm-bench-*/{shims}"))) < count:
                 assert process.poll() is None, "the bench ended before its sandboxes were up"
                 await trio.sleep(0.1)
             work = next(tmp_path.glob("sandstorm-bench-*"))
