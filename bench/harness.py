@@ -304,11 +304,11 @@ class Interrupted(BaseException):
 
 @asynccontextmanager
 async def _stopped_by_signals() -> AsyncIterator[None]:
-    """SIGTERM or SIGHUP (``timeout``, a closed terminal) cancels what runs inside, so the
-    gateway around it still destroys its sandboxes (their shims outlive a killed gateway by
+    """Ctrl-C, SIGTERM or SIGHUP (``timeout``, a closed terminal) cancels what runs inside, so
+    the gateway around it still destroys its sandboxes (their shims outlive a killed gateway by
     design, and nobody else would reap a bench's), then raises :class:`Interrupted`."""
     caught: list[int] = []
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:

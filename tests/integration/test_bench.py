@@ -80,18 +80,21 @@ async def test_bench_quick_runs_every_scenario(runsc_required: None, tmp_path: P
 
 
 @pytest.mark.parametrize(
-    ("scenario", "shims", "count"),
+    ("scenario", "shims", "count", "signum"),
     [
-        ("footprint", "data/shims/sbx_*", 5),  # five idle sandboxes of the bench's gateway
-        ("warm-run", "warm/shims/sbx_*", 2),  # the warm pool of a second gateway inside it
+        # Five idle sandboxes of the bench's gateway.
+        ("footprint", "data/shims/sbx_*", 5, signal.SIGTERM),
+        ("footprint", "data/shims/sbx_*", 5, signal.SIGINT),
+        # The warm pool of a second gateway inside it.
+        ("warm-run", "warm/shims/sbx_*", 2, signal.SIGTERM),
     ],
 )
-async def test_a_bench_stopped_by_sigterm_leaves_no_sandbox(
-    runsc_required: None, tmp_path: Path, scenario: str, shims: str, count: int
+async def test_a_bench_stopped_by_a_signal_leaves_no_sandbox(
+    runsc_required: None, tmp_path: Path, scenario: str, shims: str, count: int, signum: int
 ) -> None:
-    """`timeout` or a closed terminal stops the bench with SIGTERM or SIGHUP: its gateways still
-    destroy every sandbox (their shims would outlive them, and nobody else reaps a bench's),
-    and the run stops there rather than going on to the next scenario."""
+    """Ctrl-C, `timeout` or a closed terminal stops the bench (SIGINT, SIGTERM, SIGHUP): its
+    gateways still destroy every sandbox (their shims would outlive them, and nobody else
+    reaps a bench's), and the run stops there rather than going on to the next scenario."""
     env = {**os.environ, "SANDSTORM_DATA_DIR": str(IMAGE_DATA_DIR), "TMPDIR": str(tmp_path)}
     with trio.fail_after(120):
         process = await trio.lowlevel.open_process(
@@ -107,17 +110,17 @@ async def test_a_bench_stopped_by_sigterm_leaves_no_sandbox(
                 assert process.poll() is None, "the bench ended before its sandboxes were up"
                 await trio.sleep(0.1)
             work = next(tmp_path.glob("sandstorm-bench-*"))
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signum)
             assert process.stderr is not None
             stderr = b""
             while chunk := await process.stderr.receive_some(65536):
                 stderr += chunk
-            assert await process.wait() == 128 + signal.SIGTERM, stderr.decode()[-3000:]
+            assert await process.wait() == 128 + signum, stderr.decode()[-3000:]
         finally:
             with trio.CancelScope(shield=True):
                 process.kill()
                 await process.wait()
-    assert b"stopped by signal 15" in stderr
+    assert f"stopped by signal {signum}".encode() in stderr
     assert not work.exists()
     assert [c for c in _command_lines() if str(work).encode() in c] == []
 
