@@ -308,7 +308,14 @@ async def _stopped_by_signals() -> AsyncIterator[None]:
     the gateway around it still destroys its sandboxes (their shims outlive a killed gateway by
     design, and nobody else would reap a bench's), then raises :class:`Interrupted`."""
     caught: list[int] = []
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    # One the bench started with ignored stays ignored: `nohup` (SIGHUP), a background job of a
+    # script (SIGINT) mean to keep it running.
+    wanted = [
+        s
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(s) is not signal.SIG_IGN
+    ]
+    with trio.open_signal_receiver(*wanted) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:

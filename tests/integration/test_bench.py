@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -80,21 +81,31 @@ async def test_bench_quick_runs_every_scenario(runsc_required: None, tmp_path: P
 
 
 @pytest.mark.parametrize(
-    ("scenario", "shims", "count", "signum"),
+    ("scenario", "shims", "count", "signum", "ignored"),
     [
         # Five idle sandboxes of the bench's gateway.
-        ("footprint", "data/shims/sbx_*", 5, signal.SIGTERM),
-        ("footprint", "data/shims/sbx_*", 5, signal.SIGINT),
+        ("footprint", "data/shims/sbx_*", 5, signal.SIGTERM, None),
+        ("footprint", "data/shims/sbx_*", 5, signal.SIGINT, None),
+        # Under nohup: the hangup is ignored, the bench goes on until SIGTERM.
+        ("footprint", "data/shims/sbx_*", 5, signal.SIGTERM, signal.SIGHUP),
         # The warm pool of a second gateway inside it.
-        ("warm-run", "warm/shims/sbx_*", 2, signal.SIGTERM),
+        ("warm-run", "warm/shims/sbx_*", 2, signal.SIGTERM, None),
     ],
+    ids=["sigterm", "sigint", "nohup-then-sigterm", "warm-pool-sigterm"],
 )
 async def test_a_bench_stopped_by_a_signal_leaves_no_sandbox(
-    runsc_required: None, tmp_path: Path, scenario: str, shims: str, count: int, signum: int
+    runsc_required: None,
+    tmp_path: Path,
+    scenario: str,
+    shims: str,
+    count: int,
+    signum: int,
+    ignored: int | None,
 ) -> None:
     """Ctrl-C, `timeout` or a closed terminal stops the bench (SIGINT, SIGTERM, SIGHUP): its
     gateways still destroy every sandbox (their shims would outlive them, and nobody else
-    reaps a bench's), and the run stops there rather than going on to the next scenario."""
+    reaps a bench's), and the run stops there rather than going on to the next scenario. A
+    signal it started with ignored stays ignored."""
     env = {**os.environ, "SANDSTORM_DATA_DIR": str(IMAGE_DATA_DIR), "TMPDIR": str(tmp_path)}
     with trio.fail_after(120):
         process = await trio.lowlevel.open_process(
@@ -103,6 +114,8 @@ async def test_a_bench_stopped_by_a_signal_leaves_no_sandbox(
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            # As from a terminal (or nohup), whatever this test runs under.
+            preexec_fn=functools.partial(_start_signals, ignored),
         )
         try:
             # Its sandboxes are up once their shims' directories are there.
@@ -110,6 +123,10 @@ async def test_a_bench_stopped_by_a_signal_leaves_no_sandbox(
                 assert process.poll() is None, "the bench ended before its sandboxes were up"
                 await trio.sleep(0.1)
             work = next(tmp_path.glob("sandstorm-bench-*"))
+            if ignored is not None:
+                process.send_signal(ignored)
+                await trio.sleep(1)
+                assert process.poll() is None, "an ignored signal stopped the bench"
             process.send_signal(signum)
             assert process.stderr is not None
             stderr = b""
@@ -123,6 +140,11 @@ async def test_a_bench_stopped_by_a_signal_leaves_no_sandbox(
     assert f"stopped by signal {signum}".encode() in stderr
     assert not work.exists()
     assert [c for c in _command_lines() if str(work).encode() in c] == []
+
+
+def _start_signals(ignored: int | None) -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN if signum == ignored else signal.SIG_DFL)
 
 
 def _command_lines() -> list[bytes]:
