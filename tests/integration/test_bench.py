@@ -153,3 +153,36 @@ def _command_lines() -> list[bytes]:
         with contextlib.suppress(OSError):  # gone meanwhile
             lines.append(path.read_bytes())
     return lines
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "keys"),
+    [
+        ("bench.breakdown", ["--rounds", "1"], {"cold-run", "warm-run", "exec-true"}),
+        ("bench.snapshot_phases", ["--rounds", "1", "--idle", "0"], {"phases_ms", "request_ms"}),
+        ("bench.cpu_per_sandbox", ["--n", "2", "--rounds", "1"], {"per_sandbox", "samples"}),
+    ],
+)
+async def test_the_bench_tools_that_split_the_time_run(
+    runsc_required: None, tmp_path: Path, tool: str, args: list[str], keys: set[str]
+) -> None:
+    """The README's tools for where the time goes still run (one round each, not the figures)."""
+    out = tmp_path / "out.json"
+    env = {**os.environ, "SANDSTORM_DATA_DIR": str(IMAGE_DATA_DIR), "TMPDIR": str(tmp_path)}
+    with trio.fail_after(240):
+        result = await trio.run_process(
+            [sys.executable, "-m", tool, *args, "--json", str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    report = json.loads(out.read_text())
+    assert keys <= set(report), sorted(report)
+    if tool == "bench.cpu_per_sandbox":
+        for side in ("gateway", "raw"):
+            row = report["per_sandbox"][side]
+            assert row["sandboxes_per_s"] > 0 and row["machine_busy_ms"] > 0, row
+            assert row["children_ms"] > 0, row  # runsc and the sandboxes were reaped
