@@ -40,11 +40,13 @@ GONE_POLL_S = 0.1  # the gateway side's teardown wait: sparse, so it costs the c
 
 
 def _machine() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far."""
+    """(busy, total) CPU seconds of the whole machine so far. Busy: user, nice, system, irq and
+    softirq; total adds idle and iowait. Steal (a hypervisor's other guests) is neither, and
+    guest time is already inside user."""
     with open("/proc/stat") as f:
-        ticks = [int(v) for v in f.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle, iowait
-    return (sum(ticks) - idle) / CLK_TCK, sum(ticks) / CLK_TCK
+        user, nice, system, idle, iowait, irq, softirq = (int(v) for v in f.readline().split()[1:8])
+    busy = user + nice + system + irq + softirq
+    return busy / CLK_TCK, (busy + idle + iowait) / CLK_TCK
 
 
 def _own() -> tuple[float, float]:
