@@ -360,8 +360,10 @@ async def test_snapshot_stop(gw: RunningGateway) -> None:
     sid = (await gw.run_ok(code="print(1)", language="python", keep_alive=300))["id"]
     with trio.fail_after(60):
         snap = await cli(gw, "snapshot", "--stop", sid)
-    assert snap.returncode == 0, snap.stderr
-    assert (await gw.status(sid))["state"] == "destroyed"
+        assert snap.returncode == 0, snap.stderr
+        # The answer comes once the snapshot is written; the teardown follows it (the
+        # sandbox may still be "stopping" when the command returns).
+        assert (await gw.wait_state(sid, "destroyed"))["state"] == "destroyed"
 
 
 @pytest.mark.parametrize(
