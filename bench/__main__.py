@@ -98,11 +98,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def _signal_of(group: BaseExceptionGroup[Interrupted]) -> int:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _signal_of(exc)
-        return exc.signum
-    raise AssertionError("an empty exception group")
+    first = group.exceptions[0]
+    return _signal_of(first) if isinstance(first, BaseExceptionGroup) else first.signum
 
 
 def main(argv: list[str] | None = None) -> int:

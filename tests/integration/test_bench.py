@@ -11,6 +11,7 @@ import subprocess
 import sys
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -20,13 +21,17 @@ from tests.conftest import IMAGE_DATA_DIR
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def test_bench_quick_runs_every_scenario(runsc_required: None, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    plot = ["--plot", str(tmp_path / "bench.png")] if find_spec("matplotlib") else []
+def _env(tmp_path: Path | None = None) -> dict[str, str]:
+    """The bench's environment: the built image; its temporary directory under ``tmp_path``."""
     env = {**os.environ, "SANDSTORM_DATA_DIR": str(IMAGE_DATA_DIR)}
-    with trio.fail_after(400):
+    return env if tmp_path is None else {**env, "TMPDIR": str(tmp_path)}
+
+
+async def _json_of(module_args: list[str], out: Path, env: dict[str, str], seconds: float) -> Any:
+    """Run ``python -m <module_args> --json out``, which must succeed; its report."""
+    with trio.fail_after(seconds):
         result = await trio.run_process(
-            [sys.executable, "-m", "bench", "--quick", "--json", str(out), *plot],
+            [sys.executable, "-m", *module_args, "--json", str(out)],
             cwd=ROOT,
             env=env,
             capture_stdout=True,
@@ -34,7 +39,13 @@ async def test_bench_quick_runs_every_scenario(runsc_required: None, tmp_path: P
             check=False,
         )
     assert result.returncode == 0, result.stderr.decode()[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+async def test_bench_quick_runs_every_scenario(runsc_required: None, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    plot = ["--plot", str(tmp_path / "bench.png")] if find_spec("matplotlib") else []
+    report = await _json_of(["bench", "--quick", *plot], out, _env(), 400)
     # Every scenario of issue 6; concurrency runs at N=2 and 4 in --quick (8 and 32 in full).
     assert set(report["results"]) == {
         "cold-run",
@@ -66,17 +77,8 @@ async def test_bench_quick_runs_every_scenario(runsc_required: None, tmp_path: P
     assert plot == [] or (tmp_path / "bench.png").stat().st_size > 0
     # A single scenario can be asked for; resume alone does not report the snapshot row.
     out.unlink()
-    with trio.fail_after(120):
-        result = await trio.run_process(
-            [sys.executable, "-m", "bench", "--quick", "--scenario", "resume", "--json", str(out)],
-            cwd=ROOT,
-            env=env,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-    assert set(json.loads(out.read_text())["results"]) == {"resume"}
+    alone = await _json_of(["bench", "--quick", "--scenario", "resume"], out, _env(), 120)
+    assert set(alone["results"]) == {"resume"}
     assert report["machine"]["cpus"] == os.cpu_count()
 
 
@@ -106,12 +108,11 @@ async def test_a_bench_stopped_by_a_signal_leaves_no_sandbox(
     gateways still destroy every sandbox (their shims would outlive them, and nobody else
     reaps a bench's), and the run stops there rather than going on to the next scenario. A
     signal it started with ignored stays ignored."""
-    env = {**os.environ, "SANDSTORM_DATA_DIR": str(IMAGE_DATA_DIR), "TMPDIR": str(tmp_path)}
     with trio.fail_after(120):
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "bench", "--quick", "--scenario", scenario],
             cwd=ROOT,
-            env=env,
+            env=_env(tmp_path),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             # As from a terminal (or nohup), whatever this test runs under.
@@ -167,19 +168,7 @@ async def test_the_bench_tools_that_split_the_time_run(
     runsc_required: None, tmp_path: Path, tool: str, args: list[str], keys: set[str]
 ) -> None:
     """The README's tools for where the time goes still run (one round each, not the figures)."""
-    out = tmp_path / "out.json"
-    env = {**os.environ, "SANDSTORM_DATA_DIR": str(IMAGE_DATA_DIR), "TMPDIR": str(tmp_path)}
-    with trio.fail_after(240):
-        result = await trio.run_process(
-            [sys.executable, "-m", tool, *args, "--json", str(out)],
-            cwd=ROOT,
-            env=env,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-    report = json.loads(out.read_text())
+    report = await _json_of([tool, *args], tmp_path / "out.json", _env(tmp_path), 240)
     assert keys <= set(report), sorted(report)
     if tool == "bench.cpu_per_sandbox":
         for side in ("gateway", "raw"):
