@@ -299,7 +299,7 @@ def _flush_std_files():
     ok = True
     for stream in (sys.stdout, sys.stderr):
         try:
-            if stream is not None and not stream.closed:
+            if stream is not None and not getattr(stream, "closed", False):
                 stream.flush()
         except Exception:
             if stream is sys.stdout:

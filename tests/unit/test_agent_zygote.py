@@ -162,6 +162,11 @@ EXIT_PROGRAMS = {
     "stdout replaced by a file": "import sys; sys.stdout = open('out.txt', 'w'); print('hi')",
     "a file kept in builtins": "import builtins; builtins.kept = open('out.txt', 'w')\n"
     "builtins.kept.write('kept')",
+    "stderr replaced by an object without closed": "import sys\nclass E:\n"
+    "    def __init__(self):\n        self.held = []\n"
+    "    def write(self, s):\n        self.held.append(s)\n"
+    "    def flush(self):\n        sys.__stdout__.write('flushed ' + ''.join(self.held))\n"
+    "sys.stderr = E(); sys.stderr.write('x')",
     "a file kept in os": "import os; os.kept = open('out.txt', 'w'); os.kept.write('in os')",
     "a file kept in sys": "import sys; sys.kept = open('out.txt', 'w'); sys.kept.write('in sys')",
     "a file in an imported module": "import json; json.kept = open('out.txt', 'w'); "
