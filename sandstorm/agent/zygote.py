@@ -241,8 +241,8 @@ def _serve():
         except TimeoutError:
             message = None  # (forked outside the handler: no exception context for the exec)
         if message is None or (message == b"R" and not fds):
-            # Quiet for a moment, or "R": the agent reaped an exec this zygote served, which
-            # therefore competes for nothing any more (no reply: it is not a request).
+            # Quiet for a moment, or "R": the agent reaped an exec this zygote served, which no
+            # longer competes with the fork (no reply: it is not a request).
             if standby is None:
                 standby_pid, standby = _fork_standby()
                 if standby_pid == 0:
@@ -275,120 +275,38 @@ def _uncaught(exc):
     """Report an exception that ended the program as python would, without this frame."""
     tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
     sys.excepthook(type(exc), exc.with_traceback(tb), tb)
-
-
-def _exit_status(exc):
-    """The status python exits with for the SystemExit that ended the program (its message
-    printed as python prints it)."""
-    code = exc.code
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF if -(1 << 63) <= code < 1 << 63 else 0xFF  # C long, else -1
-    stream = sys.stderr
-    if stream is None:
-        os.write(2, str(code).encode("utf-8", "backslashreplace") + b"\n")
-    else:
-        stream.write(str(code))
-        stream.write("\n")
-    return 1
-
-
-def _flush_std_files():
-    """As python's exit does: False if sys.stdout could not be flushed."""
-    ok = True
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None and not getattr(stream, "closed", False):
-                stream.flush()
-        except Exception:
-            if stream is sys.stdout:
-                ok = False
-    return ok
-
-
-def _release(names):
-    """The part of python's teardown of its modules that a program can see, for the modules
-    the program has (``__main__`` and what it imported), and what it added to the others. Its
-    objects go: files they hold are flushed and closed, __del__ methods, weakref callbacks and
-    suspended generators' finally blocks run, as at python's own exit."""
-    for name, value in (("stdin", "__stdin__"), ("stdout", "__stdout__"), ("stderr", "__stderr__")):
-        setattr(sys, name, getattr(sys, value, None))
-    builtins = sys.modules["builtins"].__dict__
-    for key in [k for k in builtins if k not in _BUILTINS]:
-        del builtins[key]
-    for key, value in _BUILTINS.items():
-        if builtins.get(key, _BUILTINS) is not value:
-            builtins[key] = value
-    for name, start in _START_NAMES.items():
-        # Python clears every module at its exit: what the program added to one it started
-        # with (an open file as an attribute of os, say) goes too. Only a dict that grew is read.
-        namespace = getattr(sys.modules.get(name), "__dict__", None)
-        if namespace is not None and len(namespace) != len(start):
-            for key in [k for k in namespace if k not in start]:
-                namespace[key] = None
-    # Each module leaves sys.modules, then the globals of each (last imported first) are set
-    # to None, as python does with a module still alive at that point. Python's own teardown
-    # then collects the rest; here that is done by the collections around it.
-    namespaces = []
-    for name in names:
-        namespace = getattr(sys.modules.pop(name, None), "__dict__", None)
-        if namespace is not None:
-            namespaces.append(namespace)
-    gc.collect()
-    for namespace in reversed(namespaces):
-        # As python clears a module: names with one leading underscore first, then the rest.
-        for key in [k for k in namespace if k[:1] == "_" and k[1:2] != "_"]:
-            namespace[key] = None
-        for key in [k for k in namespace if k != "__builtins__"]:
-            namespace[key] = None
-    del namespaces
-    gc.collect()
-
-
-def _finish(status, interrupted):
-    """End the exec as python's own exit would, then leave by ``os._exit``: python's teardown
-    of the interpreter itself (every module it started with, every object, every arena) is
-    skipped. In gVisor that teardown was ~2 ms of a python hello, as it writes to nearly every
-    page inherited from the zygote and each first write copies the page. What a program can
-    see of python's exit is kept, in its order: non-daemon threads joined, atexit handlers,
-    sys.stdout and sys.stderr flushed, the program's own modules released (``_release``),
-    the streams flushed again, and KeyboardInterrupt's exit by SIGINT. When sys.stdout cannot
-    be flushed, python's own exit takes over: it reports that as python does and exits 120."""
-    threading = sys.modules.get("threading")
-    if threading is not None:
-        threading._shutdown()
-    import atexit
-
-    atexit._run_exitfuncs()
-    if not _flush_std_files():
-        raise SystemExit(status)
-    _release([n for n in sys.modules if n == "__main__" or n not in _BASELINE])
-    _flush_std_files()
-    if interrupted:
+    if type(exc) is KeyboardInterrupt:  # exactly: python tests the type, not a subclass
+        # CPython exits by SIGINT after finalising, so the parent sees the signal.
         import _signal
+        import atexit
 
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
         _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
         os.kill(os.getpid(), _signal.SIGINT)
-    os._exit(status)
+    raise SystemExit(1)
 
 
-_BUILTINS = dict(sys.modules["builtins"].__dict__)
-_START_NAMES = {
-    name: frozenset(module.__dict__)
-    for name, module in sys.modules.items()
-    if name in _BASELINE and name not in ("__main__", "builtins") and hasattr(module, "__dict__")
-}
+# The exec ends through python's own exit. Leaving by os._exit after emulating what a program
+# can see of it saved ~2 ms of a python hello in gVisor, but the emulation cannot reach what
+# python's teardown and C's exit() finish for a program: C atexit handlers (HDF5 closing its
+# files), buffered C streams, objects held only by interpreter state (signal handlers, hooks).
+# Losing a user's data is not worth 2 ms.
+#
+# The names below belong to this zygote's own module, which is frozen with everything else and
+# so never collected: it must not keep the exec's globals alive, or python's exit would never
+# release them (no __del__, no flush of a file left open).
 _code, _globals = _serve()
-_interrupted = False
 try:
     exec(_code, _globals)
-    _status = 0
-except SystemExit as _exc:
-    _status = _exit_status(_exc)
+except SystemExit:
+    _code = _globals = None
+    raise
 except BaseException as _exc:
+    _code = _globals = None
     _uncaught(_exc)
-    _interrupted = isinstance(_exc, KeyboardInterrupt)
-    _status = 1
-del _code, _globals
-_finish(_status, _interrupted)
+_code = _globals = None

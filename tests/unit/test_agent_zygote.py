@@ -155,8 +155,8 @@ async def test_exits_and_errors_are_equivalent(
     assert z.stderr == n.stderr
 
 
-# What python's exit does that a program can see; the zygote's exec leaves by os._exit after
-# doing the same (sandstorm/agent/zygote.py, _finish).
+# What python's exit does that a program can see. A zygote exec must end exactly as a normal
+# one does (it goes through python's own exit: see the end of sandstorm/agent/zygote.py).
 EXIT_PROGRAMS = {
     "unclosed file": "f = open('out.txt', 'w'); f.write('data')",
     "stdout replaced by a file": "import sys; sys.stdout = open('out.txt', 'w'); print('hi')",
@@ -186,6 +186,11 @@ EXIT_PROGRAMS = {
     "an exception and __del__": "class A:\n    def __del__(self):\n        print('del')\n"
     "a = A()\nraise ValueError('x')",
     "stdout closed before exit": "import os; print('lost', end=''); os.close(1)",
+    "a __del__ that uses a module": "import os\nopen('out.txt', 'w').write('x')\n"
+    "class T:\n    def __del__(self):\n        os.remove('out.txt')\nt = T()",
+    "a file held by a signal handler": "import signal\nf = open('out.txt', 'w')\n"
+    "f.write('important')\nsignal.signal(signal.SIGTERM, lambda *a, f=f: None)\ndel f",
+    "a subclass of KeyboardInterrupt": "class K(KeyboardInterrupt): pass\nraise K",
     "exit(256)": "import sys; sys.exit(256)",
     "exit(-1)": "import sys; sys.exit(-1)",
     "exit(2**70)": "import sys; sys.exit(2**70)",
