@@ -141,7 +141,7 @@ def _fork_standby():
     report_r, report_w = os.pipe()
     # Every object the exec inherits moves to the collector's permanent generation, which no
     # collection walks: the exec's collections (the full ones at its exit included) then leave
-    # the inherited pages alone instead of copying each one they touch (~2.4 ms of a python
+    # the inherited pages alone instead of copying each one they touch (1-2 ms of a python
     # hello in gVisor). These objects are the interpreter's start-up state, alive until exit.
     gc.freeze()
     try:

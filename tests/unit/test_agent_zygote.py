@@ -196,7 +196,7 @@ EXIT_PROGRAMS = {
     "exit(2**70)": "import sys; sys.exit(2**70)",
     "exit(True)": "import sys; sys.exit(True)",
     "exit with a list": "import sys; sys.exit([1, 2])",
-    "exit None, stderr gone": "import sys; sys.stderr = None; sys.exit('bye')",
+    "exit('bye') with stderr gone": "import sys; sys.stderr = None; sys.exit('bye')",
 }
 
 
