@@ -24,7 +24,6 @@ import os
 import resource
 import statistics
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import trio
 
 from bench.breakdown import write_json
 from bench.harness import Context, bench_context
-from bench.scale import HELLO, _raw_batch
+from bench.scale import _gateway_batch, _raw_batch
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GONE_POLL_S = 0.1  # the gateway side's teardown wait: sparse, so it costs the count little
@@ -56,25 +55,9 @@ def _own() -> tuple[float, float]:
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
-async def _gateway_batch(ctx: Context, n: int) -> float:
-    """N runs at once; returns the seconds until the last answer, after waiting (sparsely)
-    until every one is torn down."""
-    ids: list[str] = []
-
-    async def one() -> None:
-        created = await ctx.client.run(code=HELLO, language="python", keep_alive=0)
-        assert created.result is not None and created.result.stdout == "Hello, World!\n"
-        ids.append(created.id)
-
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(n):
-            nursery.start_soon(one)
-    elapsed = time.perf_counter() - start
-    while any(
-        s.id in ids and s.state not in ("destroyed", "failed") for s in await ctx.client.sandboxes()
-    ):
-        await trio.sleep(GONE_POLL_S)
+async def _gateway(ctx: Context, n: int) -> float:
+    elapsed, failures = await _gateway_batch(ctx, n, gone_poll_s=GONE_POLL_S)
+    assert failures == 0, f"{failures} gateway runs failed"
     return elapsed
 
 
@@ -104,9 +87,9 @@ async def _measure(
 async def measure(n: int, rounds: int) -> dict[str, Any]:
     samples: dict[str, list[dict[str, float]]] = {"gateway": [], "raw": []}
     async with bench_context(quick=False) as ctx:
-        await _gateway_batch(ctx, min(n, 4))  # warm up: images in the page cache, the agent built
+        await _gateway(ctx, min(n, 4))  # warm up: images in the page cache, the agent built
         for _ in range(rounds):
-            samples["gateway"].append(await _measure(ctx, n, _gateway_batch))
+            samples["gateway"].append(await _measure(ctx, n, _gateway))
             samples["raw"].append(await _measure(ctx, n, _raw))
     medians = {
         side: {k: round(statistics.median(s[k] for s in rows), 3) for k in rows[0]}

@@ -116,11 +116,13 @@ class Context:
     cgroup_parent: str
     quick: bool
 
-    async def wait_gone(self, sandbox_id: str, client: AsyncClient | None = None) -> None:
+    async def wait_gone(
+        self, sandbox_id: str, client: AsyncClient | None = None, poll_s: float = 0.01
+    ) -> None:
         """Wait (untimed) until a sandbox's teardown is over, so it cannot overlap a sample."""
         client = client or self.client
         while (await client.status(sandbox_id)).state not in ("destroyed", "failed"):
-            await trio.sleep(0.01)
+            await trio.sleep(poll_s)
 
     @asynccontextmanager
     async def other_gateway(

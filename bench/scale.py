@@ -16,8 +16,9 @@ HELLO = "print('Hello, World!')"
 MIB = 1 << 20
 
 
-async def _gateway_batch(ctx: Context, n: int) -> tuple[float, int]:
-    """N POST runs at once; returns (seconds until the last answer, failures)."""
+async def _gateway_batch(ctx: Context, n: int, gone_poll_s: float = 0.01) -> tuple[float, int]:
+    """N POST runs at once; returns (seconds until the last answer, failures), once every
+    sandbox is torn down (polled each ``gone_poll_s``)."""
     failures = 0
     ids: list[str] = []
 
@@ -38,7 +39,7 @@ async def _gateway_batch(ctx: Context, n: int) -> tuple[float, int]:
             nursery.start_soon(one)
     elapsed = time.perf_counter() - start
     for sandbox_id in ids:  # untimed: no teardown may overlap the next sample
-        await ctx.wait_gone(sandbox_id)
+        await ctx.wait_gone(sandbox_id, poll_s=gone_poll_s)
     return elapsed, failures
 
 

@@ -304,9 +304,8 @@ _code, _globals = _serve()
 try:
     exec(_code, _globals)
 except SystemExit:
-    _code = _globals = None
     raise
 except BaseException as _exc:
-    _code = _globals = None
     _uncaught(_exc)
-_code = _globals = None
+finally:
+    _code = _globals = None
