@@ -17,7 +17,7 @@
  * One thread, one poll loop. Writes to the gateway block: a gateway that stops reading stops the
  * agent, which stops reading the pipes, which stops the children (back-pressure). Everything it
  * holds is bounded: one frame in (1 MiB), 16 MiB of stdin per exec, 4 MiB of final drain per
- * pipe, 256 early exit statuses, 64 held signals per exec.
+ * pipe, 64 signals per exec kept for a zygote fallback.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -75,7 +75,6 @@
 #define MAX_FINAL_DRAIN (4 * 1024 * 1024)
 #define MAX_START_ERROR 4096
 #define MAX_HELD_SIGNALS 64
-#define MAX_ORPHAN_STATUSES 256
 #define MAX_JSON_DEPTH 64
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define EXIT_NOT_FOUND 127
@@ -85,10 +84,10 @@
 #define ZYGOTE_PYTHON "/usr/bin/python3"
 #define ZYGOTE_IDLE_S 0.2 /* started once the agent has idled this long: never on the cold path */
 #define ZYGOTE_LATEST_S 1.0 /* ... or this long after it was wanted, for a sandbox never idle */
-#define ZYGOTE_REPLY_S 2.0 /* a zygote that does not report a pid by then is replaced */
+#define ZYGOTE_START_S 2.0 /* a zygote exec not started by then is checked: stopped or not */
 #define ZYGOTE_MAX_FAILURES 5 /* early deaths in a row before the agent stops restarting it */
 #define ZYGOTE_MAX_SOURCE (1024 * 1024)
-#define FD_COUNT 4 /* an exec's pipes passed to the zygote: stdin_r, stdout_w, stderr_w, err_w */
+#define FD_COUNT 4 /* an exec's pipes passed to a standby: stdin_r, stdout_w, stderr_w, err_w */
 /* What the gateway gives every exec (router BASE_ENV): the zygote's environment. A python exec
  * is served by the zygote only if every variable python reads at start-up has the same value. */
 static const char *const ZYGOTE_ENV[] = {
@@ -1030,28 +1029,22 @@ static pid_t spawn(struct spawn_args *a) {
 
 struct exec {
     uint32_t channel;
-    pid_t pid; /* 0 while a zygote exec waits for its pid */
+    pid_t pid;
     double started;
     int stdin_fd, stdout_fd, stderr_fd;
-    int start_fd; /* a zygote exec's error pipe, until it has exec'd or failed */
+    int start_fd; /* a zygote exec's error pipe, until it has started or failed */
     struct buf start_error;
     struct buf pending; /* stdin not yet written */
     bool close_requested;
-    bool held; /* a zygote exec: no pid yet, stdin held back */
+    bool held; /* a zygote exec not started yet: user input waits behind its request */
+    size_t request_left; /* bytes of `pending` that are still its request (zygote exec) */
     bool zygote;
     struct request *request; /* kept to report errors, and for a zygote fallback */
-    double deadline;
-    int signals[MAX_HELD_SIGNALS]; /* asked for before the pid was known */
+    double deadline; /* a held zygote exec: when to check whether its standby is stopped */
+    int signals[MAX_HELD_SIGNALS]; /* sent while held: sent again if it falls back */
     int nsignals;
     long long oom_kills; /* the kernel's OOM-kill count before it started, or -1 */
     struct exec *next, *prev;
-    struct exec *waiting_next; /* in the queue of execs sent to the zygote */
-};
-
-struct orphan {
-    pid_t pid;
-    int status;
-    struct rusage usage;
 };
 
 static struct exec *execs; /* running execs (every channel with an EXIT still to send) */
@@ -1066,13 +1059,11 @@ static int wake_r = -1, wake_w = -1;
 static bool zygote_enabled = true;
 static pid_t zygote_pid, zygote_standby;
 static int zygote_sock = -1;
-static struct exec *zygote_waiting, **zygote_waiting_tail = &zygote_waiting;
+static int standby_sock = -1; /* to the standby: it takes an exec's pipes from the agent */
 static int zygote_failures;
 static double zygote_due, zygote_latest;
 static char *zygote_source;
 static char zygote_path[PATH_MAX];
-static struct orphan orphans[MAX_ORPHAN_STATUSES];
-static int orphan_count;
 
 static long long oom_kill_count(void) {
     /* The kernel's count of OOM kills (oom_kill in /proc/vmstat), -1 where there is none
@@ -1155,7 +1146,7 @@ static struct exec *exec_by_channel(uint32_t channel) {
 
 static struct exec *exec_by_pid(pid_t pid) {
     for (struct exec *ex = execs; ex; ex = ex->next)
-        if (ex->pid == pid && !ex->held)
+        if (ex->pid == pid)
             return ex;
     return NULL;
 }
@@ -1215,12 +1206,19 @@ static void close_stdin(struct exec *ex) {
     buf_free(&ex->pending);
 }
 
+/* Whether pending input can be written now: a held zygote exec takes only its request (its
+ * user input is kept for a normal exec, should it fall back). */
+static bool stdin_writable(const struct exec *ex) {
+    return ex->stdin_fd >= 0 && buf_size(&ex->pending) && (!ex->held || ex->request_left);
+}
+
 /* Writes as much pending input as the pipe takes (the main loop polls for the rest). */
 static void flush_stdin(struct exec *ex) {
-    if (ex->stdin_fd < 0 || ex->held)
-        return; /* a zygote exec's input waits behind its request */
-    while (buf_size(&ex->pending)) {
-        ssize_t n = write(ex->stdin_fd, ex->pending.data + ex->pending.off, buf_size(&ex->pending));
+    while (stdin_writable(ex)) {
+        size_t size = buf_size(&ex->pending);
+        if (ex->held && size > ex->request_left)
+            size = ex->request_left;
+        ssize_t n = write(ex->stdin_fd, ex->pending.data + ex->pending.off, size);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -1231,7 +1229,11 @@ static void flush_stdin(struct exec *ex) {
             return;
         }
         ex->pending.off += (size_t)n;
+        if (ex->held)
+            ex->request_left -= (size_t)n;
     }
+    if (ex->stdin_fd < 0 || buf_size(&ex->pending))
+        return;
     ex->pending.off = ex->pending.len = 0;
     if (ex->close_requested)
         close_stdin(ex);
@@ -1315,12 +1317,15 @@ static void check_start(struct exec *ex) {
     }
     close(ex->start_fd);
     ex->start_fd = -1;
+    ex->held = false;
+    ex->nsignals = 0;
     if (ex->start_error.len) {
         /* No STARTED: the process exits 126/127 and is reaped like any other. */
         close_stdin(ex);
         send_error_bytes(ex->channel, ex->start_error.data, ex->start_error.len);
     } else {
         send_started(ex);
+        flush_stdin(ex); /* the input that waited behind the request */
     }
 }
 
@@ -1475,8 +1480,8 @@ static void start_exec(uint32_t channel, struct request *r, struct exec *ex) {
         exec_link(ex);
         return;
     }
-    /* A fallback from the zygote: its input and signals were held for it; its duration counts
-     * from the request. */
+    /* A fallback from a stopped standby: the input it held back and the signals it was sent go
+     * to this process; its duration counts from the request. */
     deliver_signals(ex);
     flush_stdin(ex);
     if (ex->close_requested && ex->stdin_fd >= 0 && !buf_size(&ex->pending))
@@ -1502,15 +1507,30 @@ static void zygote_busy(void) {
     }
 }
 
-static void zygote_fallback(struct exec *ex);
+/* The standby is no longer the zygote's to replace (it took an exec, or it is gone): the zygote
+ * forks the next one ("U"), by the same rules as after a request (protocol/agent.md). */
+static void standby_released(void) {
+    if (standby_sock >= 0) {
+        close(standby_sock);
+        standby_sock = -1;
+    }
+    zygote_standby = 0;
+    if (zygote_sock >= 0 && send(zygote_sock, "U", 1, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
+        /* full or gone: the quiet timer still refills it, and a gone zygote is seen at once */
+    }
+}
 
-/* The zygote died, closed its socket or stopped answering (`failed`), or a checkpoint is coming
- * (not failed): kill it and its standby, run what waited for it as normal execs, and start a new
- * one later. */
+/* The zygote died, closed its socket, broke the protocol or was found stopped (`failed`), or a
+ * checkpoint is coming (not failed): kill it and its standby, and start a new one later. Execs
+ * the standbys already took are execs: not touched. */
 static void zygote_gone(bool failed) {
     if (zygote_sock >= 0) {
         close(zygote_sock);
         zygote_sock = -1;
+    }
+    if (standby_sock >= 0) {
+        close(standby_sock);
+        standby_sock = -1;
     }
     /* Each leads its own group; both are our children, not reaped yet. */
     if (zygote_pid)
@@ -1522,15 +1542,6 @@ static void zygote_gone(bool failed) {
     zygote_pid = zygote_standby = 0;
     zygote_due = monotonic() + ZYGOTE_IDLE_S * (double)(1 << zygote_failures);
     zygote_latest = zygote_due + ZYGOTE_LATEST_S;
-    struct exec *waiting = zygote_waiting;
-    zygote_waiting = NULL;
-    zygote_waiting_tail = &zygote_waiting;
-    while (waiting) {
-        struct exec *next = waiting->waiting_next;
-        waiting->waiting_next = NULL;
-        zygote_fallback(waiting);
-        waiting = next;
-    }
 }
 
 static bool read_zygote_source(void) {
@@ -1616,8 +1627,30 @@ static void quiesce(void) {
         zygote_gone(false);
 }
 
+/* Whether a process is stopped (SIGSTOP and the like, by code in the sandbox). */
+static bool process_stopped(pid_t pid) {
+    char path[64], data[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    ssize_t n = read(fd, data, sizeof data - 1);
+    close(fd);
+    if (n <= 0)
+        return false;
+    data[n] = 0;
+    const char *end = strrchr(data, ')'); /* the name, in parentheses, can hold anything */
+    return end && end[1] == ' ' && (end[2] == 'T' || end[2] == 't');
+}
+
+/* A zygote exec whose standby was stopped before it started (none of the user's code ran): kill
+ * it and run the exec as a normal one, with the input and signals it was sent. */
 static void zygote_fallback(struct exec *ex) {
+    kill(-ex->pid, SIGKILL); /* reaped later as a pid no exec has */
+    ex->pending.off += ex->request_left; /* the request's unwritten rest: not input */
+    ex->request_left = 0;
     ex->held = false;
+    ex->zygote = false;
     close_output(ex, STDOUT);
     close_output(ex, STDERR);
     if (ex->start_fd >= 0) {
@@ -1650,119 +1683,97 @@ static void zygote_request(struct exec *ex) {
     size_t size = buf_size(&body);
     unsigned char length[4] = {(unsigned char)(size >> 24), (unsigned char)(size >> 16),
                                (unsigned char)(size >> 8), (unsigned char)size};
-    struct buf joined = {0};
-    buf_add(&joined, length, 4);
-    buf_add(&joined, body.data, size);
-    buf_add(&joined, ex->pending.data + ex->pending.off, buf_size(&ex->pending));
-    buf_free(&body);
     buf_free(&ex->pending);
-    ex->pending = joined;
+    buf_add(&ex->pending, length, 4);
+    buf_add(&ex->pending, body.data, size);
+    buf_free(&body);
+    ex->request_left = 4 + size;
 }
 
-static bool orphan_take(pid_t pid, struct orphan *out) {
-    for (int i = 0; i < orphan_count; i++) {
-        if (orphans[i].pid == pid) {
-            *out = orphans[i];
-            memmove(orphans + i, orphans + i + 1, (size_t)(orphan_count - i - 1) * sizeof *orphans);
-            orphan_count--;
-            return true;
-        }
-    }
-    return false;
-}
-
-static void zygote_reply(void) {
+/* "S<pid>" with the agent's end of a socket to that standby (SCM_RIGHTS): the zygote's only
+ * message. Anything else, or a second standby while the agent has one, is a broken zygote. */
+static void zygote_message(void) {
     char message[33];
-    ssize_t n = recv(zygote_sock, message, sizeof message - 1, 0);
+    char cbuf[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {message, sizeof message - 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+                         .msg_controllen = sizeof cbuf};
+    ssize_t n = recvmsg(zygote_sock, &msg, MSG_CMSG_CLOEXEC);
     if (n < 0 && (errno == EAGAIN || errno == EINTR))
         return;
-    if (n < 0)
-        n = 0;
-    message[n] = 0;
-    char *end;
-    if (n > 0 && message[0] == 'S') { /* "S<pid>": the standby it forked for the next exec */
-        errno = 0;
-        long pid = strtol(message + 1, &end, 10);
-        if (errno || end == message + 1 || *end || pid < 0 || pid > INT_MAX)
-            zygote_gone(true);
-        else
-            zygote_standby = (pid_t)pid;
-        return;
-    }
-    if (n == 0 || !zygote_waiting) {
-        zygote_gone(true); /* EOF, or a reply nobody asked for */
-        return;
-    }
-    struct exec *ex = zygote_waiting;
-    zygote_waiting = ex->waiting_next;
-    if (!zygote_waiting)
-        zygote_waiting_tail = &zygote_waiting;
-    ex->waiting_next = NULL;
-    errno = 0;
-    long pid = strtol(message, &end, 10);
-    if (errno || end == message || *end || pid > INT_MAX)
-        pid = -1;
-    if (pid == zygote_standby)
-        zygote_standby = 0; /* an exec now, not the zygote's */
-    if (pid <= 0) {
-        zygote_fallback(ex); /* it could not fork: "-errno" */
-        return;
-    }
-    zygote_failures = 0;
-    ex->pid = (pid_t)pid;
-    ex->held = false;
-    ex->zygote = true;
-    /* The process waits for its request on stdin: it goes ahead of any input. */
-    zygote_request(ex);
-    deliver_signals(ex);
-    struct orphan early;
-    if (orphan_take(ex->pid, &early)) { /* killed before it could read its request */
-        finish(ex, early.status, &early.usage);
-        return;
-    }
-    flush_stdin(ex);
-}
-
-static void spawn_zygote(uint32_t channel, struct request *r) {
-    int fds[8];
-    int failed = exec_pipes(fds, 4);
-    if (!failed) {
-        int passed[FD_COUNT] = {fds[0], fds[3], fds[5], fds[7]};
-        char cbuf[CMSG_SPACE(sizeof passed)];
-        memset(cbuf, 0, sizeof cbuf);
-        char x = 'x';
-        struct iovec iov = {&x, 1};
-        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
-                             .msg_controllen = sizeof cbuf};
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(sizeof passed);
-        memcpy(CMSG_DATA(cm), passed, sizeof passed);
-        ssize_t sent;
-        do {
-            sent = sendmsg(zygote_sock, &msg, MSG_NOSIGNAL);
-        } while (sent < 0 && errno == EINTR);
-        if (sent < 0) {
-            for (int k = 0; k < 8; k++)
-                close(fds[k]);
-            failed = 1;
+    int fd = -1;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); n > 0 && cm; cm = CMSG_NXTHDR(&msg, cm)) {
+        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t count = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < count; i++) {
+            int received;
+            memcpy(&received, CMSG_DATA(cm) + i * sizeof(int), sizeof received);
+            if (fd < 0)
+                fd = received;
+            else
+                close(received);
         }
     }
-    if (failed) {
-        zygote_gone(true);
-        start_exec(channel, r, NULL);
+    message[n > 0 ? n : 0] = 0;
+    char *end;
+    errno = 0;
+    long pid = n > 1 && message[0] == 'S' ? strtol(message + 1, &end, 10) : -1;
+    bool valid = pid > 0 && pid <= INT_MAX && !errno && !*end && fd >= 0 && !zygote_standby &&
+                 !(msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC));
+    if (!valid) {
+        if (fd >= 0)
+            close(fd);
+        zygote_gone(true); /* EOF, or not the protocol */
         return;
     }
+    zygote_standby = (pid_t)pid;
+    standby_sock = fd;
+}
+
+/* A python exec served by the standby: the agent passes it the exec's pipes itself, with the
+ * request already in its stdin, so it goes ahead at once. False if the standby cannot take them
+ * (it is gone): the caller runs a normal exec. */
+static bool spawn_on_standby(uint32_t channel, struct request *r) {
+    int fds[8];
+    if (exec_pipes(fds, 4))
+        return false;
+    pid_t pid = zygote_standby;
+    int passed[FD_COUNT] = {fds[0], fds[3], fds[5], fds[7]};
+    char cbuf[CMSG_SPACE(sizeof passed)];
+    memset(cbuf, 0, sizeof cbuf);
+    char x = 'x';
+    struct iovec iov = {&x, 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+                         .msg_controllen = sizeof cbuf};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof passed);
+    memcpy(CMSG_DATA(cm), passed, sizeof passed);
+    ssize_t sent;
+    do {
+        sent = sendmsg(standby_sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    } while (sent < 0 && errno == EINTR);
+    standby_released();
+    if (sent < 0) {
+        kill(-pid, SIGKILL); /* it closed its socket: not a standby any more */
+        for (int k = 0; k < 8; k++)
+            close(fds[k]);
+        return false;
+    }
+    zygote_failures = 0;
     struct exec *ex = exec_new(channel);
-    ex->held = true;
     ex->request = r;
     ex->started = monotonic();
-    ex->deadline = ex->started + ZYGOTE_REPLY_S;
-    track(ex, 0, fds);
+    ex->zygote = true;
+    ex->held = true;
+    ex->deadline = ex->started + ZYGOTE_START_S;
+    track(ex, pid, fds);
     exec_link(ex);
-    *zygote_waiting_tail = ex;
-    zygote_waiting_tail = &ex->waiting_next;
+    zygote_request(ex);
+    flush_stdin(ex);
+    return true;
 }
 
 /* The variables python reads while starting (locale, user site via HOME, PYTHON*). */
@@ -1844,10 +1855,15 @@ static void on_exec(uint32_t channel, const char *payload, size_t n) {
     if (last)
         zygote_enabled = false; /* the gateway ends the sandbox after this exec */
     zygote_busy();
-    if (zygote_sock >= 0 && zygote_can_serve(r))
-        spawn_zygote(channel, r);
-    else
-        start_exec(channel, r, NULL);
+    if (zygote_can_serve(r)) {
+        if (standby_sock >= 0 && spawn_on_standby(channel, r))
+            return;
+        /* No standby: execs came together, or the zygote cannot fork one (stopped by code in
+         * the sandbox: then it is replaced, as a dead one is). */
+        if (zygote_pid && process_stopped(zygote_pid))
+            zygote_gone(true);
+    }
+    start_exec(channel, r, NULL);
 }
 
 static void on_stdin(uint32_t channel, const char *payload, size_t n) {
@@ -1872,7 +1888,7 @@ static void on_stdin_close(uint32_t channel) {
     if (!ex || ex->stdin_fd < 0)
         return;
     ex->close_requested = true;
-    if (!buf_size(&ex->pending) && !ex->held)
+    if (!buf_size(&ex->pending))
         close_stdin(ex);
 }
 
@@ -1895,13 +1911,10 @@ static void on_signal(uint32_t channel, const char *payload, size_t n) {
     struct exec *ex = exec_by_channel(channel);
     if (!ex)
         return; /* unknown or finished exec: ignored */
-    if (!ex->pid) { /* the zygote has not reported its pid yet */
-        if (ex->nsignals < MAX_HELD_SIGNALS)
-            ex->signals[ex->nsignals++] = signum;
-        return;
-    }
     if (kill(-ex->pid, signum) < 0 && errno != ESRCH)
         send_error(channel, "cannot send signal %d: %s", signum, strerror(errno));
+    if (ex->held && ex->nsignals < MAX_HELD_SIGNALS)
+        ex->signals[ex->nsignals++] = signum; /* for the normal exec, should it fall back */
 }
 
 static int mkdirs(char *path) {
@@ -2171,19 +2184,13 @@ static void reap(void) {
             zygote_gone(true);
             continue;
         }
-        if (pid == zygote_standby)
-            zygote_standby = 0; /* reaped: its pid may be reused, never to be killed */
-        struct exec *ex = exec_by_pid(pid);
-        if (ex) {
-            finish(ex, status, &usage);
-        } else if (zygote_waiting) {
-            /* Maybe a zygote exec killed before its pid report was read: keep the status. */
-            if (orphan_count == MAX_ORPHAN_STATUSES) {
-                memmove(orphans, orphans + 1, (MAX_ORPHAN_STATUSES - 1) * sizeof *orphans);
-                orphan_count--;
-            }
-            orphans[orphan_count++] = (struct orphan){pid, status, usage};
+        if (pid == zygote_standby) {
+            standby_released(); /* reaped: its pid may be reused, never to be killed */
+            continue;
         }
+        struct exec *ex = exec_by_pid(pid);
+        if (ex)
+            finish(ex, status, &usage);
         /* any other pid is an orphan we inherited as PID 1: reaped, nothing else to do */
     }
 }
@@ -2204,24 +2211,44 @@ static void drain_wakeups(void) {
     }
 }
 
-/* Milliseconds until the zygote needs attention (a start or a reply deadline), or -1. */
+/* Milliseconds until the zygote needs attention (its start, a held exec's check), or -1. */
 static int poll_timeout(void) {
-    double due;
-    if (zygote_waiting)
-        due = zygote_waiting->deadline;
-    else if (zygote_wanted() && !execs)
+    double due = -1;
+    if (zygote_wanted() && !execs)
         due = zygote_due;
-    else
+    for (struct exec *ex = execs; ex; ex = ex->next)
+        if (ex->held && (due < 0 || ex->deadline < due))
+            due = ex->deadline;
+    if (due < 0)
         return -1;
     double ms = (due - monotonic()) * 1000.0;
     return ms <= 0 ? 0 : (int)ms + 1;
 }
 
+/* A zygote exec not started after ZYGOTE_START_S: its standby may be slow (a large program to
+ * compile), left alone, or stopped by code in the sandbox before it started, so none of the
+ * user's code ran: then it runs as a normal exec, and a stopped zygote is replaced. */
+static void check_held(struct exec *ex, double now) {
+    check_start(ex);
+    if (!ex->held)
+        return;
+    if (!process_stopped(ex->pid)) {
+        ex->deadline = now + ZYGOTE_START_S;
+        return;
+    }
+    if (zygote_pid && process_stopped(zygote_pid))
+        zygote_gone(true);
+    zygote_fallback(ex);
+}
+
 static void zygote_tick(void) {
     double now = monotonic();
-    if (zygote_waiting && now >= zygote_waiting->deadline)
-        zygote_gone(true); /* stopped or wedged: replace it; what waits falls back */
-    else if (zygote_wanted() && !execs && now >= zygote_due)
+    for (struct exec *ex = execs, *next; ex; ex = next) {
+        next = ex->next; /* a failed fallback frees ex */
+        if (ex->held && now >= ex->deadline)
+            check_held(ex, now);
+    }
+    if (zygote_wanted() && !execs && now >= zygote_due)
         /* Never while an exec runs: on a loaded host the zygote's start would take CPU from
          * that exec, for execs that may never come. */
         start_zygote();
@@ -2261,15 +2288,13 @@ static void run(void) {
         if (zygote_sock >= 0)
             n = add_slot(n, SLOT_ZYGOTE, 0, zygote_sock, POLLIN);
         for (struct exec *ex = execs; ex; ex = ex->next) {
-            if (ex->held)
-                continue; /* waiting for the zygote's reply, which follows at once */
             if (ex->stdout_fd >= 0)
                 n = add_slot(n, SLOT_STDOUT, ex->channel, ex->stdout_fd, POLLIN);
             if (ex->stderr_fd >= 0)
                 n = add_slot(n, SLOT_STDERR, ex->channel, ex->stderr_fd, POLLIN);
             if (ex->start_fd >= 0)
                 n = add_slot(n, SLOT_START, ex->channel, ex->start_fd, POLLIN);
-            if (ex->stdin_fd >= 0 && buf_size(&ex->pending))
+            if (stdin_writable(ex))
                 n = add_slot(n, SLOT_STDIN, ex->channel, ex->stdin_fd, POLLOUT);
         }
         int ready = poll(pfds, n, poll_timeout());
@@ -2294,12 +2319,12 @@ static void run(void) {
             }
             if (s->kind == SLOT_ZYGOTE) {
                 if (zygote_sock == s->fd)
-                    zygote_reply();
+                    zygote_message();
                 continue;
             }
             /* Something earlier in this batch may have finished the exec or closed the fd. */
             struct exec *ex = exec_by_channel(s->channel);
-            if (!ex || ex->held)
+            if (!ex)
                 continue;
             if (s->kind == SLOT_STDIN) {
                 if (ex->stdin_fd == s->fd)
@@ -2326,8 +2351,7 @@ static void shutdown_all(void) {
     for (size_t i = 0; i < finished_count; i++)
         kill(-finished_pgids[i], SIGKILL);
     for (struct exec *ex = execs; ex; ex = ex->next)
-        if (ex->pid) /* an exec still waiting for the zygote has none: kill(-0) would be ours */
-            kill(-ex->pid, SIGKILL);
+        kill(-ex->pid, SIGKILL);
     if (zygote_pid)
         kill(-zygote_pid, SIGKILL);
     if (zygote_standby)

@@ -3,15 +3,14 @@
 # Sandstorm python zygote (see "Python zygote" in protocol/agent.md). Standard library only, run
 # by the agent as `python3 -c <this source>` so that its interpreter starts exactly like a user's
 # `python3 -c CODE` / `python3 FILE` (same flags, site, sys.path, locale, std streams on pipes).
-# It never runs user code itself: ahead of each request it forks an intermediate, which forks the
+# It never runs user code itself: ahead of each exec it forks an intermediate, which forks the
 # standby process that will become the exec and exits, so the exec is re-parented to the agent
 # (PID 1) and reaped by it like any other exec (exit status and rusage from the agent's own wait4).
-# fd 0 is a SOCK_SEQPACKET socket to the agent. A request is one byte with SCM_RIGHTS
-# [stdin_r, stdout_w, stderr_w, err_w]; the reply (once the standby holds them) is the exec's
-# pid in ASCII, or "-errno" ("-11" when no standby is ready). Each standby is also announced,
-# unasked, as "S<pid>" once forked: the agent kills it with the zygote (QUIESCE, a failure).
-# The exec then reads its request (argv, env, cwd) from its own stdin: the agent writes it there
-# only after it has registered the pid, so the exec cannot run (or exit) before the agent knows it.
+# fd 0 is a SOCK_SEQPACKET socket to the agent. Each standby is given to the agent once forked:
+# "S<pid>" with the agent's end of a SOCK_SEQPACKET socket to the standby (SCM_RIGHTS). The agent
+# passes an exec's pipes straight to the standby on it (one byte with SCM_RIGHTS [stdin_r,
+# stdout_w, stderr_w, err_w]), with the exec's request (argv, env, cwd) already in its stdin, and
+# tells this zygote "U" (the standby is used, or gone), and "R" when an exec it served is reaped.
 import sys
 
 _BASELINE = frozenset(sys.modules)  # what a fresh interpreter has; the exec gets exactly this
@@ -134,9 +133,8 @@ def _fork_standby():
     """Fork, ahead of time, the process that will run the next exec: the forks (the dear part
     of a zygote exec in gVisor) then happen while the sandbox is otherwise idle, not on the
     exec's path. An intermediate forks it and exits, so it is re-parented to the agent (PID 1)
-    and reaped by the agent like any other exec. In the zygote returns (pid, socket to it) or
-    (-errno, None); in the standby process returns (0, socket from the zygote). Never called
-    while the zygote holds an exec's pipes: the standby would keep a copy of them open."""
+    and reaped by the agent like any other exec. In the zygote returns (pid, the agent's end of
+    a socket to it) or (-errno, None); in the standby process returns (0, its own end)."""
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     report_r, report_w = os.pipe()
     # Every object the exec inherits moves to the collector's permanent generation, which no
@@ -181,17 +179,32 @@ def _fork_standby():
     return pid, ours
 
 
-def _stand_by(agent, zygote):
-    """In the standby process: wait for an exec's pipes from the zygote, then become it."""
-    agent.detach()
-    os.close(0)  # the agent's socket: only the zygote talks to the agent
+# Compiled, never run, by each standby while it waits: the compiler's first use in a process
+# writes to pages it shares with the zygote (each copied on that write, a fault in gVisor) and to
+# fresh ones, ~1.6 ms of a python hello's compile in gVisor; here it is off the exec's path.
+_WARM_UP = (
+    "import sys\n"
+    "def f(a, *b, c=1, **d):\n"
+    "    return [x for x in b if x], {c: d}, f'{a!r:>4}', lambda: a\n"
+    "class C:\n"
+    "    pass\n"
+    "for i in range(3):\n"
+    "    print(f(i), i + 1.5, 'text', b'bytes')\n"
+)
+
+
+def _stand_by(zygote, agent):
+    """In the standby process: wait for an exec's pipes from the agent, then become it."""
+    zygote.detach()
+    os.close(0)  # the zygote's socket to the agent: only the zygote talks on it
+    compile(_WARM_UP, "<string>", "exec", dont_inherit=True)
     try:
-        _message, fds = _receive(zygote)
+        _message, fds = _receive(agent)
     except BaseException:
         os._exit(0)
     if len(fds) != _FDS:
-        os._exit(0)  # the zygote is gone (EOF) or replaced this standby
-    zygote.close()
+        os._exit(0)  # EOF: the agent let this standby go (its zygote is being replaced)
+    agent.close()
     return _prepare(fds)
 
 
@@ -206,69 +219,47 @@ def _receive(sock):
     return message, fds
 
 
-def _hand_over(standby, fds):
-    """Pass an exec's pipes to the standby process; False if it is gone."""
-    array = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
-    try:
-        standby.sendmsg([b"x"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array)])
-    except OSError:
+def _give(sock, pid, standby):
+    """Give the agent a new standby: "S<pid>" with the agent's end of the socket to it. This
+    zygote keeps no end (the next standby must not inherit one). True if there was one."""
+    if pid <= 0:
         return False
+    try:
+        array = standby.fileno().to_bytes(4, sys.byteorder)
+        sock.sendmsg([b"S%d" % pid], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array)])
+    finally:
+        standby.close()
     return True
-
-
-def _announce(sock, standby_pid):
-    """Tell the agent the standby's pid ("S<pid>"), so that it can kill it too when it stops
-    this zygote (before a checkpoint). Not a reply: the agent tells them apart by the "S"."""
-    if standby_pid > 0:
-        sock.send(b"S%d" % standby_pid)
 
 
 def _serve():
     sock = _socket.socket(fileno=0)
-    standby_pid, standby = _fork_standby()
-    if standby_pid == 0:
+    pid, standby = _fork_standby()
+    if pid == 0:
         return _stand_by(sock, standby)
-    _announce(sock, standby_pid)
+    ready = _give(sock, pid, standby)
     while True:
-        # The next standby is forked once no request has come for a moment: forking while an
-        # exec runs would compete with it for the sandbox's CPU (a fork is the dearest thing
-        # gVisor does, with every page it shares copied on the next write).
-        sock.settimeout(_REFILL_AFTER_S if standby is None else None)
+        # The next standby is forked once the agent has been quiet for a moment after taking
+        # one: forking while an exec runs would compete with it for the sandbox's CPU (a fork is
+        # the dearest thing gVisor does, with every page it shares copied on the next write).
+        sock.settimeout(_REFILL_AFTER_S if not ready else None)
         try:
-            message, fds = _receive(sock)
+            message = sock.recv(16)
         except InterruptedError:
             continue
         except TimeoutError:
             message = None  # (forked outside the handler: no exception context for the exec)
-        if message is None or (message == b"R" and not fds):
-            # Quiet for a moment, or "R": the agent reaped an exec this zygote served, which no
-            # longer competes with the fork (no reply: it is not a request).
-            if standby is None:
-                standby_pid, standby = _fork_standby()
-                if standby_pid == 0:
-                    return _stand_by(sock, standby)
-                _announce(sock, standby_pid)
-            continue
-        if not message:
+        if message == b"":
             os._exit(0)  # the agent is gone
-        if len(fds) != _FDS:
-            for fd in fds:
-                os.close(fd)
-            sock.send(b"-22")  # EINVAL: the agent falls back to a normal exec
-            continue
-        # The standby forked while idle takes the exec. Without one (being refilled, or killed
-        # by code in the sandbox) the agent runs a normal exec: a fresh python3 is cheaper in
-        # gVisor than forking here while the request waits. The pid goes to the agent only
-        # once the standby holds the pipes, and it is already the agent's child.
-        reply = b"-11"  # EAGAIN
-        if standby is not None:
-            if _hand_over(standby, fds):
-                reply = b"%d" % standby_pid
-            standby.close()
-            standby = None
-        for fd in fds:
-            os.close(fd)
-        sock.send(reply)
+        if message == b"U":
+            ready = False  # taken by an exec, or gone
+        elif (message is None or message == b"R") and not ready:
+            # Quiet for a moment, or "R": the agent reaped an exec a standby served, which no
+            # longer competes with the fork.
+            pid, standby = _fork_standby()
+            if pid == 0:
+                return _stand_by(sock, standby)
+            ready = _give(sock, pid, standby)
 
 
 def _uncaught(exc):

@@ -348,18 +348,24 @@ async def test_stdin_signals_and_duration_through_the_zygote(tmp_path: Path) -> 
     assert result.exit.duration_ms > 0
 
 
-async def test_execs_back_to_back_find_a_standby_and_a_burst_falls_back(tmp_path: Path) -> None:
-    """One after the other, every python exec is served by the zygote: the agent tells it when
-    an exec it served has ended ("R"), and it forks the next standby then, ahead of the next
-    request. Execs started together outrun the one standby: the rest are answered EAGAIN and
-    run as normal execs. Every one gets its output, and a STARTED with its real pid."""
+async def test_execs_close_together_find_a_standby_and_a_burst_falls_back(tmp_path: Path) -> None:
+    """Python execs 5 ms apart are served by standbys: the agent tells the zygote when an exec a
+    standby served has ended ("R"), and it forks the next one then. Without "R" it waits for 50
+    ms without messages after a standby is taken, which these execs seldom leave (with the
+    agent's "R" disabled, 3 of 12 were served; with it, 12 of 12). Execs started together
+    outrun the one standby: the rest run as normal execs. Every one gets its output, and a
+    STARTED with its real pid."""
     async with running_agent(tmp_path) as agent:
         with trio.fail_after(TIMEOUT * 2):
             await wait_for_zygote(agent)
+            served = 0
             for i in range(12):
+                await trio.sleep(0.005)
                 result, zygote = await run(agent, ["python3", "-c", f"print({i})"])
                 assert result.stdout == f"{i}\n".encode(), (i, result)
-                assert zygote, i  # without "R": EAGAIN, the 50 ms quiet never came
+                served += zygote
+            # A fork and a warm-up take a few ms here: a loaded host may miss a few.
+            assert served >= 9, served
             await trio.sleep(REFILLED_S)
             together = [
                 await agent.start(["python3", "-c", f"print({i})"], env=ENV, cwd="/")
@@ -367,7 +373,7 @@ async def test_execs_back_to_back_find_a_standby_and_a_burst_falls_back(tmp_path
             ]
             for number in together:
                 await agent.channel.send_stdin_close(number)
-            served = []
+            by_zygote = []
             for i, number in enumerate(together):
                 result = await agent.finish(number)
                 assert result.stdout == f"{i}\n".encode(), (i, result)
@@ -375,8 +381,8 @@ async def test_execs_back_to_back_find_a_standby_and_a_burst_falls_back(tmp_path
                 started = [
                     f for f in agent.log if f.channel == number and f.kind is FrameKind.STARTED
                 ]
-                served.append(json.loads(started[0].payload)["zygote"])
-    assert served[0] and not all(served), served
+                by_zygote.append(json.loads(started[0].payload)["zygote"])
+    assert by_zygote[0] and not all(by_zygote), by_zygote
 
 
 def children_of(pid: int) -> set[int]:
@@ -440,6 +446,35 @@ async def test_quiesce_kills_the_zygote_and_its_standby_and_both_come_back(
             assert result.stdout == b"after\n"
             await wait_for_zygote(agent)
             assert zygote not in children_of(agent.process.pid)
+
+
+async def test_an_exec_on_a_stopped_standby_runs_as_a_normal_exec_with_its_input_and_signals(
+    tmp_path: Path,
+) -> None:
+    """Code in the sandbox can stop the standby before an exec takes it: the exec has not
+    started after 2 s, its standby is found stopped, so none of the user's code ran there. It
+    is killed and the exec runs as a normal one, with the input and the signals it was sent."""
+    async with running_agent(tmp_path) as agent:
+        with trio.fail_after(TIMEOUT):
+            await wait_for_zygote(agent)
+            _zygote, standby = sorted(children_of(agent.process.pid), key=_started_at)
+            os.kill(standby, signal.SIGSTOP)
+            echo = ["python3", "-c", "import sys; print(sys.stdin.read(), end='')"]
+            result, zygote = await run(agent, echo, stdin=b"kept\n")
+            assert (result.stdout, zygote) == (b"kept\n", False), result
+            assert result.exit is not None and result.exit.duration_ms >= 2000
+            assert result.pid != standby
+
+            await wait_for_zygote(agent)  # the zygote, never stopped, forked the next standby
+            _zygote, standby = sorted(children_of(agent.process.pid), key=_started_at)
+            os.kill(standby, signal.SIGSTOP)
+            number = await agent.start(["python3", "-c", "import time; time.sleep(30)"], env=ENV)
+            await agent.channel.send_signal(number, signal.SIGTERM)
+            result = await agent.finish(number)
+            assert result.exit is not None and result.exit.signal == signal.SIGTERM, result
+            assert result.pid != standby
+            while standby in children_of(agent.process.pid):  # killed, then reaped
+                await trio.sleep(0.01)
 
 
 async def test_last_must_be_a_boolean(tmp_path: Path) -> None:
