@@ -1855,7 +1855,7 @@ static void on_exec(uint32_t channel, const char *payload, size_t n) {
     if (last)
         zygote_enabled = false; /* the gateway ends the sandbox after this exec */
     zygote_busy();
-    if (zygote_can_serve(r)) {
+    if (zygote_sock >= 0 && zygote_can_serve(r)) {
         if (standby_sock >= 0 && spawn_on_standby(channel, r))
             return;
         /* No standby: execs came together, or the zygote cannot fork one (stopped by code in

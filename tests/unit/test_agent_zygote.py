@@ -418,9 +418,14 @@ async def test_the_zygote_waits_for_running_execs_and_never_follows_a_last_one(
             assert (result.stdout, zygote) == (b"still served\n", False)
 
 
-def _started_at(pid: int) -> int:
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the name (which can hold anything): state first."""
     with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[19])
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _started_at(pid: int) -> int:
+    return int(_stat(pid)[19])
 
 
 async def test_quiesce_kills_the_zygote_and_its_standby_and_both_come_back(
@@ -448,6 +453,13 @@ async def test_quiesce_kills_the_zygote_and_its_standby_and_both_come_back(
             assert zygote not in children_of(agent.process.pid)
 
 
+async def stop(pid: int) -> None:
+    """SIGSTOP, and wait until the process is stopped (the signal takes effect a moment later)."""
+    os.kill(pid, signal.SIGSTOP)
+    while _stat(pid)[0] != "T":
+        await trio.sleep(0.001)
+
+
 async def test_an_exec_on_a_stopped_standby_runs_as_a_normal_exec_with_its_input_and_signals(
     tmp_path: Path,
 ) -> None:
@@ -458,7 +470,7 @@ async def test_an_exec_on_a_stopped_standby_runs_as_a_normal_exec_with_its_input
         with trio.fail_after(TIMEOUT):
             await wait_for_zygote(agent)
             _zygote, standby = sorted(children_of(agent.process.pid), key=_started_at)
-            os.kill(standby, signal.SIGSTOP)
+            await stop(standby)
             echo = ["python3", "-c", "import sys; print(sys.stdin.read(), end='')"]
             result, zygote = await run(agent, echo, stdin=b"kept\n")
             assert (result.stdout, zygote) == (b"kept\n", False), result
@@ -467,7 +479,7 @@ async def test_an_exec_on_a_stopped_standby_runs_as_a_normal_exec_with_its_input
 
             await wait_for_zygote(agent)  # the zygote, never stopped, forked the next standby
             _zygote, standby = sorted(children_of(agent.process.pid), key=_started_at)
-            os.kill(standby, signal.SIGSTOP)
+            await stop(standby)  # stopped before the signal comes, or the signal ends it at once
             number = await agent.start(["python3", "-c", "import time; time.sleep(30)"], env=ENV)
             await agent.channel.send_signal(number, signal.SIGTERM)
             result = await agent.finish(number)
