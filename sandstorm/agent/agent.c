@@ -2229,10 +2229,11 @@ static int poll_timeout(void) {
  * compile), left alone, or stopped by code in the sandbox before it started, so none of the
  * user's code ran: then it runs as a normal exec, and a stopped zygote is replaced. */
 static void check_held(struct exec *ex, double now) {
-    check_start(ex);
+    bool stopped = process_stopped(ex->pid);
+    check_start(ex); /* after: a process already stopped cannot start in between */
     if (!ex->held)
         return;
-    if (!process_stopped(ex->pid)) {
+    if (!stopped) {
         ex->deadline = now + ZYGOTE_START_S;
         return;
     }
