@@ -1036,7 +1036,6 @@ struct exec {
     struct buf start_error;
     struct buf pending; /* stdin not yet written */
     bool close_requested;
-    bool held; /* a zygote exec not started yet: user input waits behind its request */
     size_t request_left; /* bytes of `pending` that are still its request (zygote exec) */
     bool zygote;
     struct request *request; /* kept to report errors, and for a zygote fallback */
@@ -1206,17 +1205,22 @@ static void close_stdin(struct exec *ex) {
     buf_free(&ex->pending);
 }
 
-/* Whether pending input can be written now: a held zygote exec takes only its request (its
- * user input is kept for a normal exec, should it fall back). */
+/* A zygote exec its standby has not started yet (its start pipe still open): its user input
+ * waits behind its request, kept for a normal exec should it fall back. */
+static bool held(const struct exec *ex) {
+    return ex->zygote && ex->start_fd >= 0;
+}
+
+/* Whether pending input can be written now: a held exec takes only its request. */
 static bool stdin_writable(const struct exec *ex) {
-    return ex->stdin_fd >= 0 && buf_size(&ex->pending) && (!ex->held || ex->request_left);
+    return ex->stdin_fd >= 0 && buf_size(&ex->pending) && (!held(ex) || ex->request_left);
 }
 
 /* Writes as much pending input as the pipe takes (the main loop polls for the rest). */
 static void flush_stdin(struct exec *ex) {
     while (stdin_writable(ex)) {
         size_t size = buf_size(&ex->pending);
-        if (ex->held && size > ex->request_left)
+        if (held(ex) && size > ex->request_left)
             size = ex->request_left;
         ssize_t n = write(ex->stdin_fd, ex->pending.data + ex->pending.off, size);
         if (n < 0) {
@@ -1229,7 +1233,7 @@ static void flush_stdin(struct exec *ex) {
             return;
         }
         ex->pending.off += (size_t)n;
-        if (ex->held)
+        if (held(ex))
             ex->request_left -= (size_t)n;
     }
     if (ex->stdin_fd < 0 || buf_size(&ex->pending))
@@ -1317,8 +1321,6 @@ static void check_start(struct exec *ex) {
     }
     close(ex->start_fd);
     ex->start_fd = -1;
-    ex->held = false;
-    ex->nsignals = 0;
     if (ex->start_error.len) {
         /* No STARTED: the process exits 126/127 and is reaped like any other. */
         close_stdin(ex);
@@ -1649,8 +1651,7 @@ static void zygote_fallback(struct exec *ex) {
     kill(-ex->pid, SIGKILL); /* reaped later as a pid no exec has */
     ex->pending.off += ex->request_left; /* the request's unwritten rest: not input */
     ex->request_left = 0;
-    ex->held = false;
-    ex->zygote = false;
+    ex->zygote = false; /* not held any more */
     close_output(ex, STDOUT);
     close_output(ex, STDERR);
     if (ex->start_fd >= 0) {
@@ -1767,7 +1768,6 @@ static bool spawn_on_standby(uint32_t channel, struct request *r) {
     ex->request = r;
     ex->started = monotonic();
     ex->zygote = true;
-    ex->held = true;
     ex->deadline = ex->started + ZYGOTE_START_S;
     track(ex, pid, fds);
     exec_link(ex);
@@ -1913,7 +1913,7 @@ static void on_signal(uint32_t channel, const char *payload, size_t n) {
         return; /* unknown or finished exec: ignored */
     if (kill(-ex->pid, signum) < 0 && errno != ESRCH)
         send_error(channel, "cannot send signal %d: %s", signum, strerror(errno));
-    if (ex->held && ex->nsignals < MAX_HELD_SIGNALS)
+    if (held(ex) && ex->nsignals < MAX_HELD_SIGNALS)
         ex->signals[ex->nsignals++] = signum; /* for the normal exec, should it fall back */
 }
 
@@ -2217,7 +2217,7 @@ static int poll_timeout(void) {
     if (zygote_wanted() && !execs)
         due = zygote_due;
     for (struct exec *ex = execs; ex; ex = ex->next)
-        if (ex->held && (due < 0 || ex->deadline < due))
+        if (held(ex) && (due < 0 || ex->deadline < due))
             due = ex->deadline;
     if (due < 0)
         return -1;
@@ -2231,7 +2231,7 @@ static int poll_timeout(void) {
 static void check_held(struct exec *ex, double now) {
     bool stopped = process_stopped(ex->pid);
     check_start(ex); /* after: a process already stopped cannot start in between */
-    if (!ex->held)
+    if (!held(ex))
         return;
     if (!stopped) {
         ex->deadline = now + ZYGOTE_START_S;
@@ -2246,7 +2246,7 @@ static void zygote_tick(void) {
     double now = monotonic();
     for (struct exec *ex = execs, *next; ex; ex = next) {
         next = ex->next; /* a failed fallback frees ex */
-        if (ex->held && now >= ex->deadline)
+        if (held(ex) && now >= ex->deadline)
             check_held(ex, now);
     }
     if (zygote_wanted() && !execs && now >= zygote_due)

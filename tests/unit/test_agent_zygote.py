@@ -428,6 +428,12 @@ def _started_at(pid: int) -> int:
     return int(_stat(pid)[19])
 
 
+def zygote_and_standby(agent: Agent) -> tuple[int, int]:
+    """The agent's two children once the zygote has forked its standby, the zygote first."""
+    zygote, standby = sorted(children_of(agent.process.pid), key=_started_at)
+    return zygote, standby
+
+
 async def test_quiesce_kills_the_zygote_and_its_standby_and_both_come_back(
     tmp_path: Path,
 ) -> None:
@@ -438,7 +444,7 @@ async def test_quiesce_kills_the_zygote_and_its_standby_and_both_come_back(
     async with running_agent(tmp_path) as agent:
         with trio.fail_after(TIMEOUT):
             await wait_for_zygote(agent)
-            zygote, standby = sorted(children_of(agent.process.pid), key=_started_at)
+            zygote, standby = zygote_and_standby(agent)
             os.kill(standby, signal.SIGSTOP)
             await agent.channel.send_quiesce()
             await agent.channel.send_ping(b"quiesced")
@@ -469,7 +475,7 @@ async def test_an_exec_on_a_stopped_standby_runs_as_a_normal_exec_with_its_input
     async with running_agent(tmp_path) as agent:
         with trio.fail_after(TIMEOUT):
             await wait_for_zygote(agent)
-            _zygote, standby = sorted(children_of(agent.process.pid), key=_started_at)
+            _zygote, standby = zygote_and_standby(agent)
             await stop(standby)
             echo = ["python3", "-c", "import sys; print(sys.stdin.read(), end='')"]
             result, zygote = await run(agent, echo, stdin=b"kept\n")
@@ -478,7 +484,7 @@ async def test_an_exec_on_a_stopped_standby_runs_as_a_normal_exec_with_its_input
             assert result.pid != standby
 
             await wait_for_zygote(agent)  # the zygote, never stopped, forked the next standby
-            _zygote, standby = sorted(children_of(agent.process.pid), key=_started_at)
+            _zygote, standby = zygote_and_standby(agent)
             await stop(standby)  # stopped before the signal comes, or the signal ends it at once
             number = await agent.start(["python3", "-c", "import time; time.sleep(30)"], env=ENV)
             await agent.channel.send_signal(number, signal.SIGTERM)
