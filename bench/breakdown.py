@@ -33,9 +33,9 @@ from bench.harness import Context, bench_context
 from bench.scenarios import HELLO, _pool_ready
 from sandstorm.actors import pool, router, sandbox
 from sandstorm.agent import client as agent_client
-from sandstorm.client import AsyncClient
 from sandstorm.config import WarmPoolClass
 from sandstorm.runtimes import gvisor
+from sandstorm.sdk import AsyncClient
 
 # The first time each point is passed after marks.clear(): the request's own, not a background
 # task's (a pool refill, a periodic checkpoint) that passes it later.

@@ -20,13 +20,13 @@ import msgspec
 import trio
 
 from sandstorm.agent import HEADER, FrameKind, agent_command
-from sandstorm.client import AsyncClient
 from sandstorm.config import Config, load_config
-from sandstorm.gateway import serve
 from sandstorm.images.builder import image_rootfs, load_manifest
+from sandstorm.main import serve
 from sandstorm.runtimes.base import SandboxSpec
 from sandstorm.runtimes.cgroups import V1_ALL, SandboxCgroups
 from sandstorm.runtimes.gvisor import RUNSC_ENV, host_limits, oci_config
+from sandstorm.sdk import AsyncClient
 
 IMAGE_DATA_DIR = Path(os.environ.get("SANDSTORM_DATA_DIR", "/var/lib/sandstorm"))
 PING = int(FrameKind.PING)

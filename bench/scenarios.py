@@ -22,8 +22,8 @@ from bench.harness import Context, Result
 from bench.scale import concurrency, footprint
 from bench.snapshots import snapshot_and_resume
 from bench.stream_client import TICKER, flood
-from sandstorm.client import AsyncClient
 from sandstorm.config import WarmPoolClass
+from sandstorm.sdk import AsyncClient
 
 HELLO = "print('Hello, World!')"
 ROOT = Path(__file__).resolve().parents[1]

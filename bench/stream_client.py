@@ -26,8 +26,8 @@ from typing import Any
 
 import trio
 
-from sandstorm.client import AsyncClient
-from sandstorm.protocol import ErrorEvent, ExitEvent, LaggedEvent, StdoutEvent
+from sandstorm.api.types import ErrorEvent, ExitEvent, LaggedEvent, StdoutEvent
+from sandstorm.sdk import AsyncClient
 
 # ``since`` past any real seq: the stream carries only live events.
 LIVE_ONLY = 10**15

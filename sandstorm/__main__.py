@@ -1,3 +1,3 @@
-from sandstorm.cli import main
+from sandstorm.cli.main import main
 
 raise SystemExit(main())

@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from sandstorm.protocol import MIB, RuntimeName
+from sandstorm.api.types import MIB, RuntimeName
 
 DEFAULT_DATA_DIR = Path("/var/lib/sandstorm")
 

@@ -28,7 +28,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sandstorm import __version__
-from sandstorm.protocol import ExecResult, RuntimeName, SandboxState, Verdict
+from sandstorm.api.types import ExecResult, RuntimeName, SandboxState, Verdict
 
 # The classic text format that generate_latest() writes, which every Prometheus version reads
 # (prometheus-client's CONTENT_TYPE_LATEST names a newer version in recent releases).

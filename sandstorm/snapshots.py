@@ -19,9 +19,9 @@ from pathlib import Path
 import msgspec
 import trio
 
+from sandstorm.api.types import IsolationLevel, SnapshotInfo
 from sandstorm.errors import NotFound
 from sandstorm.ids import is_id
-from sandstorm.protocol import IsolationLevel, SnapshotInfo
 from sandstorm.store import AsyncStore, SnapshotRecord, Store
 
 # Written by catalogues before the store; imported once (tenant "default") on open.

@@ -31,7 +31,7 @@ from typing import Any, ParamSpec, TypeVar
 import msgspec
 import trio
 
-from sandstorm.protocol import ExecResult, SandboxState
+from sandstorm.api.types import ExecResult, SandboxState
 
 DB_NAME = "sandstorm.db"
 # Rewritten (a new random token) by every change to keys and tenants made through Store, from

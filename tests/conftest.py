@@ -19,11 +19,11 @@ import httpx
 import pytest
 import trio
 
+from sandstorm.api.types import RuntimeName
 from sandstorm.config import Config, load_config
-from sandstorm.gateway import serve
 from sandstorm.images.builder import load_manifest
 from sandstorm.images.vm import load_vm_manifest
-from sandstorm.protocol import RuntimeName
+from sandstorm.main import serve
 from sandstorm.runtimes.cgroups import V1_ALL, SandboxCgroups
 from tests.harness import RunningGateway, RuntimeRouting
 from tests.hoststate import HostState, host_mounts_under, settled_state

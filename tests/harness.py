@@ -13,9 +13,9 @@ import httpx
 import trio
 
 from sandstorm.agent import AGENT_COMMAND_PREFIX
-from sandstorm.client import AsyncClient
+from sandstorm.api.types import IsolationLevel, RuntimeName
 from sandstorm.config import Config
-from sandstorm.protocol import IsolationLevel, RuntimeName
+from sandstorm.sdk import AsyncClient
 
 #: The level a request must ask for to be served by each runtime the tests run on (qemu is the
 #: fallback for ``maximum`` where Firecracker is missing, as here).

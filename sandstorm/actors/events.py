@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import trio
 
-from sandstorm.protocol import JSON_ENCODER, StreamEvent
-from sandstorm.timestamps import rfc3339
+from sandstorm.api.timestamps import rfc3339
+from sandstorm.api.types import JSON_ENCODER, StreamEvent
 
 
 @dataclass(frozen=True, slots=True)

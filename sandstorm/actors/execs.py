@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import trio
 
 from sandstorm.agent.client import ExitInfo, FrameKind
-from sandstorm.protocol import ExecResult, ExecSummary, StderrEvent, StdoutEvent, Verdict
-from sandstorm.timestamps import rfc3339
+from sandstorm.api.timestamps import rfc3339
+from sandstorm.api.types import ExecResult, ExecSummary, StderrEvent, StdoutEvent, Verdict
 
 
 class OutputBuffer:

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from sandstorm.actors.sandbox import SandboxActor
+from sandstorm.actors.tenancy import check_exec_quota, check_sandbox_quota, retry_after
 from sandstorm.store import Tenant
-from sandstorm.tenancy import check_exec_quota, check_sandbox_quota, retry_after
 
 
 class TenantLedger:

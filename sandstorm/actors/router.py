@@ -21,8 +21,26 @@ import trio
 from sandstorm.actors.execs import ExecRecord
 from sandstorm.actors.pool import POOL_TENANT, WarmPool
 from sandstorm.actors.quotas import TenantLedger
+from sandstorm.actors.recorder import Recorder
 from sandstorm.actors.sandbox import ExecPlan, Recovered, SandboxActor, SandboxParams
+from sandstorm.actors.tenancy import DEFAULT_TENANT
 from sandstorm.agent.client import MAX_GATEWAY_FRAME
+from sandstorm.api.selection import NoRuntime, Selected, select_runtime
+from sandstorm.api.types import (
+    JSON_ENCODER,
+    ExecRequest,
+    IsolationLevel,
+    Mount,
+    RunRequest,
+    RuntimeName,
+)
+from sandstorm.api.validation import (
+    INLINE_CODE_LIMIT,
+    check_exec,
+    check_run,
+    code_argv,
+    resolve_mount,
+)
 from sandstorm.config import Config
 from sandstorm.errors import (
     AtCapacity,
@@ -33,28 +51,10 @@ from sandstorm.errors import (
 )
 from sandstorm.ids import is_id, new_id
 from sandstorm.metrics import Metrics
-from sandstorm.protocol import (
-    JSON_ENCODER,
-    ExecRequest,
-    IsolationLevel,
-    Mount,
-    RunRequest,
-    RuntimeName,
-)
-from sandstorm.recorder import Recorder
 from sandstorm.runtimes.base import MountSpec, SandboxSpec
 from sandstorm.runtimes.registry import RuntimeRegistry
-from sandstorm.selection import NoRuntime, Selected, select_runtime
 from sandstorm.snapshots import SnapshotCatalog, SnapshotCorrupt, SnapshotMeta
 from sandstorm.store import AsyncStore, ExecRecordRow, Quotas, SandboxRecord, Tenant
-from sandstorm.tenancy import DEFAULT_TENANT
-from sandstorm.validation import (
-    INLINE_CODE_LIMIT,
-    check_exec,
-    check_run,
-    code_argv,
-    resolve_mount,
-)
 
 log = logging.getLogger(__name__)
 # Ended sandboxes stay answerable (status, results, a late stream's replay) until one of these

@@ -23,6 +23,7 @@ import trio
 
 from sandstorm.actors.events import EventLog
 from sandstorm.actors.execs import ExecRecord, OutputBuffer
+from sandstorm.actors.recorder import Recorder
 from sandstorm.agent.client import (
     WRITE_FILE_CHUNK,
     AgentChannel,
@@ -33,6 +34,22 @@ from sandstorm.agent.client import (
     decode_exit,
     decode_file_written,
     decode_started,
+)
+from sandstorm.api.timestamps import rfc3339, rfc3339_from_epoch
+from sandstorm.api.types import (
+    ExecResult,
+    ExecStartedEvent,
+    ExitEvent,
+    Failure,
+    IsolationLevel,
+    Limits,
+    RuntimeName,
+    SandboxState,
+    SandboxStatus,
+    SelectionReason,
+    StatusEvent,
+    Usage,
+    Verdict,
 )
 from sandstorm.config import Config
 from sandstorm.errors import (
@@ -49,22 +66,6 @@ from sandstorm.errors import (
 from sandstorm.ids import new_id
 from sandstorm.logs import bind_sandbox
 from sandstorm.metrics import Metrics
-from sandstorm.protocol import (
-    ExecResult,
-    ExecStartedEvent,
-    ExitEvent,
-    Failure,
-    IsolationLevel,
-    Limits,
-    RuntimeName,
-    SandboxState,
-    SandboxStatus,
-    SelectionReason,
-    StatusEvent,
-    Usage,
-    Verdict,
-)
-from sandstorm.recorder import Recorder
 from sandstorm.runtimes.base import (
     RuntimeInstance,
     RuntimeStartError,
@@ -80,7 +81,6 @@ from sandstorm.store import (
     SandboxProgress,
     SandboxRecord,
 )
-from sandstorm.timestamps import rfc3339, rfc3339_from_epoch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -898,7 +898,7 @@ class SandboxActor:
             await self._request_teardown("destroyed", None, note=f"snapshot {snapshot_id} taken")
 
     def _snapshot_meta(self, snapshot_id: str) -> SnapshotMeta:
-        from sandstorm.protocol import SnapshotInfo
+        from sandstorm.api.types import SnapshotInfo
 
         spec = self.params.spec
         return SnapshotMeta(

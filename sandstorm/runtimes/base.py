@@ -16,7 +16,7 @@ from typing import Protocol
 import trio
 
 from sandstorm.agent.client import AgentChannel
-from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
+from sandstorm.api.types import IsolationLevel, RuntimeCapabilities, RuntimeName
 
 
 class RuntimeStartError(Exception):

@@ -42,9 +42,9 @@ import trio
 
 from sandstorm.agent import AGENT_MOUNT_POINT, agent_command
 from sandstorm.agent.client import AgentChannel
+from sandstorm.api.types import MIB, IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.ids import is_id
 from sandstorm.images.vm import CpioWriter, add_agent, load_vm_manifest, vm_dir
-from sandstorm.protocol import MIB, IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.runtimes import firecracker_api as fapi
 from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import CPU_PERIOD_US, CgroupAccounting, Limits, SandboxCgroups

@@ -22,9 +22,9 @@ import msgspec
 import trio
 
 from sandstorm.agent import AGENT_DIRECTORY, AGENT_MOUNT_POINT, agent_command
+from sandstorm.api.types import IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.config import DEFAULT_GVISOR_PLATFORM, GvisorPlatform
 from sandstorm.ids import is_id
-from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec, run_control
 from sandstorm.runtimes.cgroups import CgroupAccounting, Limits, SandboxCgroups
 from sandstorm.runtimes.host_mounts import read_only_on_the_host, unmount_all

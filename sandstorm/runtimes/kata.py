@@ -23,8 +23,8 @@ from pathlib import Path
 import msgspec
 import trio
 
+from sandstorm.api.types import IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.ids import is_id
-from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.runtimes import kata_spec
 from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec, run_control
 from sandstorm.runtimes.cgroups import SandboxCgroups

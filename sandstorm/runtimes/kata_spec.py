@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from sandstorm.protocol import MIB
+from sandstorm.api.types import MIB
 from sandstorm.runtimes.base import RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import Limits
 from sandstorm.runtimes.gvisor import oci_config
@@ -23,7 +23,7 @@ RUNC_RUNTIME_TYPE = "io.containerd.runc.v2"
 NAMESPACE = "sandstorm"
 # Every container carries this label with the gateway's tag: two gateways on one containerd
 # (one namespace) each list, and reap, only their own.
-GATEWAY_LABEL = "io.sandstorm.gateway"
+GATEWAY_LABEL = "io.sandstorm.supervisor.gateway"
 VCPUS_ANNOTATION = "io.katacontainers.config.hypervisor.default_vcpus"
 MEMORY_ANNOTATION = "io.katacontainers.config.hypervisor.default_memory"
 # The guest's own share of its RAM: the kernel, kata-agent, and the page cache its virtio-fs

@@ -36,9 +36,9 @@ from pathlib import Path
 import trio
 
 from sandstorm.agent import agent_command
+from sandstorm.api.types import MIB, IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.ids import is_id
 from sandstorm.images.vm import CpioWriter, add_agent, load_vm_manifest, vm_dir
-from sandstorm.protocol import MIB, IsolationLevel, RuntimeCapabilities, RuntimeName
 from sandstorm.runtimes.base import Detection, MountSpec, RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import CgroupAccounting, Limits, SandboxCgroups
 from sandstorm.runtimes.detection import first_executable, not_found, read_version

@@ -11,14 +11,15 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from sandstorm.config import Config
-from sandstorm.errors import RuntimeUnavailable
-from sandstorm.protocol import (
+from sandstorm.api.selection import LEVEL_DEFAULTS, SUPPORTED_LEVELS
+from sandstorm.api.types import (
     RUNTIME_NAMES,
     RuntimeCapabilities,
     RuntimeInfo,
     RuntimeName,
 )
+from sandstorm.config import Config
+from sandstorm.errors import RuntimeUnavailable
 from sandstorm.runtimes import detection
 from sandstorm.runtimes.base import Detection, SandboxRuntime
 from sandstorm.runtimes.cgroups import SandboxCgroups
@@ -26,7 +27,6 @@ from sandstorm.runtimes.firecracker import FirecrackerRuntime
 from sandstorm.runtimes.gvisor import GvisorRuntime
 from sandstorm.runtimes.kata import KataRuntime
 from sandstorm.runtimes.qemu import QemuRuntime
-from sandstorm.selection import LEVEL_DEFAULTS, SUPPORTED_LEVELS
 
 _NO_CAPABILITIES = RuntimeCapabilities(snapshot=False, exec=False, streaming=False, network=False)
 _VM_CAPABILITIES: dict[RuntimeName, RuntimeCapabilities] = {

@@ -14,6 +14,7 @@ from quart import Response, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from sandstorm.api.types import JSON_ENCODER, ErrorDetail, ErrorResponse
 from sandstorm.errors import (
     AtCapacity,
     GatewayError,
@@ -22,12 +23,11 @@ from sandstorm.errors import (
     Unauthorized,
 )
 from sandstorm.logs import RequestIdMiddleware, bind
-from sandstorm.protocol import JSON_ENCODER, ErrorDetail, ErrorResponse
 from sandstorm.store import StoreError
 from sandstorm.web import auth
 
 if TYPE_CHECKING:
-    from sandstorm.gateway import Gateway
+    from sandstorm.supervisor.gateway import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ import msgspec
 import trio
 from quart import Response, current_app, g, has_websocket_context, request, websocket
 
-from sandstorm import tenancy
+from sandstorm.actors import tenancy
 from sandstorm.errors import Unauthorized
 from sandstorm.logs import log_context
 from sandstorm.store import AuditRecord, Tenant
 
 if TYPE_CHECKING:
-    from sandstorm.gateway import Gateway
+    from sandstorm.supervisor.gateway import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,9 @@ from quart import Blueprint, Response, current_app, request
 
 from sandstorm.actors.router import Router
 from sandstorm.actors.sandbox import SandboxActor
-from sandstorm.decoding import decode_request
-from sandstorm.errors import NotFound, SandboxNotRunning
-from sandstorm.gateway import Gateway
-from sandstorm.ids import is_id
-from sandstorm.logs import bind
-from sandstorm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from sandstorm.protocol import (
+from sandstorm.api.decoding import decode_request
+from sandstorm.api.timestamps import rfc3339_from_epoch
+from sandstorm.api.types import (
     JSON_ENCODER,
     DeleteResponse,
     ExecRequest,
@@ -29,9 +25,13 @@ from sandstorm.protocol import (
     SnapshotList,
     SnapshotRequest,
 )
+from sandstorm.errors import NotFound, SandboxNotRunning
+from sandstorm.ids import is_id
+from sandstorm.logs import bind
+from sandstorm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sandstorm.store import SandboxRecord
-from sandstorm.timestamps import rfc3339_from_epoch
-from sandstorm.web import records
+from sandstorm.supervisor.gateway import Gateway
+from sandstorm.web import views
 from sandstorm.web.auth import current_tenant
 
 blueprint = Blueprint("rest", __name__)
@@ -151,7 +151,7 @@ async def sandbox_status(sandbox_id: str) -> Response:
     if isinstance(found, SandboxActor):
         return _json(found.status())
     execs = await _gateway().store.list_execs(found.id)
-    return _json(records.sandbox_status(found, execs))
+    return _json(views.sandbox_status(found, execs))
 
 
 @blueprint.get("/v1/sandboxes/<sandbox_id>/execs/<exec_id>")
@@ -164,7 +164,7 @@ async def exec_status(sandbox_id: str, exec_id: str) -> Response:
     row = await _gateway().store.get_exec(exec_id) if is_id(exec_id, "exe") else None
     if row is None or row.sandbox_id != sandbox_id:
         raise NotFound(f"exec {exec_id!r} not found in {sandbox_id}", exec_id=exec_id)
-    return _json(records.exec_summary(row))
+    return _json(views.exec_summary(row))
 
 
 @blueprint.delete("/v1/sandboxes/<sandbox_id>")
@@ -187,7 +187,7 @@ async def list_sandboxes() -> Response:
     # execs: a listing stays one query; their status has them).
     held = {a.id for a in actors} | router.live_ids()
     stored = await _gateway().store.list_sandboxes(tenant, MAX_LISTED_RECORDS)
-    statuses = [records.sandbox_status(r, []) for r in stored if r.id not in held] + statuses
+    statuses = [views.sandbox_status(r, []) for r in stored if r.id not in held] + statuses
     if state is not None:
         statuses = [s for s in statuses if s.state == state]
     return _json(SandboxList(sandboxes=statuses))

@@ -22,11 +22,8 @@ from quart import Blueprint, current_app, g, websocket
 
 from sandstorm.actors.events import Subscriber
 from sandstorm.actors.sandbox import SandboxActor
-from sandstorm.config import Config
-from sandstorm.decoding import decode_request
-from sandstorm.errors import AtCapacity, GatewayError, InvalidRequest, SandboxNotRunning
-from sandstorm.gateway import Gateway
-from sandstorm.protocol import (
+from sandstorm.api.decoding import decode_request
+from sandstorm.api.types import (
     JSON_ENCODER,
     ClientFrame,
     ErrorEvent,
@@ -38,7 +35,10 @@ from sandstorm.protocol import (
     StdinCloseFrame,
     StdinFrame,
 )
+from sandstorm.config import Config
+from sandstorm.errors import AtCapacity, GatewayError, InvalidRequest, SandboxNotRunning
 from sandstorm.store import AuditRecord, Tenant
+from sandstorm.supervisor.gateway import Gateway
 from sandstorm.web.auth import current_request_id, current_tenant, record_audit
 
 log = logging.getLogger(__name__)

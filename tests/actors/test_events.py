@@ -7,7 +7,7 @@ import json
 import trio
 
 from sandstorm.actors.events import BURST_SLACK, EventLog
-from sandstorm.protocol import StdoutEvent
+from sandstorm.api.types import StdoutEvent
 
 
 def out(data: str):  # type: ignore[no-untyped-def]

@@ -11,9 +11,9 @@ import pytest
 import trio
 
 from sandstorm.actors.sandbox import SandboxActor, SandboxParams
+from sandstorm.api.types import RuntimeCapabilities
 from sandstorm.config import load_config
 from sandstorm.errors import SnapshotUnsupported
-from sandstorm.protocol import RuntimeCapabilities
 from sandstorm.runtimes.base import SandboxSpec
 from sandstorm.snapshots import SnapshotCatalog
 from sandstorm.store import AsyncStore

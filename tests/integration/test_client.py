@@ -8,7 +8,7 @@ import time
 import pytest
 import trio
 
-from sandstorm.client import AsyncClient, Client, SandstormError
+from sandstorm.sdk import AsyncClient, Client, SandstormError
 from tests.harness import RunningGateway
 
 

@@ -27,9 +27,9 @@ import trio
 import yaml
 
 from sandstorm.agent.client import AgentChannel, FrameKind, decode_exit
+from sandstorm.api.types import MIB
 from sandstorm.config import load_config
 from sandstorm.ids import new_id
-from sandstorm.protocol import MIB
 from sandstorm.runtimes import firecracker_api as fapi
 from sandstorm.runtimes.base import MountSpec, RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import Limits, SandboxCgroups

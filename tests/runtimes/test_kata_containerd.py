@@ -22,8 +22,8 @@ import pytest
 import trio
 
 from sandstorm.agent.client import Frame, FrameKind
+from sandstorm.api.types import MIB
 from sandstorm.ids import new_id
-from sandstorm.protocol import MIB
 from sandstorm.runtimes.base import SandboxSpec
 from sandstorm.runtimes.cgroups import V1_ALL, SandboxCgroups
 from sandstorm.runtimes.kata import KataRuntime
@@ -103,7 +103,7 @@ def test_ctr_argv_and_shim_names(tmp_path: Path) -> None:
     assert argv == [
         *prefix, "run", "--rm", "--config", str(tmp_path / "spec.json"),
         "--runtime", "io.containerd.kata.v2", "--fifo-dir", str(tmp_path / "fifo"),
-        "--label", "io.sandstorm.gateway=t1", "sbx_a",
+        "--label", "io.sandstorm.supervisor.gateway=t1", "sbx_a",
     ]  # fmt: skip
     # runc-only options are given to runc only (ctr refuses them for another runtime).
     argv = ctr_run_argv(prefix, runtime_type=RUNC_RUNTIME_TYPE, **common)

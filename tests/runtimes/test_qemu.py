@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from sandstorm.agent.client import Frame, FrameKind
+from sandstorm.api.types import MIB
 from sandstorm.ids import new_id
 from sandstorm.images.vm import (
     CpioWriter,
@@ -21,7 +22,6 @@ from sandstorm.images.vm import (
     load_vm_manifest,
     module_depends,
 )
-from sandstorm.protocol import MIB
 from sandstorm.runtimes.base import SandboxSpec
 from sandstorm.runtimes.cgroups import V1_ALL, SandboxCgroups
 from sandstorm.runtimes.qemu import (

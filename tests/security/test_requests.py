@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from sandstorm.decoding import find_duplicate_key
+from sandstorm.api.decoding import find_duplicate_key
 from tests.harness import RunningGateway, never_500, send_raw_request
 
 # Request parsing and validation happen before any runtime is chosen.

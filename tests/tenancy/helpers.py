@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import trio
 
+from sandstorm.actors.tenancy import new_key
 from sandstorm.store import Quotas, Store, key_hash
-from sandstorm.tenancy import new_key
 from tests.harness import RunningGateway
 
 # Headers that differ between any two responses, whatever they answer.

@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from sandstorm.client import AsyncClient
+from sandstorm.sdk import AsyncClient
 from sandstorm.store import DB_NAME, Store
 from tests.harness import RunningGateway
 from tests.tenancy.helpers import client_for, make_key

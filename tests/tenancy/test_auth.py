@@ -9,7 +9,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from sandstorm.client import AsyncClient, SandstormError
+from sandstorm.sdk import AsyncClient, SandstormError
 from tests.harness import RunningGateway
 from tests.tenancy.helpers import client_for, make_key, revoke, ws_upgrade
 
@@ -93,7 +93,7 @@ async def test_websocket_upgrade_needs_the_key(gw: RunningGateway) -> None:
 
 
 async def test_client_library_and_cli_take_the_key(gw: RunningGateway) -> None:
-    from sandstorm.client import Client
+    from sandstorm.sdk import Client
     from tests.integration.test_cli import _env, cli
 
     with trio.fail_after(60):

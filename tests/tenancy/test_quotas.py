@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import trio
 
-from sandstorm.client import AsyncClient
+from sandstorm.sdk import AsyncClient
 from tests.harness import RunningGateway
 from tests.tenancy.helpers import client_for, make_key
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sandstorm import cli
 from sandstorm.agent import AGENT_COMMAND_PREFIX, agent_command, agent_files, build
+from sandstorm.cli import main as cli
 from sandstorm.native import binary_path
 from sandstorm.shim.build import ensure_shim_binary
 

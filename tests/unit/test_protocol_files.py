@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 
-from sandstorm.schema import PROTOCOL_DIR, generated
+from sandstorm.api.schema import PROTOCOL_DIR, generated
 
 
 def test_generated_protocol_files_are_current() -> None:
     for name, text in generated().items():
         path = PROTOCOL_DIR / name
-        assert path.exists(), f"{name} missing: run python -m sandstorm.schema"
-        assert path.read_text() == text, f"{name} is stale: run python -m sandstorm.schema"
+        assert path.exists(), f"{name} missing: run python -m sandstorm.api.schema"
+        assert path.read_text() == text, f"{name} is stale: run python -m sandstorm.api.schema"
 
 
 def test_openapi_names_every_route_of_the_spec() -> None:

@@ -1,4 +1,4 @@
-"""The gateway's reaper keeps going when a runtime cannot list its sandboxes: a slow or broken
+"""The reaper keeps going when a runtime cannot list its sandboxes: a slow or broken
 runtime is logged and retried at the next pass, and the other runtimes are still reaped. (Real
 reaping is exercised on runsc in tests/runtimes; this is the loop's logic, with stand-ins.)"""
 
@@ -11,9 +11,8 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from sandstorm.config import load_config
-from sandstorm.gateway import Gateway
 from sandstorm.runtimes.base import RuntimeStartError
+from sandstorm.supervisor.reaper import reap
 
 
 class Listing:
@@ -40,10 +39,8 @@ async def test_a_runtime_that_cannot_list_does_not_stop_the_reaper(
         drivers={"gvisor": broken, "qemu": working},
         detections={"gvisor": available, "qemu": available},
     )
-    gateway = Gateway(load_config(None, data_dir=str(tmp_path)), registry)  # type: ignore[arg-type]
-    router = SimpleNamespace(live_ids=set)
-    with trio.fail_after(5), caplog.at_level(logging.WARNING, logger="sandstorm.gateway"):
-        released = await gateway.reap(router)  # type: ignore[arg-type]
+    with trio.fail_after(5), caplog.at_level(logging.WARNING, logger="sandstorm.supervisor.reaper"):
+        released = await reap(registry, set)  # type: ignore[arg-type]
     assert released == ["everything of sbx_1"]
     assert working.destroyed == ["sbx_1"]
     assert "cannot list gvisor's sandboxes: runsc list timed out" in caplog.text

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import trio
 
+from sandstorm.actors.recorder import Recorder
 from sandstorm.ids import new_id
-from sandstorm.recorder import Recorder
 from sandstorm.store import AsyncStore, AuditRecord, SandboxRecord
 
 

@@ -2,7 +2,7 @@
 
 Every isolation level x every preference (none and the four runtimes) x every subset of available
 runtimes: 3 x 5 x 16 = 240 cases. The expected function below is written from the SPEC text
-only (it does not import the support matrix or the fallback order from ``sandstorm.selection``).
+only (it does not import the support matrix or the fallback order from ``sandstorm.api.selection``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sandstorm.selection import NoRuntime, Selected, select_runtime
+from sandstorm.api.selection import NoRuntime, Selected, select_runtime
 
 # SPEC §1, the runtime table: "isolation levels it supports".
 SPEC_LEVELS: dict[str, set[str]] = {

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from sandstorm import cli
 from sandstorm.agent.build import ensure_agent_binary
 from sandstorm.agent.client import HEADER, FrameKind
+from sandstorm.cli import main as cli
 from sandstorm.runtimes.base import RuntimeStartError
 from sandstorm.shim import build, wire
 from sandstorm.shim.client import (

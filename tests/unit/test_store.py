@@ -13,9 +13,10 @@ import trio
 import trio.testing
 
 from sandstorm import store as store_module
-from sandstorm.cli_admin import parse_since
+from sandstorm.actors.tenancy import new_key, retry_after
+from sandstorm.api.types import ExecResult, SnapshotInfo
+from sandstorm.cli.admin import parse_since
 from sandstorm.ids import new_id
-from sandstorm.protocol import ExecResult, SnapshotInfo
 from sandstorm.snapshots import SnapshotCatalog, SnapshotMeta
 from sandstorm.store import (
     CREDENTIALS_STAMP,
@@ -31,7 +32,6 @@ from sandstorm.store import (
     StoreError,
     key_hash,
 )
-from sandstorm.tenancy import new_key, retry_after
 
 
 def _result(exec_id: str, stdout: str = "out\n") -> ExecResult:

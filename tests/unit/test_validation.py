@@ -13,11 +13,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from sandstorm.config import Config, load_config
-from sandstorm.decoding import decode_json
-from sandstorm.errors import InvalidRequest, MountNotAllowed
-from sandstorm.protocol import MIB, ExecRequest, Mount, RunRequest
-from sandstorm.validation import (
+from sandstorm.api.decoding import decode_json
+from sandstorm.api.types import MIB, ExecRequest, Mount, RunRequest
+from sandstorm.api.validation import (
     INLINE_CODE_LIMIT,
     check_code_or_command,
     check_environment,
@@ -27,6 +25,8 @@ from sandstorm.validation import (
     code_argv,
     resolve_mount,
 )
+from sandstorm.config import Config, load_config
+from sandstorm.errors import InvalidRequest, MountNotAllowed
 
 RUN = msgspec.json.Decoder(RunRequest)
 EXEC = msgspec.json.Decoder(ExecRequest)

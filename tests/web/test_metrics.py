@@ -9,8 +9,8 @@ from typing import Any
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from sandstorm.api.types import ExecResult
 from sandstorm.metrics import Metrics
-from sandstorm.protocol import ExecResult
 from tests.harness import RunningGateway
 
 MIB = 1024 * 1024

@@ -1,6 +1,6 @@
 """Generate ``protocol/openapi.json`` and ``protocol/stream.schema.json`` from the msgspec types.
 
-``python -m sandstorm.schema`` rewrites them; ``python -m sandstorm.schema --check`` (and the test
+``python -m sandstorm.api.schema`` rewrites them; with ``--check`` it (and the test
 ``tests/unit/test_protocol_files.py``) fails when they are stale.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from sandstorm import __version__
-from sandstorm.protocol import (
+from sandstorm.api.types import (
     DeleteResponse,
     ErrorDetail,
     ErrorResponse,
@@ -40,7 +40,7 @@ from sandstorm.protocol import (
     StdoutEvent,
 )
 
-PROTOCOL_DIR = Path(__file__).resolve().parent.parent / "protocol"
+PROTOCOL_DIR = Path(__file__).resolve().parents[2] / "protocol"
 REF = "#/components/schemas/"
 
 _ERRORS = {
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(text)
             print(f"wrote {path}")
     if stale:
-        print(f"stale: {', '.join(stale)}; run python -m sandstorm.schema", file=sys.stderr)
+        print(f"stale: {', '.join(stale)}; run python -m sandstorm.api.schema", file=sys.stderr)
         return 1
     return 0
 

@@ -1,5 +1,5 @@
 """The ``sandstorm`` command: run the gateway, manage its images, and use a gateway as a client
-(run, exec, ls, rm, status, snapshot, snapshots, resume; see ``sandstorm.cli_client``)."""
+(run, exec, ls, rm, status, snapshot, snapshots, resume; see ``sandstorm.cli.client``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import trio
 
-from sandstorm import cli_admin, cli_client
+from sandstorm.cli import admin as cli_admin
+from sandstorm.cli import client as cli_client
 from sandstorm.config import DEFAULT_DATA_DIR, ConfigError, load_config
 from sandstorm.images.builder import ImageError
 from sandstorm.logs import configure as configure_logs
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             if refusal is not None:
                 print(f"sandstorm: {refusal}", file=sys.stderr)
                 return 2
-            from sandstorm.gateway import serve
+            from sandstorm.main import serve
 
             trio.run(serve, config)
             return 0

@@ -2,7 +2,7 @@
 
 These msgspec Structs are the single source of truth: the web layer decodes requests with them,
 encodes responses with them, and ``protocol/openapi.json`` / ``protocol/stream.schema.json`` are
-generated from them (``python -m sandstorm.schema``). New fields must get defaults so that old
+generated from them (``python -m sandstorm.api.schema``). New fields must get defaults so that old
 clients keep working.
 """
 

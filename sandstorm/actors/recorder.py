@@ -18,9 +18,9 @@ import logging
 
 import trio
 
-from sandstorm.protocol import ExecResult, SandboxState
+from sandstorm.api.timestamps import rfc3339
+from sandstorm.api.types import ExecResult, SandboxState
 from sandstorm.store import AsyncStore, AuditRecord, ExecRecordRow
-from sandstorm.timestamps import rfc3339
 
 log = logging.getLogger(__name__)
 # Audit records waiting for the store beyond which a caller waits for the write (backpressure:

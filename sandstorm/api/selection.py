@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sandstorm.protocol import IsolationLevel, RuntimeName, SelectionReason
+from sandstorm.api.types import IsolationLevel, RuntimeName, SelectionReason
 
 SUPPORTED_LEVELS: Mapping[RuntimeName, tuple[IsolationLevel, ...]] = {
     "gvisor": ("standard", "strong"),

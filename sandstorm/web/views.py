@@ -7,9 +7,9 @@ What the store does not keep is reported empty: usage (the sandbox is gone) and 
 
 from __future__ import annotations
 
-from sandstorm.protocol import ExecSummary, Failure, Limits, SandboxStatus, Usage
+from sandstorm.api.timestamps import rfc3339_from_epoch
+from sandstorm.api.types import ExecSummary, Failure, Limits, SandboxStatus, Usage
 from sandstorm.store import ExecRecordRow, SandboxRecord
-from sandstorm.timestamps import rfc3339_from_epoch
 
 
 def exec_summary(row: ExecRecordRow) -> ExecSummary:

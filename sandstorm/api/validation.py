@@ -11,9 +11,9 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from sandstorm.api.types import ExecRequest, Language, Mount, RunRequest
 from sandstorm.config import Config
 from sandstorm.errors import InvalidRequest, MountNotAllowed
-from sandstorm.protocol import ExecRequest, Language, Mount, RunRequest
 from sandstorm.runtimes.base import MountSpec
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -21,10 +21,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sandstorm import tenancy
+from sandstorm.actors import tenancy
+from sandstorm.api.timestamps import rfc3339_from_epoch
 from sandstorm.config import ConfigError, load_config
 from sandstorm.store import AuditRecord, Quotas, Store, StoreError, key_hash
-from sandstorm.timestamps import rfc3339_from_epoch
 
 COMMANDS = ("keys", "audit")
 EXIT_USAGE = 2

@@ -1,6 +1,6 @@
 """The client half of the ``sandstorm`` command: run code, exec, list, remove, snapshot, resume.
 
-Every subcommand talks to a gateway through :mod:`sandstorm.client`; the gateway URL comes from
+Every subcommand talks to a gateway through :mod:`sandstorm.sdk`; the gateway URL comes from
 ``--url`` or ``$SANDSTORM_URL`` (default http://localhost:3000), the API key from
 ``$SANDSTORM_API_KEY`` (never a flag: command lines are visible to every user of the host).
 
@@ -34,8 +34,7 @@ import msgspec
 import trio
 from trio_websocket import ConnectionClosed
 
-from sandstorm.client import AsyncClient, SandstormError, Stream, default_url
-from sandstorm.protocol import (
+from sandstorm.api.types import (
     ISOLATION_LEVELS,
     LANGUAGES,
     RUNTIME_NAMES,
@@ -48,6 +47,7 @@ from sandstorm.protocol import (
     StderrEvent,
     StdoutEvent,
 )
+from sandstorm.sdk import AsyncClient, SandstormError, Stream, default_url
 
 COMMANDS = ("run", "exec", "ls", "rm", "status", "snapshot", "snapshots", "resume")
 

@@ -46,7 +46,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from sandstorm.protocol import (
+from sandstorm.api.types import (
     DeleteResponse,
     ExecAcceptedEvent,
     ExecResponse,

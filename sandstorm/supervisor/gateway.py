@@ -1,5 +1,5 @@
-"""The root supervisor: configuration, runtime registry, snapshot catalog, router, reaper, and
-Hypercorn beside them.
+"""The root supervisor: configuration, runtime registry, store, snapshot catalog, router and
+reaper. ``sandstorm.main`` runs Hypercorn beside it.
 
 The actor tree lives here, not in the ASGI app: Hypercorn runs in a sibling task and the web layer
 only translates HTTP to actor calls, so shutdown drains sandboxes deliberately (the router's
@@ -9,31 +9,30 @@ teardown is shielded) instead of losing them with the app.
 from __future__ import annotations
 
 import logging
-import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
-from hypercorn.config import Config as HypercornConfig
 
 from sandstorm import __version__
+from sandstorm.actors.recorder import Recorder
 from sandstorm.actors.router import Router
 from sandstorm.agent import prepare_agent
+from sandstorm.api.types import LanguageInfo, Ready
+from sandstorm.api.validation import LANGUAGE_COMMANDS
 from sandstorm.config import Config
 from sandstorm.images.builder import ImageManifest, image_rootfs, load_manifest
 from sandstorm.metrics import Metrics
-from sandstorm.protocol import LanguageInfo, Ready
-from sandstorm.recorder import Recorder
 from sandstorm.runtimes.cgroups import SandboxCgroups
 from sandstorm.runtimes.registry import RuntimeRegistry, build_registry
 from sandstorm.shim import prepare_shim
 from sandstorm.snapshots import SnapshotCatalog
-from sandstorm.store import AsyncStore, SandboxRecord
-from sandstorm.validation import LANGUAGE_COMMANDS
+from sandstorm.store import AsyncStore
+from sandstorm.supervisor.reaper import reap, reap_forever
+from sandstorm.supervisor.takeover import take_over
 
 log = logging.getLogger(__name__)
-REAP_INTERVAL_S = 30.0
 
 
 class Gateway:
@@ -133,12 +132,12 @@ class Gateway:
             # Sandboxes an earlier gateway left (crash, or kept at shutdown) are taken over;
             # the rest of its records are failed, and everything it held that no live sandbox
             # owns is reaped — all before the first request is served.
-            await self._take_over(router)
-            await self.reap(router)
+            await take_over(self.store, self.registry, router)
+            await reap(self.registry, router.live_ids)
             await router.start_pool()
             self.store_open = True
             self.router = router
-            nursery.start_soon(self._reap_forever, router)
+            nursery.start_soon(reap_forever, self.registry, router.live_ids)
             try:
                 yield self
             finally:
@@ -146,42 +145,6 @@ class Gateway:
                 if self.config.on_shutdown == "keep":
                     router.detach_all()  # the next gateway takes them over
                 nursery.cancel_scope.cancel()
-
-    async def _take_over(self, router: Router) -> list[str]:
-        started = trio.current_time()
-        records = await self.store.call(self.store.sync.unfinished_sandboxes)
-        surviving: set[tuple[str, str]] = set()
-        for name, driver in self.registry.drivers.items():
-            detection = self.registry.detections.get(name)
-            if records and detection is not None and detection.available:
-                surviving |= {(name, sid) for sid in await driver.surviving()}
-        taken: list[str] = []
-
-        async def take(record: SandboxRecord) -> None:
-            try:
-                await router.take_over(record)
-            except Exception as exc:
-                log.warning("sandbox %s could not be taken over: %s", record.id, exc)
-            else:
-                taken.append(record.id)
-
-        async with trio.open_nursery() as nursery:
-            for record in records:
-                if (record.runtime, record.id) in surviving:
-                    nursery.start_soon(take, record)
-        lost = await self.store.call(
-            self.store.sync.fail_unfinished,
-            "the gateway restarted and the sandbox was no longer running",
-            keep=taken,
-        )
-        if records:
-            log.info(
-                "took over %d sandboxes of an earlier gateway in %.0f ms; %d were gone",
-                len(taken),
-                (trio.current_time() - started) * 1000,
-                len(lost),
-            )
-        return taken
 
     async def drain(self) -> None:
         """Shut down gently (SIGTERM): refuse new sandboxes and execs (503), give running execs
@@ -207,98 +170,3 @@ class Gateway:
     def cut_grace(self) -> None:
         if self._grace is not None:
             self._grace.cancel()
-
-    async def reap(self, router: Router) -> list[str]:
-        """Free every resource held for a sandbox the router does not know."""
-        released: list[str] = []
-        for name, driver in self.registry.drivers.items():
-            detection = self.registry.detections.get(name)
-            if detection is None or not detection.available:
-                continue
-            try:
-                orphans = await driver.list_orphans(router.live_ids)
-            except Exception as exc:
-                # A runtime too slow or broken to list its sandboxes must not stop the gateway
-                # (nor the other runtimes' reaping): the next pass tries again.
-                log.warning("reaper: cannot list %s's sandboxes: %s", name, exc)
-                continue
-            for orphan in orphans:
-                with trio.CancelScope(shield=True):
-                    try:
-                        released += await driver.destroy(orphan)
-                    except Exception:
-                        log.exception("reaper: could not free %s", orphan)
-        if released:
-            log.info("reaper released %s", released)
-        return released
-
-    async def _reap_forever(self, router: Router) -> None:
-        while True:
-            await trio.sleep(REAP_INTERVAL_S)
-            await self.reap(router)
-
-
-def hypercorn_config(host: str, port: int, max_frame: int = 1 << 20) -> HypercornConfig:
-    hc = HypercornConfig()
-    # A client frame is held whole before the gateway sees it: frames up to twice the cap get
-    # an error frame, larger ones close the socket (1009) without being buffered.
-    hc.websocket_max_message_size = 2 * max_frame
-    bind_host = f"[{host}]" if ":" in host else host
-    hc.bind = [f"{bind_host}:{port}"]
-    hc.accesslog = None
-    hc.errorlog = logging.getLogger("hypercorn.error")
-    hc.graceful_timeout = 5.0
-    # Bursts of clients (hundreds of simultaneous runs) must queue, not be refused by the kernel.
-    hc.backlog = 2048
-    return hc
-
-
-async def serve(
-    config: Config,
-    *,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-    handle_signals: bool = True,
-) -> None:
-    """Run the gateway until SIGINT/SIGTERM (or cancellation); reports the bound URLs."""
-    from sandstorm.web.app import create_app
-    from sandstorm.web.server import serve_http
-
-    gateway = Gateway(config)
-    hc = hypercorn_config(config.host, config.port, config.max_client_frame_bytes)
-    async with gateway.running(), trio.open_nursery() as nursery:
-        app = create_app(gateway)
-        drain, stop_http, http_stopped = trio.Event(), trio.Event(), trio.Event()
-        if handle_signals:
-            nursery.start_soon(_wait_for_signals, gateway, drain)
-
-        async def http(*, task_status: trio.TaskStatus[list[str]]) -> None:
-            try:
-                await serve_http(
-                    app, hc, stop_http, config.write_timeout_s, task_status=task_status
-                )
-            finally:
-                http_stopped.set()
-
-        binds = await nursery.start(http)
-        log.info("sandstorm %s serving on %s", __version__, ", ".join(binds))
-        task_status.started(binds)
-        await drain.wait()
-        # HTTP stays up through the drain: waiting clients get their results, and new work
-        # gets a clear 503 instead of a refused connection.
-        await gateway.drain()
-        stop_http.set()
-        with trio.move_on_after(hc.graceful_timeout + 1):
-            await http_stopped.wait()
-        nursery.cancel_scope.cancel()
-
-
-async def _wait_for_signals(gateway: Gateway, drain: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if not drain.is_set():
-                log.info("received %s: draining (send it again to skip the grace period)", name)
-                drain.set()
-            else:
-                log.warning("received %s again: ending the grace period now", name)
-                gateway.cut_grace()

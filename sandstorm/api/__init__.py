@@ -1,0 +1,2 @@
+"""The REST and stream contract: wire types, their schema, request validation and decoding,
+and the runtime selection rules."""

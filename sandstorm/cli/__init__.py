@@ -1,0 +1,1 @@
+"""The command line: ``sandstorm serve`` and the image, admin and client commands."""
