@@ -29,7 +29,7 @@ from sandstorm.runtimes.cgroups import SandboxCgroups
 from sandstorm.runtimes.registry import RuntimeRegistry, build_registry
 from sandstorm.shim import prepare_shim
 from sandstorm.snapshots import SnapshotCatalog
-from sandstorm.store import AsyncStore, SandboxRecord
+from sandstorm.store import AsyncStore, SandboxRecord, Store
 from sandstorm.validation import LANGUAGE_COMMANDS
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class Gateway:
 
     async def _take_over(self, router: Router) -> list[str]:
         started = trio.current_time()
-        records = await self.store.call(self.store.sync.unfinished_sandboxes)
+        records = await self.store.call(Store.unfinished_sandboxes)
         surviving: set[tuple[str, str]] = set()
         for name, driver in self.registry.drivers.items():
             detection = self.registry.detections.get(name)
@@ -170,7 +170,7 @@ class Gateway:
                 if (record.runtime, record.id) in surviving:
                     nursery.start_soon(take, record)
         lost = await self.store.call(
-            self.store.sync.fail_unfinished,
+            Store.fail_unfinished,
             "the gateway restarted and the sandbox was no longer running",
             keep=taken,
         )

@@ -19,7 +19,7 @@ import logging
 import trio
 
 from sandstorm.protocol import ExecResult, SandboxState
-from sandstorm.store import AsyncStore, AuditRecord, ExecRecordRow
+from sandstorm.store import AsyncStore, AuditRecord, ExecRecordRow, Store
 from sandstorm.timestamps import rfc3339
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class Recorder:
         if states or execs or audits:
             try:
                 await self.store.call(
-                    self.store.sync.apply_updates,
+                    Store.apply_updates,
                     list(states.values()),
                     list(execs.values()),
                     audits,

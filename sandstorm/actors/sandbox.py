@@ -79,6 +79,7 @@ from sandstorm.store import (
     RunningExecState,
     SandboxProgress,
     SandboxRecord,
+    Store,
 )
 from sandstorm.timestamps import rfc3339, rfc3339_from_epoch
 
@@ -1051,7 +1052,9 @@ class SandboxActor:
             # runs writes in order): the ack below lets the shim drop the frames they came from.
             await recorder.write_pending()
             try:
-                await recorder.store.save_progress(self.id, seq, offset, rows, progress, output)
+                await recorder.store.call(
+                    Store.save_progress, self.id, seq, offset, rows, progress, output
+                )
             except Exception:
                 log.exception("sandbox %s: could not save its progress", self.id)
                 return
