@@ -24,9 +24,9 @@ import trio
 
 from bench.breakdown import print_phases, write_json
 from bench.harness import bench_context
-from sandstorm import snapshots
 from sandstorm.actors import sandbox
 from sandstorm.runtimes import gvisor
+from sandstorm.store import snapshots
 
 phases: dict[str, list[float]] = {}
 

@@ -20,7 +20,7 @@ import trio
 
 from sandstorm.api.timestamps import rfc3339
 from sandstorm.api.types import ExecResult, SandboxState
-from sandstorm.store import AsyncStore, AuditRecord, ExecRecordRow
+from sandstorm.store import AsyncStore, AuditRecord, ExecRecordRow, Store
 
 log = logging.getLogger(__name__)
 # Audit records waiting for the store beyond which a caller waits for the write (backpressure:
@@ -105,7 +105,7 @@ class Recorder:
         if states or execs or audits:
             try:
                 await self.store.call(
-                    self.store.sync.apply_updates,
+                    Store.apply_updates,
                     list(states.values()),
                     list(execs.values()),
                     audits,

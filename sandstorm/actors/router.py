@@ -53,8 +53,8 @@ from sandstorm.ids import is_id, new_id
 from sandstorm.metrics import Metrics
 from sandstorm.runtimes.base import MountSpec, SandboxSpec
 from sandstorm.runtimes.registry import RuntimeRegistry
-from sandstorm.snapshots import SnapshotCatalog, SnapshotCorrupt, SnapshotMeta
-from sandstorm.store import AsyncStore, ExecRecordRow, Quotas, SandboxRecord, Tenant
+from sandstorm.store import AsyncStore, ExecRecordRow, Quotas, SandboxRecord, Store, Tenant
+from sandstorm.store.snapshots import SnapshotCatalog, SnapshotCorrupt, SnapshotMeta
 
 log = logging.getLogger(__name__)
 # Ended sandboxes stay answerable (status, results, a late stream's replay) until one of these
@@ -389,12 +389,12 @@ class Router:
             tenant=record.tenant,
         )
         runtime = self.registry.driver(params.runtime_name)
-        execs = await self.store.list_execs(record.id) if self.store is not None else []
+        execs = await self.store.call(Store.list_execs, record.id) if self.store is not None else []
         output: dict[str, tuple[bytes, bytes]] = {}
         if self.store is not None:
             for row in execs:
                 if row.state == "running":
-                    output[row.id] = await self.store.call(self.store.sync.exec_output, row.id)
+                    output[row.id] = await self.store.call(Store.exec_output, row.id)
         memory = spec.memory_limit
         # Admission as for a new sandbox, minus the refusals: it exists and must be counted.
         host = runtime.host_memory(spec)
@@ -599,7 +599,7 @@ class Router:
             params={**public, "selection": params.selection, "image": params.image},
             created_at=time.time(),
         )
-        await self.store.put_sandbox(record)
+        await self.store.call(Store.put_sandbox, record)
 
     async def _record_exec(self, actor: SandboxActor, record: ExecRecord) -> None:
         if self.store is None or actor.exec_recorded(record):
@@ -611,7 +611,7 @@ class Router:
             state="running",
             started_at=record.started_at,
         )
-        await self.store.put_exec(row)
+        await self.store.call(Store.put_exec, row)
 
 
 def _public_params(req: RunRequest) -> dict[str, Any]:

@@ -73,14 +73,15 @@ from sandstorm.runtimes.base import (
     SandboxSpec,
 )
 from sandstorm.shim.client import ShimChannel, ShimInstance
-from sandstorm.snapshots import SnapshotCatalog, SnapshotMeta, SnapshotMount
 from sandstorm.store import (
     ExecRecordRow,
     ProgressExec,
     RunningExecState,
     SandboxProgress,
     SandboxRecord,
+    Store,
 )
+from sandstorm.store.snapshots import SnapshotCatalog, SnapshotMeta, SnapshotMount
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -1051,7 +1052,9 @@ class SandboxActor:
             # runs writes in order): the ack below lets the shim drop the frames they came from.
             await recorder.write_pending()
             try:
-                await recorder.store.save_progress(self.id, seq, offset, rows, progress, output)
+                await recorder.store.call(
+                    Store.save_progress, self.id, seq, offset, rows, progress, output
+                )
             except Exception:
                 log.exception("sandbox %s: could not save its progress", self.id)
                 return

@@ -27,8 +27,8 @@ from sandstorm.metrics import Metrics
 from sandstorm.runtimes.cgroups import SandboxCgroups
 from sandstorm.runtimes.registry import RuntimeRegistry, build_registry
 from sandstorm.shim import prepare_shim
-from sandstorm.snapshots import SnapshotCatalog
 from sandstorm.store import AsyncStore
+from sandstorm.store.snapshots import SnapshotCatalog
 from sandstorm.supervisor.reaper import reap, reap_forever
 from sandstorm.supervisor.takeover import take_over
 

@@ -10,7 +10,7 @@ import trio
 
 from sandstorm.actors.router import Router
 from sandstorm.runtimes.registry import RuntimeRegistry
-from sandstorm.store import AsyncStore, SandboxRecord
+from sandstorm.store import AsyncStore, SandboxRecord, Store
 
 log = logging.getLogger(__name__)
 LOST_REASON = "the gateway restarted and the sandbox was no longer running"
@@ -20,7 +20,7 @@ async def take_over(store: AsyncStore, registry: RuntimeRegistry, router: Router
     """Adopt every unfinished sandbox whose runtime still runs it; fail the others' records.
     Returns the ids taken over. A sandbox that cannot be adopted is logged and failed."""
     started = trio.current_time()
-    records = await store.call(store.sync.unfinished_sandboxes)
+    records = await store.call(Store.unfinished_sandboxes)
     surviving: set[tuple[str, str]] = set()
     for name, driver in registry.drivers.items():
         detection = registry.detections.get(name)
@@ -40,7 +40,7 @@ async def take_over(store: AsyncStore, registry: RuntimeRegistry, router: Router
         for record in records:
             if (record.runtime, record.id) in surviving:
                 nursery.start_soon(take, record)
-    lost = await store.call(store.sync.fail_unfinished, LOST_REASON, keep=taken)
+    lost = await store.call(Store.fail_unfinished, LOST_REASON, keep=taken)
     if records:
         log.info(
             "took over %d sandboxes of an earlier gateway in %.0f ms; %d were gone",

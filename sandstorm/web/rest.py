@@ -29,7 +29,7 @@ from sandstorm.errors import NotFound, SandboxNotRunning
 from sandstorm.ids import is_id
 from sandstorm.logs import bind
 from sandstorm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from sandstorm.store import SandboxRecord
+from sandstorm.store import SandboxRecord, Store
 from sandstorm.supervisor.gateway import Gateway
 from sandstorm.web import views
 from sandstorm.web.auth import current_tenant
@@ -83,7 +83,7 @@ async def _sandbox(sandbox_id: str) -> SandboxActor | SandboxRecord:
     except NotFound:
         if sandbox_id in router.live_ids():  # booting: the router has no actor yet
             raise
-        record = await _gateway().store.get_sandbox(sandbox_id)
+        record = await _gateway().store.call(Store.get_sandbox, sandbox_id)
         if record is None or record.tenant != tenant:
             raise
         return record
@@ -150,7 +150,7 @@ async def sandbox_status(sandbox_id: str) -> Response:
     found = await _sandbox(sandbox_id)
     if isinstance(found, SandboxActor):
         return _json(found.status())
-    execs = await _gateway().store.list_execs(found.id)
+    execs = await _gateway().store.call(Store.list_execs, found.id)
     return _json(views.sandbox_status(found, execs))
 
 
@@ -161,7 +161,7 @@ async def exec_status(sandbox_id: str, exec_id: str) -> Response:
     if record is not None:
         return _json(record.summary())
     # Ended before a restart, or beyond the live history: the stored result.
-    row = await _gateway().store.get_exec(exec_id) if is_id(exec_id, "exe") else None
+    row = await _gateway().store.call(Store.get_exec, exec_id) if is_id(exec_id, "exe") else None
     if row is None or row.sandbox_id != sandbox_id:
         raise NotFound(f"exec {exec_id!r} not found in {sandbox_id}", exec_id=exec_id)
     return _json(views.exec_summary(row))
@@ -186,7 +186,7 @@ async def list_sandboxes() -> Response:
     # Sandboxes of earlier runs, and ended ones the router no longer holds (without their
     # execs: a listing stays one query; their status has them).
     held = {a.id for a in actors} | router.live_ids()
-    stored = await _gateway().store.list_sandboxes(tenant, MAX_LISTED_RECORDS)
+    stored = await _gateway().store.call(Store.list_sandboxes, tenant, MAX_LISTED_RECORDS)
     statuses = [views.sandbox_status(r, []) for r in stored if r.id not in held] + statuses
     if state is not None:
         statuses = [s for s in statuses if s.state == state]

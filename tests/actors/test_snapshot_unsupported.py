@@ -15,8 +15,8 @@ from sandstorm.api.types import RuntimeCapabilities
 from sandstorm.config import load_config
 from sandstorm.errors import SnapshotUnsupported
 from sandstorm.runtimes.base import SandboxSpec
-from sandstorm.snapshots import SnapshotCatalog
 from sandstorm.store import AsyncStore
+from sandstorm.store.snapshots import SnapshotCatalog
 
 
 class NoSnapshots:

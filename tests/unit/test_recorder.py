@@ -11,7 +11,7 @@ import trio
 
 from sandstorm.actors.recorder import Recorder
 from sandstorm.ids import new_id
-from sandstorm.store import AsyncStore, AuditRecord, SandboxRecord
+from sandstorm.store import AsyncStore, AuditRecord, SandboxRecord, Store
 
 
 async def test_a_failed_write_is_kept_and_retried(
@@ -21,22 +21,23 @@ async def test_a_failed_write_is_kept_and_retried(
     await store.open()
     try:
         sid = new_id("sbx")
-        await store.put_sandbox(
+        await store.call(
+            Store.put_sandbox,
             SandboxRecord(
                 id=sid, tenant="t", runtime="gvisor", state="creating", params={},
                 created_at=time.time(),
             )
         )  # fmt: skip
         recorder = Recorder(store)
-        real = store.sync.apply_updates
+        real = Store.apply_updates
         failures = [OSError(28, "No space left on device")]
 
-        def flaky(*args: Any) -> None:
+        def flaky(self: Store, *args: Any) -> None:
             if failures:
                 raise failures.pop()
-            real(*args)
+            real(self, *args)
 
-        monkeypatch.setattr(store.sync, "apply_updates", flaky)
+        monkeypatch.setattr(Store, "apply_updates", flaky)
         recorder.sandbox_state(sid, "idle", None, 3)
         recorder.audit_nowait(
             AuditRecord(time=time.time(), tenant="t", action="run", outcome="201")
@@ -48,8 +49,8 @@ async def test_a_failed_write_is_kept_and_retried(
             recorder.sandbox_state(sid, "running", None, 4)
             assert await recorder.write_pending() is True
         assert recorder.healthy is True
-        record = await store.get_sandbox(sid)
+        record = await store.call(Store.get_sandbox, sid)
         assert record is not None and (record.state, record.last_event_seq) == ("running", 4)
-        assert [a.action for a in await store.audit(None, None)] == ["run"]
+        assert [a.action for a in await store.call(Store.audit, None, None)] == ["run"]
     finally:
         await store.close()

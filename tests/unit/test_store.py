@@ -4,6 +4,7 @@ snapshot catalogue's crash rules."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,10 @@ import pytest
 import trio
 import trio.testing
 
-from sandstorm import store as store_module
 from sandstorm.actors.tenancy import new_key, retry_after
-from sandstorm.api.types import ExecResult, SnapshotInfo
+from sandstorm.api.types import ExecResult, SandboxState, SnapshotInfo
 from sandstorm.cli.admin import parse_since
 from sandstorm.ids import new_id
-from sandstorm.snapshots import SnapshotCatalog, SnapshotMeta
 from sandstorm.store import (
     CREDENTIALS_STAMP,
     DB_NAME,
@@ -32,6 +31,8 @@ from sandstorm.store import (
     StoreError,
     key_hash,
 )
+from sandstorm.store import aio as async_store
+from sandstorm.store.snapshots import SnapshotCatalog, SnapshotMeta
 
 
 def _result(exec_id: str, stdout: str = "out\n") -> ExecResult:
@@ -190,7 +191,7 @@ async def test_resolved_keys_are_cached_until_keys_or_tenants_change(
             assert asked == [good, good]
             # Bounded: a full cache starts over.
             cli.set_tenant("acme")
-            monkeypatch.setattr(store_module, "KEY_CACHE_MAX", 2)
+            monkeypatch.setattr(async_store, "KEY_CACHE_MAX", 2)
             keys = []
             for _ in range(3):
                 other_id, other_secret = new_key()
@@ -340,3 +341,48 @@ def test_records_hold_no_secret_columns(store: Store) -> None:
     }
     for forbidden in ("environment", "code", "stdin", "argv", "command", "secret", "key"):
         assert forbidden not in columns
+
+
+async def test_any_store_method_runs_in_the_worker_thread(tmp_path: Path) -> None:
+    """``call`` runs any Store method (keywords included) in the writer's thread, ``read`` on
+    the reader's connection, which sees what the writer committed. A call cancelled while its
+    method runs is not abandoned: the write completes."""
+    store = AsyncStore(tmp_path)
+    with trio.fail_after(10):
+        await store.open()
+        try:
+            sid = new_id("sbx")
+            record = SandboxRecord(
+                id=sid, tenant="a", runtime="gvisor", state="creating", params={},
+                created_at=time.time(),
+            )  # fmt: skip
+            await store.call(Store.put_sandbox, record)
+            await store.call(Store.set_sandbox_state, sid, "idle", reason="held")
+            stored = await store.read(Store.get_sandbox, sid)
+            assert stored is not None and (stored.state, stored.reason) == ("idle", "held")
+            assert [r.id for r in await store.read(Store.list_sandboxes, tenant="a")] == [sid]
+
+            started, release = trio.Event(), threading.Event()
+
+            def slow_write(s: Store, state: SandboxState) -> SandboxState:
+                trio.from_thread.run_sync(started.set)
+                release.wait()
+                s.set_sandbox_state(sid, state)
+                return state
+
+            returned: list[str] = []
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+
+                    async def write() -> None:
+                        returned.append(await store.call(slow_write, "running"))
+
+                    nursery.start_soon(write)
+                    await started.wait()
+                    scope.cancel()
+                    release.set()
+            assert returned == ["running"]
+            stored = await store.call(Store.get_sandbox, sid)
+            assert stored is not None and stored.state == "running"
+        finally:
+            await store.close()

@@ -94,7 +94,7 @@ class SnapshotCatalog:
     async def open(self) -> None:
         """Create the directory, drop leftovers of snapshots that never completed, and the
         records of images that are gone (the store must be open)."""
-        await self.store.call(self._open, self.store.sync)
+        await self.store.call(self._open)
 
     def _open(self, store: Store) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ class SnapshotCatalog:
 
         meta = await trio.to_thread.run_sync(work, limiter=_IO_LIMIT)
         try:
-            await self.store.put_snapshot(_record(meta, tenant))
+            await self.store.call(Store.put_snapshot, _record(meta, tenant))
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.discard(self.root / meta.info.snapshot_id)
@@ -151,7 +151,11 @@ class SnapshotCatalog:
 
     async def load(self, snapshot_id: str, tenant: str) -> SnapshotMeta:
         """The snapshot's record; NotFound when it does not exist or is another tenant's."""
-        record = await self.store.get_snapshot(snapshot_id) if is_id(snapshot_id, "snp") else None
+        record = (
+            await self.store.call(Store.get_snapshot, snapshot_id)
+            if is_id(snapshot_id, "snp")
+            else None
+        )
         if record is None or record.tenant != tenant:
             raise NotFound(f"snapshot {snapshot_id!r} not found", snapshot_id=snapshot_id)
         return msgspec.json.decode(record.meta, type=SnapshotMeta)
@@ -171,14 +175,14 @@ class SnapshotCatalog:
             )
 
     async def list(self, tenant: str) -> list[SnapshotInfo]:
-        records = await self.store.list_snapshots(tenant)
+        records = await self.store.call(Store.list_snapshots, tenant)
         return [msgspec.json.decode(r.meta, type=SnapshotMeta).info for r in records]
 
     async def delete(self, snapshot_id: str, tenant: str) -> None:
         await self.load(snapshot_id, tenant)
         # The record goes first, so a concurrent resume or list never sees a half-deleted
         # snapshot; a crash before the files are gone leaves a directory the next open drops.
-        if not await self.store.delete_snapshot(snapshot_id):
+        if not await self.store.call(Store.delete_snapshot, snapshot_id):
             raise NotFound(f"snapshot {snapshot_id!r} not found", snapshot_id=snapshot_id)
         doomed = self.root / f"{TMP_PREFIX}deleted-{snapshot_id}"
         with contextlib.suppress(OSError):
