@@ -2,8 +2,9 @@
 
 Starts a real gateway (Hypercorn on a free port, real runsc) in this process and runs each
 scenario against it and against the raw runtime, interleaved (A B A B…) so that both see the same
-machine noise. Prints p50/p90/p99, the ratio of medians and whether issue 6's target is met;
-writes JSON (with every sample) and a box plot on request.
+machine noise. Prints p50/p90/p99, the ratio of medians and whether each scenario meets its
+performance target (``bench.targets``, docs/performance.md); writes JSON (with every sample)
+and a box plot on request.
 """
 
 from __future__ import annotations

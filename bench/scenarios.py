@@ -197,10 +197,8 @@ async def stream_throughput(ctx: Context, rounds: int) -> Rows:
     from the first stdout byte to the exec's exit, over that time.
 
     The WebSocket client (``bench.stream_client``, one per round) runs in a process of its own,
-    as a deployment's does: in the bench's process its reader and wsproto parsing took 21% of
-    the busy samples of the one Python process that also ran the gateway
-    (``bench/results/issue-6-stream-profile.txt``). Starting it and opening its stream are not
-    timed."""
+    as a deployment's does, so that its reading and frame parsing do not share the gateway's
+    event loop and CPU; starting it and opening its stream are not timed."""
     result = Result("MB/s")
     megabytes = 20 if ctx.quick else 200
     sandbox = await ctx.client.run(command=["true"], keep_alive=600)
@@ -252,8 +250,8 @@ ROUNDS = {
     "stream-first-byte": (20, 2),
     "stream-throughput": (5, 1),
     "concurrency": (5, 1),
-    # One cycle per round on each side takes ~1 s, and its samples spread widely on a loaded
-    # 2-core machine (90-360 ms for the same checkpoint): 20 rounds for a stable median.
+    # A cycle is slow and its samples spread widely on a loaded machine: enough rounds for a
+    # stable median.
     "snapshot": (20, 1),
     "resume": (20, 1),
     "footprint": (1, 1),

@@ -12,8 +12,7 @@ other ending (an error frame, lost events, the socket closing, a wrong byte coun
 exit, no exit event within TIMEOUT_S) exits 1 with the reason on stderr.
 
 A deployment's client is another process: run in the bench's own process and event loop, the
-client's WebSocket parsing takes CPU from the gateway it measures (21% of the busy samples in
-``bench/results/issue-6-stream-profile.txt``).
+client's WebSocket parsing would take CPU from the gateway it measures.
 """
 
 from __future__ import annotations

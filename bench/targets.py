@@ -1,4 +1,5 @@
-"""The targets of issue 6, checked against a scenario's JSON row: "met" or "missed"."""
+"""The gateway's performance targets (docs/performance.md), checked against a scenario's JSON
+row: "met" or "missed"."""
 
 from __future__ import annotations
 

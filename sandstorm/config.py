@@ -69,17 +69,17 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     # The uid/gid the jailer runs Firecracker as (its --uid/--gid); give it a user of its own.
     firecracker_uid: Annotated[int, Meta(ge=1)] = 65534
     firecracker_gid: Annotated[int, Meta(ge=1)] = 65534
-    # Kata through containerd (README "Enabling Kata Containers"): the runtime type containerd
+    # Kata through containerd (docs/runtimes/kata.md): the runtime type containerd
     # runs (io.containerd.runc.v2 drives the same path without a VM, as the tests do) and
     # containerd's socket. Containers live in containerd namespace "sandstorm".
     kata_runtime_type: Annotated[str, Meta(pattern=r"^[a-z0-9_-]+(\.[a-z0-9_-]+)+$")] = (
         "io.containerd.kata.v2"
     )
     containerd_address: str = "/run/containerd/containerd.sock"
-    # gVisor's platform (runsc --platform). systrap, runsc's own default since 2023, keeps every
-    # sandbox's stub threads waking: an idle sandbox (even `sleep`) costs ~35 ms of host CPU per
-    # second on this 2-core host, so ~60 idle sandboxes fill it (gVisor issues 10793, 13361);
-    # ptrace idles at ~0.1 ms/s. Measured in bench/ (README "Performance") for both.
+    # gVisor's platform (runsc --platform). systrap, runsc's own default, keeps every sandbox's
+    # stub threads waking, so each idle sandbox (even `sleep`) costs host CPU all the time and
+    # enough of them fill the host (gVisor issues 10793, 13361); ptrace costs next to nothing
+    # while idle and starts interpreters faster. docs/performance.md has both measured.
     gvisor_platform: GvisorPlatform = DEFAULT_GVISOR_PLATFORM
     # Mount sources must resolve under one of these roots; empty means no mounts at all.
     mount_allow_list: list[str] = []

@@ -67,13 +67,12 @@ _FRAMES = msgspec.json.Decoder(ServerFrame)
 # The exit frame carries the capped result (up to 1 MiB per stream, JSON-escaped).
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 CLOSE_TIMEOUT_S = 5.0
-#: One read from the stream's socket. trio-websocket's default, 4 KiB, makes a client reading a
-#: busy stream parse a 64 KiB output event in 16 reads: it became the slower side of the bench's
-#: `stream-throughput` (97 MB/s; 145-150 MB/s with 64 KiB reads).
+#: One read from the stream's socket: a whole 64 KiB output event at once. With trio-websocket's
+#: default of 4 KiB a client takes 16 reads per event and becomes the slower side of a busy
+#: stream.
 RECEIVE_BUFFER_BYTES = 64 * 1024
 #: Connections to the gateway. httpx keeps only 20 idle by default: with more requests in flight
-#: than that, answers closed their connections and the next requests opened new ones (three
-#: rounds of 32 requests at once opened 44 connections; 32 with these limits).
+#: than that, answers would close their connections and the next requests open new ones.
 POOL_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100)
 
 

@@ -45,8 +45,8 @@ say() { printf '==> %s\n' "$*"; }
 
 # --- system packages --------------------------------------------------------------------------
 # debian-archive-keyring lets mmdebstrap verify Debian's archive on Ubuntu hosts too.
-# gcc and libc6-dev compile the per-sandbox shim and the in-sandbox agent (sandstorm/shim/shim.c,
-# sandstorm/agent/agent.c, linked statically with libc6-dev's libc.a, at gateway start) and
+# gcc and libc6-dev compile the per-sandbox shim and the in-sandbox agent (sandstorm/shim/ and
+# sandstorm/agent/, linked statically with libc6-dev's libc.a, at gateway start) and
 # the image's statx shim (sandstorm/images/statx_shim.c).
 # qemu-system-x86 runs the VM tier (the qemu runtime, isolation strong/maximum); e2fsprogs makes
 # the guest's ext4 root. The guest kernel is Debian's linux-image-amd64, fetched by the image
@@ -108,11 +108,11 @@ else
 fi
 
 # --- gVisor -----------------------------------------------------------------------------------
-# runsc 0.0~20240729 or newer: it has gVisor's systrap platform (its default), where a system call
-# in the sandbox costs about 2 us and starting a process 4 ms, against 28 us and 12-18 ms on the
-# ptrace platform, the only one of bookworm's own runsc (0.0~20221219). On bookworm it comes from
-# Debian's bookworm-backports (added as an apt source here; backports are never preferred for any
-# other package); newer Debian releases have it in main.
+# runsc 0.0~20240729 or newer: bookworm's own runsc (0.0~20221219) starts processes slower on the
+# ptrace platform, has no systrap platform, and rejects statx(AT_NO_AUTOMOUNT) (the image's
+# statx shim works around that one). On bookworm it comes from Debian's bookworm-backports (added
+# as an apt source here; backports are never preferred for any other package); newer Debian
+# releases have it in main.
 min_runsc="0.0~20240729"
 runsc_version="$(dpkg-query -W -f='${Version}' runsc 2>/dev/null || true)"
 if [[ -z "$runsc_version" ]] || dpkg --compare-versions "$runsc_version" lt "$min_runsc"; then
@@ -159,7 +159,7 @@ rm -f "$pip_log"
 if ((build_image)); then
     say "default sandbox image in $data_dir (built once with mmdebstrap, ~30 s, ~300 MB)"
     .venv/bin/sandstorm image build --data-dir "$data_dir"
-    # The VM guest (Debian kernel, initramfs, ext4 root; ~10 s, ~600 MB) for the qemu runtime.
+    # The VM guest (Debian kernel, initramfs, ext4 root) for the qemu runtime.
     # apt-get download needs package lists that know the kernel package.
     if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
         say "apt-get update (the package lists do not know linux-image-amd64)"

@@ -79,14 +79,14 @@ def cgroup_parent() -> Iterator[str]:
 
 GatewayFactory = Callable[..., Any]
 
-#: The runtimes every API test runs on: gVisor, and a QEMU microVM (TCG on this machine). A test
-#: that takes ``gw`` (or ``sandbox_runtime``) in these folders runs once per runtime: the API
-#: and its security properties must hold on each. Elsewhere (CLI and client, tenancy, the
+#: The runtimes every API test runs on: gVisor, and a QEMU microVM (TCG where there is no KVM).
+#: A test that takes ``gw`` (or ``sandbox_runtime``) in these folders runs once per runtime: the
+#: API and its security properties must hold on each. Elsewhere (CLI and client, tenancy, the
 #: console) the runtime plays no part and gVisor serves. ``@pytest.mark.runtimes("gvisor")``
 #: narrows a test that is about one runtime only.
 SANDBOX_RUNTIMES: tuple[RuntimeName, ...] = ("gvisor", "qemu")
 EVERY_RUNTIME_IN = frozenset({"web", "security"})
-#: TCG boots take 3-8 s on a 2-core machine, more while other work loads it.
+#: A TCG boot takes seconds, more while other work loads the machine: a generous boot deadline.
 VM_OVERRIDES: dict[str, Any] = {"boot_timeout_s": 90.0}
 
 

@@ -18,7 +18,7 @@ from sandstorm.config import Config
 from sandstorm.sdk import AsyncClient
 
 #: The level a request must ask for to be served by each runtime the tests run on (qemu is the
-#: fallback for ``maximum`` where Firecracker is missing, as here).
+#: fallback for ``maximum`` where Firecracker is missing).
 LEVEL_FOR: dict[RuntimeName, IsolationLevel] = {"gvisor": "standard", "qemu": "maximum"}
 #: What a teardown's ``released`` calls the sandbox's directory on the host, by runtime.
 DIRECTORY_WORD: dict[RuntimeName, str] = {"gvisor": "bundle directory", "qemu": "VM directory"}

@@ -1,7 +1,7 @@
 """Generate ``protocol/openapi.json`` and ``protocol/stream.schema.json`` from the msgspec types.
 
-``python -m sandstorm.api.schema`` rewrites them; with ``--check`` it (and the test
-``tests/unit/test_protocol_files.py``) fails when they are stale.
+``python -m sandstorm.api.schema`` rewrites them; with ``--check`` it (and a unit test) fails
+when they are stale.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ An image lives at ``<data_dir>/images/<name>/`` as two entries:
     image's own binaries*, which ``GET /v1/languages`` reports.
 
 The rootfs also carries compatibility shims (:data:`IMAGE_COMPAT`) that the image needs under
-the gVisor this project runs on; the manifest lists them, and an image built without one of
-them counts as out of date.
+some gVisor builds (Debian 12's own runsc); the manifest lists them, and an image built without
+one of them counts as out of date.
 
 Building is atomic: everything is made inside a temporary directory next to the final one and
 renamed into place, so a crash or a cancellation never leaves a half-built image under its final
@@ -73,8 +73,9 @@ SANDBOX_UID: Final = 1000
 SANDBOX_GID: Final = 1000
 
 #: An LD_PRELOAD library (``statx_shim.c``, next to this file) that strips AT_NO_AUTOMOUNT from
-#: statx(2): Debian's runsc 0.0~20221219 rejects that flag with EINVAL, which breaks bookworm's
-#: ``ls``, ``stat``, ... inside a sandbox. Compiled on the host and named in ``/etc/ld.so.preload``.
+#: statx(2): Debian 12's own runsc (0.0~20221219) rejects that flag with EINVAL, which breaks
+#: bookworm's ``ls``, ``stat``, ... inside a sandbox; newer runsc accepts it, and the shim then
+#: changes nothing. Compiled on the host and named in ``/etc/ld.so.preload``.
 STATX_SHIM: Final = "statx-shim"
 STATX_SHIM_PATH: Final = "/usr/lib/sandstorm/statx-shim.so"
 #: The compatibility shims every current image has; recorded in the manifest's ``compat``.
@@ -94,8 +95,8 @@ _PROBE_TIMEOUT_S: Final = 60.0
 # Bound on compiling the statx shim (a one-function C file; well under a second).
 _COMPILE_TIMEOUT_S: Final = 120.0
 _STATX_SHIM_SOURCE: Final = Path(__file__).with_name("statx_shim.c")
-# Cleanup of a failed or replaced image may take a while (a rootfs is ~15k files) but must not
-# hang a shutdown forever.
+# Cleanup of a failed or replaced image may take a while (a rootfs is thousands of files) but
+# must not hang a shutdown forever.
 _CLEANUP_GRACE_S: Final = 120.0
 # A clean environment for the image's binaries: the gateway's own environment stays out.
 _PROBE_ENV: Final[dict[str, str]] = {
@@ -401,8 +402,7 @@ async def build_image(
     Idempotent: when the image is already there (manifest and rootfs) and *force* is false this
     returns its manifest and does nothing else, unless the image lacks one of the compatibility
     shims in :data:`IMAGE_COMPAT` (it was built by an older version), which counts as missing.
-    Otherwise it runs mmdebstrap (as root; about
-    15-30 s and ~300 MB with a nearby mirror) into a temporary directory inside
+    Otherwise it runs mmdebstrap (as root) into a temporary directory inside
     ``<data_dir>/images``, reads the language versions from the new image's own binaries, writes
     ``image.json`` and renames the directory into place. With *force*, an existing image is
     renamed away first and deleted afterwards. *mirror* defaults to the Debian mirror in this

@@ -1,10 +1,12 @@
 /*
- * statx-shim: make Debian 12's coreutils work under Debian's gVisor (runsc 0.0~20221219).
+ * statx-shim: make Debian 12's coreutils work under Debian 12's own gVisor (runsc 0.0~20221219).
  *
  * Why it exists: that gVisor rejects statx(2) with EINVAL when flags contain
  * AT_NO_AUTOMOUNT (0x800). Bookworm's coreutils always pass it (ls, stat, ...), so inside a
  * sandbox `ls -la /` fails with "cannot access '/': Invalid argument". newfstatat, which
- * Python, Node and bash use, accepts the flag and needs no help.
+ * Python, Node and bash use, accepts the flag and needs no help. The runsc that
+ * scripts/install.sh installs (0.0~20240729 or newer) accepts the flag too; there the shim
+ * changes nothing, so one image serves under either.
  *
  * What it does: the image builder compiles this file into /usr/lib/sandstorm/statx-shim.so and
  * names it in the image's /etc/ld.so.preload, so this statx() interposes glibc's wrapper in

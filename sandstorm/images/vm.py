@@ -76,10 +76,7 @@ GUEST_MODULES: Final[tuple[str, ...]] = (
 #: Loaded only by a guest that has shares to mount (mounts under QEMU: -fsdev local +
 #: virtio-9p): under TCG every module costs boot time.
 SHARE_MODULES: Final[tuple[str, ...]] = ("9p", "9pnet_virtio")
-#: Bump when the layout or the init changes: an older vm/ then counts as not built.
-#: 2: vsock modules, sandstorm.channel=vsock and module parameters from the command line.
-#: 3: 9p modules (modules/order.shares, loaded only with shares); the init mounts the shares in
-#: /mounts, names the host and brings up lo.
+#: Bump when the layout or the init changes: a vm/ of another format then counts as not built.
 VM_FORMAT: Final = 3
 _INIT_SOURCE: Final = Path(__file__).with_name("vm_init.c")
 _STEP_TIMEOUT_S: Final = 600.0

@@ -46,7 +46,7 @@ async def test_bench_quick_runs_every_scenario(runsc_required: None, tmp_path: P
     out = tmp_path / "bench.json"
     plot = ["--plot", str(tmp_path / "bench.png")] if find_spec("matplotlib") else []
     report = await _json_of(["bench", "--quick", *plot], out, _env(), 400)
-    # Every scenario of issue 6; concurrency runs at N=2 and 4 in --quick (8 and 32 in full).
+    # Every scenario; concurrency runs at N=2 and 4 in --quick (8 and 32 in full).
     assert set(report["results"]) == {
         "cold-run",
         "warm-run",
@@ -64,7 +64,7 @@ async def test_bench_quick_runs_every_scenario(runsc_required: None, tmp_path: P
         assert scenario["gateway"]["n"] >= 1 and scenario["raw"]["n"] >= 1, name
         assert scenario["gateway"]["p50"] > 0 and scenario["raw"]["p50"] > 0, name
         assert scenario["ratio_p50"] > 0, name
-        # Every row has a target of the issue and a verdict (the verdict itself is not checked:
+        # Every row has a target and a verdict (the verdict itself is not checked:
         # --quick is a smoke run on whatever machine runs the tests).
         assert isinstance(scenario["target"]["met"], bool), name
     results = report["results"]
@@ -167,7 +167,7 @@ def _command_lines() -> list[bytes]:
 async def test_the_bench_tools_that_split_the_time_run(
     runsc_required: None, tmp_path: Path, tool: str, args: list[str], keys: set[str]
 ) -> None:
-    """The README's tools for where the time goes still run (one round each, not the figures)."""
+    """The tools that split where the time goes still run (one round each, not the figures)."""
     report = await _json_of([tool, *args], tmp_path / "out.json", _env(tmp_path), 240)
     assert keys <= set(report), sorted(report)
     if tool == "bench.cpu_per_sandbox":

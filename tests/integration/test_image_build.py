@@ -1,7 +1,7 @@
 """The default image as built by scripts/install.sh.
 
-A full build (mmdebstrap, ~30 s, ~300 MB) is exercised by the install script, not here. These tests
-need ``SANDSTORM_TEST_DATA_DIR`` to name a data dir that already holds the default image, and check
+A full build (mmdebstrap) is exercised by the install script, not here. These tests need
+``SANDSTORM_TEST_DATA_DIR`` to name a data dir that already holds the default image, and check
 that image and that ``build_image`` on it is a no-op.
 """
 

@@ -1,4 +1,4 @@
-"""200 concurrent run requests on this 2-core machine: each completes or is refused promptly
+"""200 concurrent run requests: each completes or is refused promptly
 (503 at_capacity / 429), none hangs or is lost, admission keeps the sandboxes within the memory
 budget, and afterwards nothing is left on the host."""
 

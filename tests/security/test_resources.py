@@ -100,8 +100,7 @@ async def test_memory_beyond_the_limit_is_oom_and_the_host_cgroup_stays_bounded(
     assert peaks, "the gateway-owned cgroup was never readable while the sandbox ran"
     # The whole sandbox (sentry, gofer, application) was charged, and never beyond the limit —
     # give or take the kernel's own accounting: cgroup v1 may record a charge of up to one
-    # per-cpu batch (64 pages) past the limit in max_usage while it reclaims or OOM-kills
-    # (seen here: one page, now and then).
+    # per-cpu batch (64 pages) past the limit in max_usage while it reclaims or OOM-kills.
     slack = 64 * 4096
     assert max(peaks) <= host_limit + slack, (max(peaks), host_limit)
     assert max(peaks) > limit // 2, peaks[-5:]

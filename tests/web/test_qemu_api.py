@@ -1,5 +1,5 @@
-"""The VM tier through the API: ``strong`` and ``maximum`` served by real QEMU microVMs (TCG on
-this machine), with exec, streaming, stdin, signals, timeouts, the memory limit, snapshots and
+"""The VM tier through the API: ``strong`` and ``maximum`` served by real QEMU microVMs (TCG where
+there is no KVM), with exec, streaming, stdin, signals, timeouts, the memory limit, snapshots and
 resume. Every boot costs seconds under TCG, so each test does several things in one VM."""
 
 from __future__ import annotations

@@ -191,8 +191,8 @@ async def test_output_written_before_a_final_snapshot_reaches_its_exec(gw: Runni
 async def test_a_snapshot_leaves_out_the_agents_own_python_zygote(gw: RunningGateway) -> None:
     """Once a sandbox has been idle a moment its agent runs a python zygote and a standby (two
     interpreters, for fast python execs). The agent stops both before a checkpoint, so the
-    snapshot of an idle sandbox is no larger than one taken before they existed (without the
-    stop it was 2.7 times larger here: 3.8 MB against 1.4 MB)."""
+    snapshot of an idle sandbox is no larger than one taken before they existed (two running
+    interpreters would make it several times larger)."""
     sizes = []
     with trio.fail_after(gw.seconds(60)):
         for idle in (0.0, 1.0):  # the zygote starts after 0.2 s idle
