@@ -23,9 +23,10 @@ from sandstorm.agent import HEADER, FrameKind, agent_command
 from sandstorm.config import Config, load_config
 from sandstorm.images.builder import image_rootfs, load_manifest
 from sandstorm.main import serve
-from sandstorm.runtimes.base import SandboxSpec
+from sandstorm.runtimes.base import HOST_ENV, SandboxSpec
 from sandstorm.runtimes.cgroups import V1_ALL, SandboxCgroups
-from sandstorm.runtimes.gvisor import RUNSC_ENV, host_limits, oci_config
+from sandstorm.runtimes.gvisor import GvisorRuntime
+from sandstorm.runtimes.oci import oci_config
 from sandstorm.sdk import AsyncClient
 
 IMAGE_DATA_DIR = Path(os.environ.get("SANDSTORM_DATA_DIR", "/var/lib/sandstorm"))
@@ -160,7 +161,7 @@ class Context:
         process: dict[str, Any] = config["process"]  # type: ignore[assignment]
         process["args"] = argv
         (bundle / "config.json").write_bytes(msgspec.json.encode(config))
-        cgroups.create(sid, host_limits(spec))
+        cgroups.create(sid, GvisorRuntime.host_limits(spec))
         try:
             yield sid, bundle
         finally:
@@ -184,7 +185,7 @@ class Context:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            env=RUNSC_ENV,
+            env=HOST_ENV,
         )
 
     async def stop_raw(self, sid: str, proc: trio.Process | None) -> None:
@@ -197,7 +198,7 @@ class Context:
                         check=False,
                         capture_stdout=True,
                         capture_stderr=True,
-                        env=RUNSC_ENV,
+                        env=HOST_ENV,
                     )
             if proc is not None:
                 if proc.stdin is not None:
@@ -223,7 +224,7 @@ class Context:
 
     async def read_raw(self, cmd: list[str], on_chunk: Callable[[bytes | bytearray], None]) -> None:
         """Run ``runsc run`` and hand each chunk of its stdout to ``on_chunk`` as it arrives."""
-        proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, env=RUNSC_ENV)
+        proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, env=HOST_ENV)
         assert proc.stdout is not None
         try:
             while chunk := await proc.stdout.receive_some(1 << 20):

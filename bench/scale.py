@@ -9,8 +9,8 @@ from pathlib import Path
 import trio
 
 from bench.harness import Context, RawContainer, Result
+from sandstorm.runtimes.base import HOST_ENV
 from sandstorm.runtimes.cgroups import SandboxCgroups
-from sandstorm.runtimes.gvisor import RUNSC_ENV
 
 HELLO = "print('Hello, World!')"
 MIB = 1 << 20
@@ -50,7 +50,7 @@ async def _raw_batch(ctx: Context, n: int) -> tuple[float, int]:
 
     async def one(cmd: list[str]) -> None:
         nonlocal failures
-        done = await trio.run_process(cmd, capture_stdout=True, check=False, env=RUNSC_ENV)
+        done = await trio.run_process(cmd, capture_stdout=True, check=False, env=HOST_ENV)
         if done.returncode != 0 or done.stdout != b"Hello, World!\n":
             failures += 1
 

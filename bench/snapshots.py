@@ -12,7 +12,7 @@ import time
 import trio
 
 from bench.harness import Context, RawContainer, Result
-from sandstorm.runtimes.gvisor import RUNSC_ENV
+from sandstorm.runtimes.base import HOST_ENV
 
 
 async def _gateway_cycle(ctx: Context, snapshot: Result, resume: Result) -> None:
@@ -39,7 +39,7 @@ async def _raw_cycle(ctx: Context, snapshot: Result, resume: Result) -> None:
             ctx.runsc_cmd("checkpoint", "--image-path", str(image), raw.sid),
             capture_stdout=True,
             capture_stderr=True,
-            env=RUNSC_ENV,
+            env=HOST_ENV,
         )
         snapshot.raw.samples.append((time.perf_counter() - start) * 1000)
         await ctx.stop_raw(raw.sid, raw.process)  # frees the name for the restore

@@ -13,8 +13,7 @@ from pathlib import Path
 import trio
 
 from sandstorm.runtimes.cgroups import V1_ALL
-from sandstorm.shim import short_socket_dir
-from sandstorm.shim.client import shim_argv_directory
+from sandstorm.shim import shim_argv_directory, short_socket_dir
 
 CONTROLLERS = ("memory", "cpu", "pids")
 

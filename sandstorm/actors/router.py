@@ -25,7 +25,7 @@ from sandstorm.actors.recorder import Recorder
 from sandstorm.actors.sandbox import ExecPlan, Recovered, SandboxActor, SandboxParams
 from sandstorm.actors.tenancy import DEFAULT_TENANT
 from sandstorm.agent.client import MAX_GATEWAY_FRAME
-from sandstorm.api.selection import NoRuntime, Selected, select_runtime
+from sandstorm.api.selection import NoRuntime, Selected
 from sandstorm.api.types import (
     JSON_ENCODER,
     ExecRequest,
@@ -234,7 +234,7 @@ class Router:
         self._reserved_memory -= self._reservations.pop(sandbox_id, 0)
 
     def _choose(self, level: IsolationLevel, preference: RuntimeName | None) -> Selected:
-        choice = select_runtime(level, preference, self.registry.unavailable())
+        choice = self.registry.select(level, preference)
         if isinstance(choice, NoRuntime):
             self.metrics.refused("runtime_unavailable", "sandbox")
             raise RuntimeUnavailable(

@@ -67,12 +67,12 @@ from sandstorm.ids import new_id
 from sandstorm.logs import bind_sandbox
 from sandstorm.metrics import Metrics
 from sandstorm.runtimes.base import (
+    JournaledChannel,
     RuntimeInstance,
     RuntimeStartError,
     SandboxRuntime,
     SandboxSpec,
 )
-from sandstorm.shim.client import ShimChannel, ShimInstance
 from sandstorm.store import (
     ExecRecordRow,
     ProgressExec,
@@ -989,7 +989,7 @@ class SandboxActor:
 
     # ------------------------------------------------------------------ crash recovery
 
-    def _durable_channel(self) -> ShimChannel | None:
+    def _durable_channel(self) -> JournaledChannel | None:
         """The channel to checkpoint against: only a shim keeps the sandbox (and a journal of
         its output) across a gateway crash, and only a recorded sandbox can be taken over.
         Its acks then follow checkpoints (never ``auto_ack``), so the shim keeps every byte
@@ -997,8 +997,8 @@ class SandboxActor:
         instance = self._instance
         if self.recorder is None or instance is None or not self._live.is_set():
             return None
-        channel = instance.channel
-        if not isinstance(channel, ShimChannel):
+        channel = instance.journaled
+        if channel is None:
             return None
         channel.auto_ack = False
         return channel
@@ -1082,7 +1082,7 @@ class SandboxActor:
         with trio.move_on_after(HAND_OVER_S):
             await self._checkpoint()
         instance = self._instance
-        if isinstance(instance, ShimInstance):
+        if instance is not None:
             with trio.move_on_after(HAND_OVER_S):
                 await instance.detach()
 

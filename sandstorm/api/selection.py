@@ -1,22 +1,17 @@
 """The runtime selection rules of SPEC §1, as one pure function.
 
-The support matrix lives here too: adding a runtime means one row in ``SUPPORTED_LEVELS`` and, if
-it should be tried as a fallback, its place in ``FALLBACK_ORDER``.
+Which levels each runtime supports is not written here: every runtime declares its own
+(``isolation_levels`` on its class), and the registry passes those declarations in as
+``supported``. The rules themselves (each level's default, the fallback order) live here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from sandstorm.api.types import IsolationLevel, RuntimeName, SelectionReason
 
-SUPPORTED_LEVELS: Mapping[RuntimeName, tuple[IsolationLevel, ...]] = {
-    "gvisor": ("standard", "strong"),
-    "kata": ("strong", "maximum"),
-    "firecracker": ("maximum",),
-    "qemu": ("strong", "maximum"),
-}
 LEVEL_DEFAULTS: Mapping[IsolationLevel, RuntimeName] = {
     "standard": "gvisor",
     "strong": "kata",
@@ -43,15 +38,21 @@ def select_runtime(
     level: IsolationLevel,
     preference: RuntimeName | None,
     unavailable: Mapping[RuntimeName, str],
+    *,
+    supported: Mapping[RuntimeName, Collection[IsolationLevel]],
 ) -> Selected | NoRuntime:
     """Pick the runtime for a request.
 
     ``unavailable`` maps each runtime that cannot be used right now to the reason; a runtime not
-    in it is available. Never returns a runtime that does not list ``level``.
+    in it is available. ``supported`` maps each runtime to the isolation levels it declares.
+    Never returns a runtime that does not list ``level``.
     """
 
+    def lists_level(name: RuntimeName) -> bool:
+        return level in supported.get(name, ())
+
     def usable(name: RuntimeName) -> bool:
-        return name not in unavailable and level in SUPPORTED_LEVELS[name]
+        return name not in unavailable and lists_level(name)
 
     if preference is not None and usable(preference):
         return Selected(preference, "preference")
@@ -63,7 +64,7 @@ def select_runtime(
             return Selected(name, "fallback")
     candidates: dict[RuntimeName, str] = {}
     for name in FALLBACK_ORDER:
-        if level not in SUPPORTED_LEVELS[name]:
+        if not lists_level(name):
             candidates[name] = f"does not support isolation level {level!r}"
         else:
             candidates[name] = unavailable[name]

@@ -40,7 +40,6 @@ from typing import Final
 import msgspec
 import trio
 
-from sandstorm.agent import agent_files
 from sandstorm.images.builder import (
     DEFAULT_IMAGE,
     ImageBuildError,
@@ -349,12 +348,3 @@ class CpioWriter:
         self._entry("TRAILER!!!", 0, b"")
         out = b"".join(self._parts)
         return out + b"\x00" * (-len(out) % 512)
-
-
-def add_agent(cpio: CpioWriter) -> None:
-    """The agent's binary and the zygote, under ``agent/`` (mounted at /.sandstorm)."""
-    for name, data, mode in agent_files():
-        if data is None:
-            cpio.add_dir(f"agent/{name}", mode)
-        else:
-            cpio.add_file(f"agent/{name}", data, mode)

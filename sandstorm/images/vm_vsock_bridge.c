@@ -1,5 +1,5 @@
-/* Sandstorm vsock bridge: the agent channel of a Firecracker guest (see the firecracker runtime
- * under sandstorm/runtimes/).
+/* Sandstorm vsock bridge: the agent channel of a Firecracker guest (see
+ * sandstorm/runtimes/firecracker/runtime.py).
  *
  *     vsock-bridge PORT COMMAND [ARG...]
  *

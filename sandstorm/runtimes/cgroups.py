@@ -17,8 +17,6 @@ from pathlib import Path
 
 import trio
 
-from sandstorm.runtimes.base import ResourceUsage
-
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
 # runsc creates its leaf in every v1 hierarchy it finds, runc also in the hybrid host's v2
@@ -46,6 +44,12 @@ class Limits:
     cpu: float
     memory_bytes: int
     pids: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceUsage:
+    memory_bytes: int
+    cpu_time_ms: float
 
 
 class SandboxCgroups:
@@ -319,33 +323,3 @@ def _rmdir_cgroup(path: Path) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), 9)
         raise
-
-
-class CgroupAccounting:
-    """What a runtime whose sandboxes each live in a gateway-owned cgroup reports from it:
-    usage, and whether the kernel OOM-killed in it."""
-
-    cgroups: SandboxCgroups
-
-    def usage(self, sandbox_id: str) -> ResourceUsage:
-        return ResourceUsage(
-            self.cgroups.memory_bytes(sandbox_id), self.cgroups.cpu_time_ms(sandbox_id)
-        )
-
-    def out_of_memory(self, sandbox_id: str) -> bool:
-        return self.cgroups.out_of_memory(sandbox_id)
-
-    #: Whether reaching the host cgroup's memory limit shows up as failed allocations inside
-    #: the sandbox (gVisor's sentry sizes itself to the limit and answers ENOMEM) rather than
-    #: as the kernel's OOM kill. Not for VMs: their host cgroup holds guest RAM that is always
-    #: at its peak; their agent reports the guest kernel's OOM kills instead.
-    allocations_fail_at_limit: bool = False
-
-    def exec_starting(self, sandbox_id: str, alone: bool) -> None:
-        """An exec is about to start; ``alone`` when no other exec runs in the sandbox."""
-        if self.allocations_fail_at_limit and alone:
-            self.cgroups.reset_memory_peak(sandbox_id)
-
-    def exec_ran_out_of_memory(self, sandbox_id: str) -> bool:
-        """Whether an exec that just failed did so with the sandbox at its memory limit."""
-        return self.allocations_fail_at_limit and self.cgroups.memory_peaked(sandbox_id)

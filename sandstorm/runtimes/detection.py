@@ -1,12 +1,5 @@
-"""Detection of the VM-tier runtimes (Kata, Firecracker, QEMU) that have no driver registered.
-
-Each function finds the binary on the configured search paths, reads its version and says exactly
-why the runtime cannot be used; until a driver is registered a found binary is reported with that
-as the reason, never as available. QEMU has its driver (``runtimes/qemu.py``), whose own
-``detect`` also probes the accelerator (KVM only if a VM really boots under it, else TCG) and
-needs the VM image; ``detect_qemu`` stays for a registry built without it. Kata has only its
-driver (``runtimes/kata.py``): it is found through containerd, not by a binary of its own.
-"""
+"""What detection shares across runtimes: finding a binary on its configured search paths,
+saying where it was looked for, and reading its version."""
 
 from __future__ import annotations
 
@@ -15,15 +8,14 @@ import shutil
 
 import trio
 
-from sandstorm.runtimes.base import Detection
-from sandstorm.runtimes.kvm_probe import kvm_runs_guests
-
-_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+from sandstorm.runtimes.base import HOST_ENV
 
 
 def first_executable(paths: list[str]) -> str | None:
+    """The first of ``paths`` that is an executable file (a bare name is looked up on
+    ``HOST_ENV``'s PATH), made absolute; None if there is none."""
     for path in paths:
-        resolved = path if os.sep in path else shutil.which(path, path=_ENV["PATH"])
+        resolved = path if os.sep in path else shutil.which(path, path=HOST_ENV["PATH"])
         if resolved and os.path.isfile(resolved) and os.access(resolved, os.X_OK):
             return os.path.abspath(resolved)
     return None
@@ -38,7 +30,7 @@ async def read_version(argv: list[str]) -> str | None:
     try:
         with trio.move_on_after(5):
             result = await trio.run_process(
-                argv, capture_stdout=True, capture_stderr=True, check=False, env=_ENV
+                argv, capture_stdout=True, capture_stderr=True, check=False, env=HOST_ENV
             )
             for line in (result.stdout + result.stderr).decode(errors="replace").splitlines():
                 if line.strip():
@@ -46,29 +38,3 @@ async def read_version(argv: list[str]) -> str | None:
     except OSError:
         return None
     return None
-
-
-NO_DRIVER = "binary found, but this gateway has no {name} driver registered"
-
-
-async def detect_firecracker(paths: list[str], jailer_paths: list[str]) -> Detection:
-    binary = first_executable(paths)
-    if binary is None:
-        return Detection(False, None, None, not_found(paths))
-    version = await read_version([binary, "--version"])
-    if first_executable(jailer_paths) is None:
-        return Detection(False, binary, version, "jailer " + not_found(jailer_paths))
-    if not os.path.exists("/dev/kvm"):
-        return Detection(False, binary, version, "/dev/kvm does not exist")
-    # /dev/kvm can exist and still not run guests: only running one says (kvm_probe.py).
-    if (reason := await kvm_runs_guests()) is not None:
-        return Detection(False, binary, version, reason)
-    return Detection(False, binary, version, NO_DRIVER.format(name="firecracker"))
-
-
-async def detect_qemu(paths: list[str]) -> Detection:
-    binary = first_executable(paths)
-    if binary is None:
-        return Detection(False, None, None, not_found(paths) + " (PATH)")
-    version = await read_version([binary, "--version"])
-    return Detection(False, binary, version, NO_DRIVER.format(name="qemu"))

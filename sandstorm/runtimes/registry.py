@@ -1,26 +1,26 @@
-"""The runtime registry: which runtimes exist, what detection found, how fast each starts.
+"""The runtime registry: which runtimes exist, what each declares, what detection found, how fast
+each starts.
 
-Adding a runtime: write ``runtimes/<name>.py`` implementing ``SandboxRuntime``, add one line to
-``build_registry`` and its row in ``selection.SUPPORTED_LEVELS``.
+Adding a runtime: a package ``runtimes/<name>/`` whose runtime class declares its ``name``,
+``isolation_levels`` and ``capabilities`` (``base.SandboxRuntime``), and its line in
+``build_registry``. The selection rules read the declarations from here.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import deque
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from sandstorm.api.selection import LEVEL_DEFAULTS, SUPPORTED_LEVELS
+from sandstorm.api.selection import LEVEL_DEFAULTS, NoRuntime, Selected, select_runtime
 from sandstorm.api.types import (
     RUNTIME_NAMES,
-    RuntimeCapabilities,
+    IsolationLevel,
     RuntimeInfo,
     RuntimeName,
 )
 from sandstorm.config import Config
 from sandstorm.errors import RuntimeUnavailable
-from sandstorm.runtimes import detection
 from sandstorm.runtimes.base import Detection, SandboxRuntime
 from sandstorm.runtimes.cgroups import SandboxCgroups
 from sandstorm.runtimes.firecracker import FirecrackerRuntime
@@ -28,23 +28,16 @@ from sandstorm.runtimes.gvisor import GvisorRuntime
 from sandstorm.runtimes.kata import KataRuntime
 from sandstorm.runtimes.qemu import QemuRuntime
 
-_NO_CAPABILITIES = RuntimeCapabilities(snapshot=False, exec=False, streaming=False, network=False)
-_VM_CAPABILITIES: dict[RuntimeName, RuntimeCapabilities] = {
-    "kata": RuntimeCapabilities(snapshot=False, exec=True, streaming=True, network=False),
-    "firecracker": RuntimeCapabilities(snapshot=True, exec=True, streaming=True, network=False),
-    "qemu": RuntimeCapabilities(snapshot=True, exec=True, streaming=True, network=False),
-}
 STARTUP_SAMPLES = 256
 
 
 class RuntimeRegistry:
-    def __init__(
-        self,
-        drivers: dict[RuntimeName, SandboxRuntime],
-        detectors: dict[RuntimeName, Callable[[], Awaitable[Detection]]],
-    ) -> None:
+    def __init__(self, drivers: dict[RuntimeName, SandboxRuntime]) -> None:
         self.drivers = drivers
-        self.detectors = detectors
+        #: What each runtime declares it supports, for the selection rules.
+        self.supported: dict[RuntimeName, tuple[IsolationLevel, ...]] = {
+            name: driver.isolation_levels for name, driver in drivers.items()
+        }
         self.detections: dict[RuntimeName, Detection] = {}
         self._startup_ms: dict[RuntimeName, deque[float]] = {
             n: deque(maxlen=STARTUP_SAMPLES) for n in RUNTIME_NAMES
@@ -53,12 +46,13 @@ class RuntimeRegistry:
 
     async def detect_all(self) -> None:
         for name in RUNTIME_NAMES:
-            driver = self.drivers.get(name)
-            if driver is not None:
-                self.detections[name] = await driver.detect()
-            else:
-                self.detections[name] = await self.detectors[name]()
+            self.detections[name] = await self.drivers[name].detect()
         self.detected = True
+
+    def select(self, level: IsolationLevel, preference: RuntimeName | None) -> Selected | NoRuntime:
+        """The runtime for a request, by SPEC §1's rules over what the runtimes declare and
+        what detection found (``selection.select_runtime``)."""
+        return select_runtime(level, preference, self.unavailable(), supported=self.supported)
 
     def unavailable(self) -> dict[RuntimeName, str]:
         """Reasons keyed by runtime, for ``selection.select_runtime``."""
@@ -89,7 +83,7 @@ class RuntimeRegistry:
         infos = []
         for name in RUNTIME_NAMES:
             det = self.detections.get(name) or Detection(False, None, None, "not detected yet")
-            driver = self.drivers.get(name)
+            driver = self.drivers[name]
             samples = self._startup_ms[name]
             infos.append(
                 RuntimeInfo(
@@ -97,13 +91,9 @@ class RuntimeRegistry:
                     available=det.available,
                     binary=det.binary,
                     version=det.version,
-                    isolation_levels=list(SUPPORTED_LEVELS[name]),
+                    isolation_levels=list(driver.isolation_levels),
                     default_for=[lv for lv, rt in LEVEL_DEFAULTS.items() if rt == name],
-                    capabilities=(
-                        driver.capabilities
-                        if driver is not None
-                        else _VM_CAPABILITIES.get(name, _NO_CAPABILITIES)
-                    ),
+                    capabilities=driver.capabilities,
                     reason=det.reason,
                     startup_ms_p50=round(statistics.median(samples), 1) if samples else None,
                 )
@@ -143,11 +133,5 @@ def build_registry(config: Config, cgroups: SandboxCgroups | None = None) -> Run
         journal_max=config.shim_journal_max,
     )
     return RuntimeRegistry(
-        drivers={"gvisor": gvisor, "qemu": qemu, "firecracker": firecracker, "kata": kata},
-        detectors={
-            "firecracker": lambda: detection.detect_firecracker(
-                paths["firecracker"], config.jailer_paths
-            ),
-            "qemu": lambda: detection.detect_qemu(paths["qemu"]),
-        },
+        drivers={"gvisor": gvisor, "qemu": qemu, "firecracker": firecracker, "kata": kata}
     )

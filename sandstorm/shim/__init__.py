@@ -1,22 +1,22 @@
 """The per-sandbox shim: a small process that holds a runtime's stdio, so sandboxes outlive the
 gateway (the containerd-shim and conmon idea). ``shim.c`` is the shim, a small C program that
-``build.py`` compiles once per source; ``wire.py`` holds its wire format's numbers and
-``client.py`` is the gateway side. Wire format: ``protocol/shim.md``."""
+``build.py`` compiles once per source; ``wire.py`` holds its wire format's numbers. The gateway
+side: ``process.py`` starts, finds and ends shim processes, ``channel.py`` is the connection to
+one. Wire format: ``protocol/shim.md``."""
 
-from .client import (
+from .channel import Handshake, ShimAttachError, ShimChannel, attach
+from .process import (
     DEFAULT_JOURNAL_MAX,
-    Handshake,
-    ShimChannel,
-    ShimInstance,
     ShimPaths,
-    attach,
     end_shim,
     is_shim_process,
     live_shims,
+    pidfd_of_child,
     prepare_shim,
     read_exit_status,
     read_pids,
     remove_socket,
+    shim_argv_directory,
     shim_paths,
     shim_process_ids,
     short_socket_dir,
@@ -26,17 +26,19 @@ from .client import (
 __all__ = [
     "DEFAULT_JOURNAL_MAX",
     "Handshake",
+    "ShimAttachError",
     "ShimChannel",
-    "ShimInstance",
     "ShimPaths",
     "attach",
     "end_shim",
     "is_shim_process",
     "live_shims",
+    "pidfd_of_child",
     "prepare_shim",
     "read_exit_status",
     "read_pids",
     "remove_socket",
+    "shim_argv_directory",
     "shim_paths",
     "shim_process_ids",
     "short_socket_dir",

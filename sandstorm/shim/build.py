@@ -36,7 +36,7 @@ def is_shim_argv(argv: list[bytes]) -> bool:
 
 
 def ensure_shim_binary() -> Path:
-    """The current shim binary, compiled first if it is missing. Blocking (gcc takes ~0.5 s,
+    """The current shim binary, compiled first if it is missing. Blocking (it runs gcc,
     once per source); raises ``ShimBuildError``."""
     global _built
     if _built is not None:  # this process built or found it: the source is not read again

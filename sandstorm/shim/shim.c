@@ -1,12 +1,11 @@
 /*
  * The per-sandbox shim: it holds one runtime process's stdio so the sandbox outlives the gateway
  * (the idea of containerd-shim and of podman's conmon, which is C for the same reason: it starts
- * with every sandbox, so its start-up is on the cold path, ~0.5 ms here against ~15 ms for a
- * python -I -S one).
+ * with every sandbox, so its start-up is on the cold path).
  *
  *     sandstorm-shim-<hash> DIR JOURNAL_MAX FD -- RUNTIME_ARGV...
  *
- * Started by the gateway (sandstorm/shim/client.py, which compiles this file once per source
+ * Started by the gateway (sandstorm/shim/process.py, which compiles this file once per source
  * hash: sandstorm/shim/build.py) in a session of its own, with its listening Unix socket already
  * bound as FD. It spawns the runtime with the environment and limits it inherited, appends every
  * byte of the runtime's stdout to a journal of segment files under DIR, and serves one gateway

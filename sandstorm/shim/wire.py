@@ -1,7 +1,8 @@
 """The shim's wire format (``protocol/shim.md``): the numbers ``shim.c`` is built with.
 
 The shim itself is C (``shim.c``, compiled once per source hash by ``build.py``); the gateway
-side is ``client.py``. A test reads ``shim.c``'s ``#define``s and compares them with these.
+side is ``process.py`` and ``channel.py``. A test reads ``shim.c``'s ``#define``s and compares
+them with these.
 """
 
 from __future__ import annotations

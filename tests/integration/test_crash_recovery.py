@@ -15,7 +15,7 @@ import httpx
 import trio
 
 from sandstorm.images.vm import load_vm_manifest
-from sandstorm.shim.client import read_pids, shim_paths
+from sandstorm.shim import read_pids, shim_paths
 from tests.conftest import IMAGE_DATA_DIR
 from tests.hoststate import HostState, settled_state
 from tests.integration.gateway_process import gateway_process

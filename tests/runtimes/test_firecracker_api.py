@@ -26,25 +26,27 @@ import pytest
 import trio
 import yaml
 
-from sandstorm.agent.client import AgentChannel, FrameKind, decode_exit
+from sandstorm.agent import AgentChannel, FrameKind, decode_exit
 from sandstorm.api.types import MIB
 from sandstorm.config import load_config
 from sandstorm.ids import new_id
-from sandstorm.runtimes import firecracker_api as fapi
 from sandstorm.runtimes.base import MountSpec, RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import Limits, SandboxCgroups
-from sandstorm.runtimes.firecracker import (
-    BRIDGE_SOURCE,
-    FirecrackerError,
-    FirecrackerRuntime,
+from sandstorm.runtimes.firecracker import api as fapi
+from sandstorm.runtimes.firecracker.jail import (
     boot_args,
-    guest_ram,
     guest_vcpus,
     jail_id,
     jailer_argv,
     sandbox_id_of,
 )
-from sandstorm.runtimes.kvm_probe import kvm_runs_guests
+from sandstorm.runtimes.firecracker.kvm_probe import kvm_runs_guests
+from sandstorm.runtimes.firecracker.runtime import (
+    BRIDGE_SOURCE,
+    FirecrackerError,
+    FirecrackerRuntime,
+)
+from sandstorm.runtimes.guest import guest_ram
 from sandstorm.runtimes.registry import build_registry
 from tests.conftest import IMAGE_DATA_DIR
 

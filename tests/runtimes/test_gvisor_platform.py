@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from sandstorm.runtimes.base import RuntimeStartError
-from sandstorm.runtimes.gvisor import PLATFORM_FILE, read_platform
+from sandstorm.runtimes.gvisor.runtime import PLATFORM_FILE, read_platform
 from sandstorm.shim import read_pids, shim_paths
 from tests.harness import RunningGateway
 

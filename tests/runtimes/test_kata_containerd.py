@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 import trio
 
-from sandstorm.agent.client import Frame, FrameKind
+from sandstorm.agent import Frame, FrameKind
 from sandstorm.api.types import MIB
 from sandstorm.ids import new_id
 from sandstorm.runtimes.base import SandboxSpec
 from sandstorm.runtimes.cgroups import V1_ALL, SandboxCgroups
 from sandstorm.runtimes.kata import KataRuntime
-from sandstorm.runtimes.kata_spec import (
+from sandstorm.runtimes.kata.spec import (
     GUEST_OVERHEAD_MIB,
     KATA_RUNTIME_TYPE,
     MEMORY_ANNOTATION,
@@ -40,7 +40,7 @@ from sandstorm.runtimes.kata_spec import (
     oci_spec,
     shim_binary,
 )
-from sandstorm.shim import ShimInstance
+from sandstorm.runtimes.shimmed import ShimInstance
 from tests.conftest import IMAGE_DATA_DIR, require, runsc_usable
 from tests.harness import RunningGateway
 from tests.hoststate import host_mounts_under, host_state

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from sandstorm.agent.client import Frame, FrameKind
+from sandstorm.agent import Frame, FrameKind
 from sandstorm.api.types import MIB
 from sandstorm.ids import new_id
 from sandstorm.images.vm import (
@@ -24,14 +24,8 @@ from sandstorm.images.vm import (
 )
 from sandstorm.runtimes.base import SandboxSpec
 from sandstorm.runtimes.cgroups import V1_ALL, SandboxCgroups
-from sandstorm.runtimes.qemu import (
-    MIN_GUEST_RAM,
-    QEMU_OVERHEAD,
-    QemuInstance,
-    QemuRuntime,
-    guest_ram,
-    host_limits,
-)
+from sandstorm.runtimes.guest import MIN_GUEST_RAM, guest_ram
+from sandstorm.runtimes.qemu.runtime import QEMU_OVERHEAD, QemuInstance, QemuRuntime
 from tests.conftest import IMAGE_DATA_DIR, require, vm_image_missing
 from tests.hoststate import qemu_state
 
@@ -48,7 +42,7 @@ def _spec(sandbox_id: str, memory: int = 256 * MIB) -> SandboxSpec:
 def test_guest_ram_and_host_limits() -> None:
     assert guest_ram(_spec("sbx_x", 32 * MIB)) == MIN_GUEST_RAM
     assert guest_ram(_spec("sbx_x", 512 * MIB + 5)) == 512 * MIB
-    limits = host_limits(_spec("sbx_x", 512 * MIB))
+    limits = QemuRuntime.host_limits(_spec("sbx_x", 512 * MIB))
     assert limits.memory_bytes == 512 * MIB + QEMU_OVERHEAD and limits.cpu == 1.0
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import trio
 
-from sandstorm.runtimes.qemu import MIN_GUEST_RAM, QEMU_OVERHEAD
+from sandstorm.runtimes.guest import MIN_GUEST_RAM
+from sandstorm.runtimes.qemu.runtime import QEMU_OVERHEAD
 from tests.harness import RunningGateway, never_500
 from tests.hoststate import host_state, settled_state
 

@@ -2,17 +2,28 @@
 
 Every isolation level x every preference (none and the four runtimes) x every subset of available
 runtimes: 3 x 5 x 16 = 240 cases. The expected function below is written from the SPEC text
-only (it does not import the support matrix or the fallback order from ``sandstorm.api.selection``).
+only (it does not import the fallback order from ``sandstorm.api.selection``). The support matrix
+is data the selection function is given: here the SPEC's table, and the runtimes' own
+declarations are checked to equal it.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sandstorm.api.selection import NoRuntime, Selected, select_runtime
+from sandstorm.api.types import RUNTIME_NAMES, RuntimeCapabilities
+from sandstorm.config import load_config
+from sandstorm.runtimes.firecracker import FirecrackerRuntime
+from sandstorm.runtimes.gvisor import GvisorRuntime
+from sandstorm.runtimes.kata import KataRuntime
+from sandstorm.runtimes.qemu import QemuRuntime
+from sandstorm.runtimes.registry import build_registry
 
 # SPEC §1, the runtime table: "isolation levels it supports".
 SPEC_LEVELS: dict[str, set[str]] = {
@@ -21,6 +32,8 @@ SPEC_LEVELS: dict[str, set[str]] = {
     "firecracker": {"maximum"},
     "qemu": {"strong", "maximum"},
 }
+# The same table, "snapshots": Kata's are "not offered (422)".
+SPEC_SNAPSHOTS = {"gvisor": True, "kata": False, "firecracker": True, "qemu": True}
 # Rule 2: "standard → gvisor, strong → kata, maximum → firecracker".
 SPEC_DEFAULTS = {"standard": "gvisor", "strong": "kata", "maximum": "firecracker"}
 # Rule 3: "in the order gvisor, kata, firecracker, qemu".
@@ -30,6 +43,9 @@ PREFERENCES: list[str | None] = [None, "gvisor", "kata", "firecracker", "qemu"]
 SUBSETS: list[frozenset[str]] = [
     frozenset(combo) for n in range(5) for combo in itertools.combinations(SPEC_ORDER, n)
 ]
+
+
+select = functools.partial(select_runtime, supported=SPEC_LEVELS)
 
 
 def expected(
@@ -80,7 +96,7 @@ def test_selection_matches_the_spec(
     level: str, preference: str | None, available: frozenset[str]
 ) -> None:
     unavailable = unavailable_map(available)
-    got = select_runtime(level, preference, unavailable)  # type: ignore[arg-type]
+    got = select(level, preference, unavailable)  # type: ignore[arg-type]
     want = expected(level, preference, available)
     if want is None:
         assert isinstance(got, NoRuntime), got
@@ -105,8 +121,8 @@ def test_selection_matches_the_spec(
 def test_selection_is_pure() -> None:
     unavailable: dict[Any, str] = {"kata": "gone", "qemu": "gone"}
     snapshot = dict(unavailable)
-    first = select_runtime("strong", "qemu", unavailable)
-    second = select_runtime("strong", "qemu", unavailable)
+    first = select("strong", "qemu", unavailable)
+    second = select("strong", "qemu", unavailable)
     assert first == second
     assert unavailable == snapshot
 
@@ -119,7 +135,7 @@ def _down(*names: str) -> dict[Any, str]:
 
 
 def test_maximum_with_only_gvisor_is_no_runtime() -> None:
-    got = select_runtime("maximum", None, _down("kata", "firecracker", "qemu"))
+    got = select("maximum", None, _down("kata", "firecracker", "qemu"))
     assert isinstance(got, NoRuntime)
     assert got.level == "maximum"
     assert set(got.candidates) == {"gvisor", "kata", "firecracker", "qemu"}
@@ -130,41 +146,39 @@ def test_maximum_with_only_gvisor_is_no_runtime() -> None:
 
 
 def test_maximum_preferring_gvisor_still_never_picks_gvisor() -> None:
-    assert isinstance(
-        select_runtime("maximum", "gvisor", _down("kata", "firecracker", "qemu")), NoRuntime
-    )
-    assert select_runtime("maximum", "gvisor", _down("firecracker")) == Selected("kata", "fallback")
+    assert isinstance(select("maximum", "gvisor", _down("kata", "firecracker", "qemu")), NoRuntime)
+    assert select("maximum", "gvisor", _down("firecracker")) == Selected("kata", "fallback")
 
 
 def test_strong_without_kata_falls_back_to_gvisor() -> None:
-    assert select_runtime("strong", None, _down("kata")) == Selected("gvisor", "fallback")
-    assert select_runtime("strong", None, _down("kata", "firecracker", "qemu")) == Selected(
+    assert select("strong", None, _down("kata")) == Selected("gvisor", "fallback")
+    assert select("strong", None, _down("kata", "firecracker", "qemu")) == Selected(
         "gvisor", "fallback"
     )
 
 
 def test_strong_preferring_available_qemu_uses_it() -> None:
-    assert select_runtime("strong", "qemu", {}) == Selected("qemu", "preference")
-    assert select_runtime("strong", "qemu", _down("kata")) == Selected("qemu", "preference")
+    assert select("strong", "qemu", {}) == Selected("qemu", "preference")
+    assert select("strong", "qemu", _down("kata")) == Selected("qemu", "preference")
 
 
 def test_strong_preferring_unavailable_qemu_uses_the_default() -> None:
-    assert select_runtime("strong", "qemu", _down("qemu")) == Selected("kata", "default")
+    assert select("strong", "qemu", _down("qemu")) == Selected("kata", "default")
 
 
 def test_preference_for_a_runtime_without_the_level_is_ignored() -> None:
-    assert select_runtime("standard", "firecracker", {}) == Selected("gvisor", "default")
-    assert select_runtime("standard", "kata", {}) == Selected("gvisor", "default")
-    assert select_runtime("strong", "firecracker", {}) == Selected("kata", "default")
+    assert select("standard", "firecracker", {}) == Selected("gvisor", "default")
+    assert select("standard", "kata", {}) == Selected("gvisor", "default")
+    assert select("strong", "firecracker", {}) == Selected("kata", "default")
 
 
 def test_preference_naming_the_default_says_preference() -> None:
-    assert select_runtime("standard", "gvisor", {}) == Selected("gvisor", "preference")
-    assert select_runtime("standard", None, {}) == Selected("gvisor", "default")
+    assert select("standard", "gvisor", {}) == Selected("gvisor", "preference")
+    assert select("standard", None, {}) == Selected("gvisor", "default")
 
 
 def test_standard_without_gvisor_has_no_runtime() -> None:
-    got = select_runtime("standard", "qemu", _down("gvisor"))
+    got = select("standard", "qemu", _down("gvisor"))
     assert isinstance(got, NoRuntime)
     assert got.candidates["gvisor"] == "gvisor is not installed"
     for name in ("kata", "firecracker", "qemu"):
@@ -172,8 +186,36 @@ def test_standard_without_gvisor_has_no_runtime() -> None:
 
 
 def test_maximum_without_firecracker_falls_back_to_kata_then_qemu() -> None:
-    assert select_runtime("maximum", None, _down("firecracker")) == Selected("kata", "fallback")
-    assert select_runtime("maximum", None, _down("firecracker", "kata")) == Selected(
-        "qemu", "fallback"
-    )
-    assert select_runtime("maximum", None, {}) == Selected("firecracker", "default")
+    assert select("maximum", None, _down("firecracker")) == Selected("kata", "fallback")
+    assert select("maximum", None, _down("firecracker", "kata")) == Selected("qemu", "fallback")
+    assert select("maximum", None, {}) == Selected("firecracker", "default")
+
+
+# ----------------------------------------------------------------------- the declarations
+
+
+def test_each_runtime_declares_the_spec_matrix() -> None:
+    classes = (GvisorRuntime, KataRuntime, FirecrackerRuntime, QemuRuntime)
+    assert tuple(cls.name for cls in classes) == RUNTIME_NAMES
+    for cls in classes:
+        assert set(cls.isolation_levels) == SPEC_LEVELS[cls.name], cls.name
+        assert len(cls.isolation_levels) == len(set(cls.isolation_levels)), cls.name
+        assert cls.capabilities == RuntimeCapabilities(
+            snapshot=SPEC_SNAPSHOTS[cls.name], exec=True, streaming=True, network=False
+        ), cls.name
+
+
+def test_the_registry_selects_by_the_declarations(tmp_path: Path) -> None:
+    registry = build_registry(load_config(None, data_dir=str(tmp_path)))
+    assert {name: set(levels) for name, levels in registry.supported.items()} == SPEC_LEVELS
+    for name, driver in registry.drivers.items():
+        assert driver.name == name
+    # Nothing detected yet: every runtime is unavailable, with that as the reason.
+    got = registry.select("maximum", "gvisor")
+    assert isinstance(got, NoRuntime)
+    assert got.candidates == {
+        "gvisor": "does not support isolation level 'maximum'",
+        "kata": "not detected yet",
+        "firecracker": "not detected yet",
+        "qemu": "not detected yet",
+    }

@@ -15,19 +15,20 @@ from pathlib import Path
 import pytest
 import trio
 
+from sandstorm.agent import HEADER, FrameKind
 from sandstorm.agent.build import ensure_agent_binary
-from sandstorm.agent.client import HEADER, FrameKind
 from sandstorm.cli import main as cli
-from sandstorm.runtimes.base import RuntimeStartError
-from sandstorm.shim import build, wire
-from sandstorm.shim.client import (
+from sandstorm.shim import (
+    ShimAttachError,
     ShimPaths,
     attach,
+    build,
     read_exit_status,
     remove_socket,
     shim_argv_directory,
     shim_paths,
     spawn_shim,
+    wire,
 )
 from tests.harness import c_number_defines
 
@@ -125,14 +126,14 @@ async def test_offsets_outside_the_journal_are_refused(paths: ShimPaths) -> None
         )
         stream, _ = await attach(paths, 0)
         data = await read_until(stream, len(NUMBERS))
-        with pytest.raises(RuntimeStartError, match="not in the shim's journal"):
+        with pytest.raises(ShimAttachError, match="not in the shim's journal"):
             await attach(paths, len(NUMBERS) + 1)
         await stream.aclose()
         # The refused attempt replaced the connection; acknowledge everything on a new one.
         stream, _ = await attach(paths, len(data))
         await trio.sleep(0.2)
         await stream.aclose()
-        with pytest.raises(RuntimeStartError, match="not in the shim's journal"):
+        with pytest.raises(ShimAttachError, match="not in the shim's journal"):
             await attach(paths, 0)  # the first segments were dropped after the acknowledgement
         stream, handshake = await attach(paths, len(data))
         assert handshake.first_offset > 0
@@ -150,7 +151,7 @@ async def test_exit_without_a_gateway_keeps_the_journal(paths: ShimPaths) -> Non
         assert b"".join(p.read_bytes() for p in sorted(paths.directory.glob("journal.*"))) == (
             b"bye\n"
         )
-        with pytest.raises(RuntimeStartError, match="exited with status 3"):
+        with pytest.raises(ShimAttachError, match="exited with status 3"):
             await attach(paths, 0)
 
 
@@ -203,11 +204,11 @@ def test_shims_are_told_from_other_processes_by_their_command_line() -> None:
     # A shim of an older binary (the source changed since) is still a shim.
     older = os.fsencode(build.SHIM_BIN_DIR / f"{build.SHIM_PREFIX}fedcba9876543210")
     assert shim_argv_directory([older, state, b"64", b"3", b"--", b"runsc"]) == state
-    # A shim a gateway started before the shim was C.
+    # The same name elsewhere, runsc itself (whose arguments name the state), a Python process
+    # naming a script beside the shim's source, anything else.
     python_main = os.fsencode(Path(build.SHIM_SOURCE).with_name("main.py"))
-    legacy = [b"/usr/bin/python3", b"-I", b"-S", b"-c", b"import sys", python_main, state, b"64"]
-    assert shim_argv_directory(legacy) == state
-    # The same name elsewhere, runsc itself (whose arguments name the state), anything else.
+    script = [b"/usr/bin/python3", b"-I", b"-S", b"-c", b"import sys", python_main, state, b"64"]
+    assert shim_argv_directory(script) is None
     assert shim_argv_directory([b"/tmp/" + binary.rpartition(b"/")[2], state]) is None
     assert shim_argv_directory([b"runsc", b"--root", state, b"run"]) is None
     assert shim_argv_directory([b""]) is None

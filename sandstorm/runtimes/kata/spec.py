@@ -16,7 +16,7 @@ from pathlib import Path
 from sandstorm.api.types import MIB
 from sandstorm.runtimes.base import RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import Limits
-from sandstorm.runtimes.gvisor import oci_config
+from sandstorm.runtimes.oci import oci_config
 
 KATA_RUNTIME_TYPE = "io.containerd.kata.v2"
 RUNC_RUNTIME_TYPE = "io.containerd.runc.v2"
@@ -78,8 +78,8 @@ def host_limits(spec: SandboxSpec, runtime_type: str) -> Limits:
 def oci_spec(
     spec: SandboxSpec, rootfs: Path, cgroups_path: str, runtime_type: str
 ) -> dict[str, object]:
-    """The spec ``ctr run --config`` reads: gVisor's (same agent, user, mounts, namespaces)
-    with what a runtime on a real kernel needs on top, and Kata's annotations."""
+    """The spec ``ctr run --config`` reads: the common one (same agent, user, mounts,
+    namespaces) with what a runtime on a real kernel needs on top, and Kata's annotations."""
     config = oci_config(spec, cgroups_path)
     process = config["process"]
     assert isinstance(process, dict)
@@ -189,9 +189,3 @@ def unmount_rootfs(bundle: Path) -> list[str]:
             code = ctypes.get_errno()
             raise OSError(code, f"umount {target}: {os.strerror(code)}")
     return released
-
-
-def mounts_under(directory: Path) -> list[str]:
-    prefix = str(directory) + "/"
-    with open("/proc/self/mounts") as f:  # procfs: never blocks on a disk
-        return [p for line in f if (p := line.split()[1]).startswith(prefix)]

@@ -7,7 +7,7 @@ jailer makes inside the gateway's own group for the sandbox (``--parent-cgroup``
 group holds the limits and the OOM evidence, as for gVisor), with the seccomp filter Firecracker
 ships (its default: no ``--no-seccomp``, no ``--seccomp-filter``). The kernel, initramfs and root
 image are hard-linked into the chroot; Firecracker is then configured over its API socket
-(``firecracker_api.py``) and started. No network device at all.
+(``api.py``) and started. No network device at all.
 
 The agent channel is vsock: the host connects to the device's Unix socket in the jail and sends
 ``CONNECT <port>``; in the guest a small bridge (``images/vm_vsock_bridge.c``, compiled here on
@@ -24,51 +24,59 @@ linked into it, ``PUT /snapshot/load`` with ``resume_vm``, and a new vsock conne
 from __future__ import annotations
 
 import contextlib
-import errno
+import functools
 import hashlib
-import math
 import os
 import secrets
 import shutil
 import signal
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import ClassVar, Final
 
 import msgspec
 import trio
 
-from sandstorm.agent import AGENT_MOUNT_POINT, agent_command
-from sandstorm.agent.client import AgentChannel
-from sandstorm.api.types import MIB, IsolationLevel, RuntimeCapabilities, RuntimeName
+from sandstorm.agent import AGENT_MOUNT_POINT, AgentChannel, agent_command
+from sandstorm.api.types import MIB, IsolationLevel, RuntimeCapabilities
 from sandstorm.ids import is_id
-from sandstorm.images.vm import CpioWriter, add_agent, load_vm_manifest, vm_dir
-from sandstorm.runtimes import firecracker_api as fapi
-from sandstorm.runtimes.base import Detection, RuntimeStartError, SandboxSpec
-from sandstorm.runtimes.cgroups import CPU_PERIOD_US, CgroupAccounting, Limits, SandboxCgroups
+from sandstorm.images.vm import load_vm_manifest, vm_dir
+from sandstorm.runtimes.base import (
+    HOST_ENV,
+    Detection,
+    RuntimeStartError,
+    SandboxRuntime,
+    SandboxSpec,
+    rollback,
+    tail,
+)
+from sandstorm.runtimes.cgroups import Limits, SandboxCgroups
 from sandstorm.runtimes.detection import first_executable, not_found, read_version
-from sandstorm.runtimes.gvisor import AGENT_ENV
-from sandstorm.runtimes.kvm_probe import kvm_runs_guests
+from sandstorm.runtimes.firecracker import api as fapi
+from sandstorm.runtimes.firecracker.jail import (
+    Jail,
+    boot_args,
+    guest_vcpus,
+    jail_id,
+    jailer_argv,
+    link_or_copy,
+    move,
+    sandbox_id_of,
+)
+from sandstorm.runtimes.firecracker.kvm_probe import kvm_runs_guests
+from sandstorm.runtimes.guest import agent_initrd, guest_ram
 
-FC_ENV: Final = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 #: The guest port the bridge listens on; above 1023 because it runs without capabilities.
 VSOCK_PORT: Final = 10000
-MIN_GUEST_RAM: Final = 128 * MIB
 #: Firecracker's own memory besides guest RAM (its docs give under 5 MiB; the rest is slack
 #: for the page tables and the vsock/virtio buffers).
 FC_OVERHEAD: Final = 64 * MIB
 HOST_PIDS: Final = 64  # Firecracker's threads: API, VMM, one per vCPU
-MAX_VCPUS: Final = 32  # the API's own bound (MachineConfiguration.vcpu_count)
-KERNEL_ARGS: Final = (
-    "console=ttyS0 reboot=k panic=1 pci=off quiet loglevel=4 "
-    "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
-)
 BOOT_TIMEOUT_S: Final = 30.0
 STOP_TIMEOUT_S: Final = 5.0
 LAUNCH_FILE: Final = "firecracker.json"
-BRIDGE_SOURCE: Final = Path(__file__).resolve().parent.parent / "images" / "vm_vsock_bridge.c"
+BRIDGE_SOURCE: Final = Path(__file__).resolve().parents[2] / "images" / "vm_vsock_bridge.c"
 BRIDGE_NAME: Final = "vsock-bridge"
 
 
@@ -84,107 +92,6 @@ class SnapshotLaunch(msgspec.Struct, frozen=True):
     vcpus: int
     vsock_port: int
     root_image: str  # identity of the root image the guest had mounted (see _image_identity)
-
-
-@dataclass(frozen=True, slots=True)
-class Jail:
-    """The jailer's directories for one sandbox (docs/jailer.md, "Jailer Operation")."""
-
-    jail_id: str
-    directory: Path  # <chroot_base>/<exec file name>/<id>: ours, outside the chroot
-
-    @property
-    def root(self) -> Path:
-        return self.directory / "root"
-
-    @property
-    def log(self) -> Path:
-        return self.directory / "firecracker.log"
-
-    @property
-    def pidfile(self) -> Path:
-        return self.directory / "firecracker.pid"
-
-
-def jail_id(sandbox_id: str) -> str:
-    """The jailer's ``--id`` allows only alphanumerics and hyphens (at most 64)."""
-    return sandbox_id.replace("_", "-", 1)
-
-
-def sandbox_id_of(jail: str) -> str:
-    return jail.replace("-", "_", 1)
-
-
-def guest_ram(spec: SandboxSpec) -> int:
-    return max(MIN_GUEST_RAM, spec.memory_limit) // MIB * MIB
-
-
-def guest_vcpus(spec: SandboxSpec) -> int:
-    return max(1, min(math.ceil(spec.cpu_limit), os.cpu_count() or 1, MAX_VCPUS))
-
-
-def host_limits(spec: SandboxSpec) -> Limits:
-    """The host cgroup around Firecracker: guest RAM plus its own overhead. Inside the guest
-    the kernel enforces the memory limit (it has no more RAM) and RLIMIT_NPROC the processes."""
-    return Limits(spec.cpu_limit, guest_ram(spec) + FC_OVERHEAD, HOST_PIDS)
-
-
-def boot_args(spec: SandboxSpec) -> str:
-    ram = guest_ram(spec)
-    return (
-        f"{KERNEL_ARGS} sandstorm.channel=vsock sandstorm.overlay={ram // 2} "
-        f"sandstorm.nproc={spec.pids_limit}"
-    )
-
-
-def cgroup_args(limits: Limits, v2: bool) -> list[str]:
-    """``--cgroup <file>=<value>`` for the jailer's leaf, from the limits (docs/jailer.md)."""
-    quota = max(1000, int(limits.cpu * CPU_PERIOD_US))
-    if v2:
-        values = [
-            f"memory.max={limits.memory_bytes}",
-            f"cpu.max={quota} {CPU_PERIOD_US}",
-            f"pids.max={limits.pids}",
-        ]
-    else:
-        values = [
-            f"memory.limit_in_bytes={limits.memory_bytes}",
-            f"cpu.cfs_period_us={CPU_PERIOD_US}",
-            f"cpu.cfs_quota_us={quota}",
-            f"pids.max={limits.pids}",
-        ]
-    return [arg for value in values for arg in ("--cgroup", value)]
-
-
-def jailer_argv(
-    jailer: str,
-    firecracker: str,
-    jail: str,
-    *,
-    uid: int,
-    gid: int,
-    chroot_base: Path,
-    parent_cgroup: str,
-    limits: Limits,
-    cgroup_v2: bool,
-) -> list[str]:
-    """The jailer's command line (docs/jailer.md, "Jailer Usage"). No ``--daemonize``: the
-    jailer execs Firecracker in place, so the process the gateway spawned is Firecracker, its
-    exit is the VM's, and it is reaped like any child. No ``--netns``: the VM has no network
-    device. After ``--``, Firecracker's own flags: the API socket inside the chroot."""
-    return [
-        jailer,
-        "--id", jail,
-        "--exec-file", firecracker,
-        "--uid", str(uid),
-        "--gid", str(gid),
-        "--chroot-base-dir", str(chroot_base),
-        "--cgroup-version", "2" if cgroup_v2 else "1",
-        "--parent-cgroup", parent_cgroup,
-        *cgroup_args(limits, cgroup_v2),
-        "--",
-        "--api-sock", f"/{fapi.API_SOCKET}",
-    ]  # fmt: skip
 
 
 class FirecrackerInstance:
@@ -206,17 +113,26 @@ class FirecrackerInstance:
     def exited(self) -> bool:
         return self.process.returncode is not None
 
+    @property
+    def journaled(self) -> None:
+        # Nothing journals the stream: the gateway holds the vsock connection itself.
+        return None
+
     def kill(self) -> None:
         if self.process.returncode is None:
             self.process.kill()
 
+    async def detach(self) -> None:
+        """Nothing to hand over (see ``FirecrackerRuntime.surviving``): the VM is left as it
+        is, for the next gateway's reaper."""
+
     def diagnostics(self) -> str:
-        return _tail(self.log_path)
+        return tail(self.log_path)
 
 
-class FirecrackerRuntime(CgroupAccounting):
-    name: RuntimeName = "firecracker"
-    isolation_levels: tuple[IsolationLevel, ...] = ("strong", "maximum")
+class FirecrackerRuntime(SandboxRuntime):
+    name = "firecracker"
+    isolation_levels: ClassVar[tuple[IsolationLevel, ...]] = ("maximum",)
     capabilities = RuntimeCapabilities(snapshot=True, exec=True, streaming=True, network=False)
 
     def __init__(
@@ -294,7 +210,7 @@ class FirecrackerRuntime(CgroupAccounting):
         try:
             with trio.fail_after(120):
                 result = await trio.run_process(
-                    argv, capture_stdout=True, capture_stderr=True, check=False, env=FC_ENV
+                    argv, capture_stdout=True, capture_stderr=True, check=False, env=HOST_ENV
                 )
         except (OSError, trio.TooSlowError) as exc:
             raise FirecrackerError(f"cannot compile the guest vsock bridge: {exc!r}") from exc
@@ -305,29 +221,15 @@ class FirecrackerRuntime(CgroupAccounting):
         return path
 
     async def _initrd(self) -> Path:
-        """The image's initramfs plus the agent, the bridge and the launch command, cached by
-        content so that every sandbox boots the same file."""
+        """The image's initramfs plus the agent, the bridge and the launch command (guest.py),
+        the same file for every sandbox."""
         bridge = await self._bridge()
         base = vm_dir(self.data_dir, self.image) / "initramfs.cpio"
+        command = [f"{AGENT_MOUNT_POINT}/{BRIDGE_NAME}", str(VSOCK_PORT), *agent_command()]
 
         def build() -> Path:
-            extra = CpioWriter()
-            add_agent(extra)
-            extra.add_file(f"agent/{BRIDGE_NAME}", bridge.read_bytes(), 0o755)
-            command = [f"{AGENT_MOUNT_POINT}/{BRIDGE_NAME}", str(VSOCK_PORT), *agent_command()]
-            launch = "\n".join(command) + "\n\n" + "\n".join(AGENT_ENV) + "\n"
-            extra.add_file("launch", launch.encode(), 0o644)
-            tail = extra.finish()
-            stat = base.stat()
-            key = tail + f"{stat.st_ino}:{stat.st_mtime_ns}".encode()
-            path = self.cache_dir / f"initrd-{hashlib.sha256(key).hexdigest()[:16]}.cpio"
-            if not path.exists():
-                tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-                with open(base, "rb") as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                    dst.write(tail)
-                tmp.rename(path)
-            return path
+            files = [(f"agent/{BRIDGE_NAME}", bridge.read_bytes(), 0o755)]
+            return agent_initrd(base, self.cache_dir, command, files, prune=False)
 
         return await trio.to_thread.run_sync(build)
 
@@ -356,10 +258,10 @@ class FirecrackerRuntime(CgroupAccounting):
             jail.directory.mkdir(mode=0o711)
             jail.root.mkdir(mode=0o700)
             image = vm_dir(self.data_dir, self.image)
-            _link_or_copy(image / "root.ext4", jail.root / fapi.ROOTFS)
+            link_or_copy(image / "root.ext4", jail.root / fapi.ROOTFS)
             if initrd is not None:
-                _link_or_copy(image / "vmlinux", jail.root / fapi.KERNEL)
-                _link_or_copy(initrd, jail.root / fapi.INITRD)
+                link_or_copy(image / "vmlinux", jail.root / fapi.KERNEL)
+                link_or_copy(initrd, jail.root / fapi.INITRD)
             snapshots = jail.root / fapi.SNAPSHOT_DIR
             snapshots.mkdir(mode=0o700)
             os.chown(snapshots, self.uid, self.gid)
@@ -376,7 +278,7 @@ class FirecrackerRuntime(CgroupAccounting):
             gid=self.gid,
             chroot_base=self.chroot_base,
             parent_cgroup=f"{self.cgroups.parent}/{spec.sandbox_id}",
-            limits=host_limits(spec),
+            limits=self.host_limits(spec),
             cgroup_v2=self.cgroups.v2,
         )
         log = open(jail.log, "ab")  # noqa: SIM115, ASYNC230 - local file handed to the child
@@ -387,7 +289,7 @@ class FirecrackerRuntime(CgroupAccounting):
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env=FC_ENV,
+                env=HOST_ENV,
                 start_new_session=True,
             )
         finally:
@@ -404,7 +306,7 @@ class FirecrackerRuntime(CgroupAccounting):
         except BaseException as exc:
             await _stop(process)
             if isinstance(exc, (RuntimeStartError, trio.TooSlowError)):
-                raise FirecrackerError(f"{exc}; log: {_tail(jail.log)}") from exc
+                raise FirecrackerError(f"{exc}; log: {tail(jail.log)}") from exc
             raise
         return process
 
@@ -416,7 +318,7 @@ class FirecrackerRuntime(CgroupAccounting):
                 )
         except (OSError, trio.TooSlowError) as exc:
             raise FirecrackerError(
-                f"no agent on vsock port {port}: {exc!r}; log: {_tail(jail.log)}"
+                f"no agent on vsock port {port}: {exc!r}; log: {tail(jail.log)}"
             ) from exc
         return FirecrackerInstance(process, stream, jail.log)
 
@@ -427,12 +329,12 @@ class FirecrackerRuntime(CgroupAccounting):
             # Firecracker has no shared file system device (no virtio-9p, no virtiofs): refuse
             # rather than boot a sandbox without the directories it asked for.
             raise FirecrackerError("the firecracker runtime cannot mount host directories")
-        try:
-            self.cgroups.create(spec.sandbox_id, host_limits(spec))
+        async with rollback(functools.partial(self.destroy, spec.sandbox_id)):
+            self.cgroups.create(spec.sandbox_id, self.host_limits(spec))
             jail = self._jail(spec.sandbox_id)
             await self._prepare_jail(jail, await self._initrd())
             process = await self._launch(spec, jail)
-            try:
+            async with rollback(functools.partial(_stop, process)):
                 async with fapi.FirecrackerApi(jail.root) as api:
                     await fapi.configure_and_start(
                         api,
@@ -441,16 +343,6 @@ class FirecrackerRuntime(CgroupAccounting):
                         mem_mib=guest_ram(spec) // MIB,
                     )
                 return await self._connect(process, jail, VSOCK_PORT)
-            except BaseException:
-                await _stop(process)
-                raise
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.destroy(spec.sandbox_id)
-            raise
-
-    def snapshot_refusal(self, spec: SandboxSpec) -> str | None:
-        return None
 
     async def checkpoint(self, spec: SandboxSpec, image_dir: Path) -> None:
         jail = self._jail(spec.sandbox_id)
@@ -470,7 +362,7 @@ class FirecrackerRuntime(CgroupAccounting):
             image_dir.mkdir(parents=True, exist_ok=True)
             for name in (fapi.SNAPSHOT_STATE, fapi.SNAPSHOT_MEMORY):
                 target = image_dir / name
-                _move(jail.root / fapi.SNAPSHOT_DIR / name, target)
+                move(jail.root / fapi.SNAPSHOT_DIR / name, target)
                 # Readable by the jail's group only: a later jail loads it, nobody else.
                 os.chown(target, 0, self.gid)
                 os.chmod(target, 0o640)
@@ -480,39 +372,34 @@ class FirecrackerRuntime(CgroupAccounting):
 
     async def restore(self, spec: SandboxSpec, image_dir: Path) -> FirecrackerInstance:
         fresh = spec.sandbox_id not in self.cgroups.list_ids()
-        try:
+        jail = self._jail(spec.sandbox_id)
+        undo = (
+            functools.partial(self.destroy, spec.sandbox_id)
+            if fresh
+            else functools.partial(self._remove_jail, jail)
+        )
+        async with rollback(undo):
             launch = msgspec.json.decode(
                 await trio.Path(image_dir / LAUNCH_FILE).read_bytes(), type=SnapshotLaunch
             )
             if launch.root_image != self._image_identity():
                 raise FirecrackerError("the VM image changed since this snapshot was taken")
             if fresh:
-                self.cgroups.create(spec.sandbox_id, host_limits(spec))
+                self.cgroups.create(spec.sandbox_id, self.host_limits(spec))
             # The jail of the checkpointed VM (same id) is done with: a fresh one replaces it.
-            jail = self._jail(spec.sandbox_id)
             await self._remove_jail(jail)
             await self._prepare_jail(jail, None)
 
             def link_snapshot() -> None:
                 for name in (fapi.SNAPSHOT_STATE, fapi.SNAPSHOT_MEMORY):
-                    _link_or_copy(image_dir / name, jail.root / fapi.SNAPSHOT_DIR / name)
+                    link_or_copy(image_dir / name, jail.root / fapi.SNAPSHOT_DIR / name)
 
             await trio.to_thread.run_sync(link_snapshot)
             process = await self._launch(spec, jail)
-            try:
+            async with rollback(functools.partial(_stop, process)):
                 async with fapi.FirecrackerApi(jail.root) as api:
                     await fapi.load_and_resume(api)
                 return await self._connect(process, jail, launch.vsock_port)
-            except BaseException:
-                await _stop(process)
-                raise
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                if fresh:
-                    await self.destroy(spec.sandbox_id)
-                else:
-                    await self._remove_jail(self._jail(spec.sandbox_id))
-            raise
 
     async def _remove_jail(self, jail: Jail) -> list[str]:
         released: list[str] = []
@@ -539,8 +426,11 @@ class FirecrackerRuntime(CgroupAccounting):
 
     # ------------------------------------------------------------------ observation
 
-    def host_memory(self, spec: SandboxSpec) -> int:
-        return host_limits(spec).memory_bytes
+    @staticmethod
+    def host_limits(spec: SandboxSpec) -> Limits:
+        """The host cgroup around Firecracker: guest RAM plus its own overhead. Inside the
+        guest RLIMIT_NPROC enforces the process limit."""
+        return Limits(spec.cpu_limit, guest_ram(spec) + FC_OVERHEAD, HOST_PIDS)
 
     async def list_orphans(self, live: Callable[[], set[str]]) -> list[str]:
         held: set[str] = set()
@@ -584,33 +474,3 @@ async def _kill_pidfile(jail: Jail) -> int | None:
         trio.lowlevel.notify_closing(fd)
         os.close(fd)
     return pid
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link (no copy of a large image) where the filesystems allow, else a copy."""
-    try:
-        os.link(source, target)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise
-        shutil.copyfile(source, target)
-
-
-def _move(source: Path, target: Path) -> None:
-    try:
-        os.replace(source, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        shutil.copyfile(source, target)
-        source.unlink()
-
-
-def _tail(path: Path, size: int = 2048) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - size))
-            return f.read().decode("utf-8", "replace").strip()
-    except OSError:
-        return ""

@@ -1,18 +1,16 @@
 """Does KVM really run guests here? Run a small guest and time it.
 
-``/dev/kvm`` can exist and still not run guests: on this development machine it is there, a
-one-instruction guest even halts, but a 1M-iteration loop takes about a second (roughly a
-thousand times slower than hardware, so each instruction is emulated) and a Linux guest under
-QEMU with KVM prints nothing in ten seconds. So the probe runs a real loop and requires it to
-finish at hardware speed. The guest is 64 KiB mapped just under 4 GiB, where a fresh x86 vCPU
-starts (CS base 0xffff0000, IP 0xfff0, real mode): a jump to the code, ``LOOP_COUNT`` turns of
-``loop``, ``out 0x80`` of a marker byte (a ``KVM_EXIT_IO``), then ``hlt`` (``KVM_EXIT_HLT``).
-No register set-up is needed, so the only layouts involved are
-``kvm_userspace_memory_region`` and the head of ``kvm_run``.
+``/dev/kvm`` can exist and still not run guests: a one-instruction guest may halt while every
+instruction is emulated, far slower than hardware, and a Linux guest then never boots. So the
+probe runs a real loop and requires it to finish at hardware speed. The guest is 64 KiB mapped
+just under 4 GiB, where a fresh x86 vCPU starts (CS base 0xffff0000, IP 0xfff0, real mode): a
+jump to the code, ``LOOP_COUNT`` turns of ``loop``, ``out 0x80`` of a marker byte (a
+``KVM_EXIT_IO``), then ``hlt`` (``KVM_EXIT_HLT``). No register set-up is needed, so the only
+layouts involved are ``kvm_userspace_memory_region`` and the head of ``kvm_run``.
 
-Run as ``python -m sandstorm.runtimes.kvm_probe``: in its own process, because a broken KVM
-can block in ``KVM_RUN``, which no thread can be cancelled out of. It prints ``ok`` or the
-reason and exits 0 or 1.
+Run as a script (``python -I kvm_probe.py``): in its own process, because a broken KVM can block
+in ``KVM_RUN``, which no thread can be cancelled out of. It prints ``ok`` or the reason and exits
+0 or 1.
 """
 
 from __future__ import annotations
@@ -103,7 +101,8 @@ async def kvm_runs_guests(python: str = sys.executable) -> str | None:
     try:
         with trio.move_on_after(PROBE_TIMEOUT_S) as scope:
             result = await trio.run_process(
-                [python, "-m", "sandstorm.runtimes.kvm_probe"],
+                # Isolated, by its path: the probe needs nothing of the gateway's package.
+                [python, "-I", os.path.abspath(__file__)],
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,
