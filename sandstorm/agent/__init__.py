@@ -1,10 +1,10 @@
 """The in-sandbox agent and the gateway side of its protocol.
 
-``agent.c`` is the agent: PID 1 of every sandbox, compiled once per source and linked statically
-(``build.py``); ``zygote.py`` is the python zygote it starts. The runtime bind-mounts this
-directory read-only at ``/.sandstorm``, so the agent is ``/.sandstorm/bin/sandstorm-agent-<hash>``
-and the zygote ``/.sandstorm/zygote.py``. Everything else here is the gateway side (see
-``protocol/agent.md``).
+``src/`` is the agent: PID 1 of every sandbox, C compiled once per source hash and linked
+statically (``build.py``); ``zygote.py`` is the python zygote it starts. The runtime bind-mounts
+this directory read-only at ``/.sandstorm``, so the agent is
+``/.sandstorm/bin/sandstorm-agent-<hash>`` and the zygote ``/.sandstorm/zygote.py``. Everything
+else here is the gateway side (see ``protocol/agent.md``).
 """
 
 from pathlib import Path

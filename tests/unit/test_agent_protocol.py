@@ -31,7 +31,7 @@ from sandstorm.agent import (
     decode_hello,
     decode_started,
 )
-from sandstorm.agent.build import AGENT_SOURCE
+from sandstorm.agent.build import agent_sources
 from tests.harness import c_number_defines
 
 TIMEOUT = 5
@@ -392,9 +392,9 @@ async def test_aclose_closes_both_streams() -> None:
 
 
 def test_the_agent_is_built_with_the_protocols_numbers() -> None:
-    """agent.c and the client (which the gateway and protocol/agent.md use) state every number
-    of the protocol once each: they must agree."""
-    source = AGENT_SOURCE.read_text()
+    """The agent's sources and the client (which the gateway and protocol/agent.md use) state
+    every number of the protocol once each: they must agree."""
+    source = "\n".join(path.read_text() for path in agent_sources())
     defines = c_number_defines(source)
     for kind in FrameKind:
         assert defines[kind.name] == kind.value, kind

@@ -28,4 +28,5 @@ def test_every_file_the_package_reads_is_package_data() -> None:
             missing.append(relative)
     assert missing == [], f"not package data in pyproject.toml: {missing}"
     assert any(fnmatch.fnmatch("shim/shim.c", pattern) for pattern in patterns)
-    assert any(fnmatch.fnmatch("agent/agent.c", pattern) for pattern in patterns)
+    assert any(fnmatch.fnmatch("agent/src/main.c", pattern) for pattern in patterns)
+    assert any(fnmatch.fnmatch("agent/src/agent.h", pattern) for pattern in patterns)
