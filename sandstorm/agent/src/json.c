@@ -1,6 +1,14 @@
 /*
  * JSON, in and out. In: a strict parser (RFC 8259, as Python's json with strict=True, NaN and
  * Infinity refused) of the gateway's control payloads into a small tree. Out: a JSON string.
+ *
+ * The parser is the agent's own rather than a packaged library's (Debian's libjansson-dev links
+ * statically, but does not fit): an escaped lone surrogate \udc80..\udcff must decode to the
+ * byte it stands for, as Python's os.fsencode does, where jansson refuses the whole payload;
+ * nesting is refused past MAX_JSON_DEPTH, a bound jansson fixes at build time; a name may hold
+ * NUL (refused later, with the reason, as a variable name); an integer beyond long long is out
+ * of range rather than a syntax error; and the messages are Python's json's. Every payload is
+ * hostile: tests/unit/test_agent_json.py checks this file against Python's json and fuzzes it.
  */
 #include "agent.h"
 
