@@ -1,15 +1,16 @@
 """The in-sandbox agent and the gateway side of its protocol.
 
 ``src/`` is the agent: PID 1 of every sandbox, C compiled once per source hash and linked
-statically (``build.py``); ``zygote.py`` is the python zygote it starts. The runtime bind-mounts
-this directory read-only at ``/.sandstorm``, so the agent is
-``/.sandstorm/bin/sandstorm-agent-<hash>`` and the zygote ``/.sandstorm/zygote.py``. Everything
-else here is the gateway side (see ``protocol/agent.md``).
+statically (``build.py``) into ``guest/bin/``; ``guest/zygote.py`` is the python zygote it
+starts. The runtime mounts ``guest/`` alone, read-only, at ``/.sandstorm``, so the agent is
+``/.sandstorm/bin/sandstorm-agent-<hash>`` and the zygote ``/.sandstorm/zygote.py``, and nothing
+else of the gateway is visible in a sandbox. Everything else here is the gateway side (see
+``protocol/agent.md``).
 """
 
 from pathlib import Path
 
-from .build import AGENT_BIN_DIR, AGENT_PREFIX, AgentBuildError, ensure_agent_binary
+from .build import AGENT_GUEST_DIR, AGENT_PREFIX, AgentBuildError, ensure_agent_binary
 from .client import (
     AGENT_TO_GATEWAY,
     GATEWAY_TO_AGENT,
@@ -39,7 +40,7 @@ from .client import (
 )
 
 #: The directory mounted at ``/.sandstorm`` in the sandbox (the agent's binaries and the zygote).
-AGENT_DIRECTORY: Path = AGENT_BIN_DIR.parent
+AGENT_DIRECTORY: Path = AGENT_GUEST_DIR
 #: Where :data:`AGENT_DIRECTORY` is mounted inside the sandbox.
 AGENT_MOUNT_POINT = "/.sandstorm"
 #: What every agent's command line starts with, whichever source built it (finds it in ``/proc``).

@@ -12,7 +12,9 @@ from typing import Final
 from sandstorm.native import NativeBuildError, binary_path, compile_once
 
 AGENT_SOURCE_DIR: Final = Path(__file__).resolve().with_name("src")
-AGENT_BIN_DIR: Final = AGENT_SOURCE_DIR.parent / "bin"
+#: The directory mounted into every sandbox: only the agent's binaries (``bin/``) and the zygote.
+AGENT_GUEST_DIR: Final = AGENT_SOURCE_DIR.parent / "guest"
+AGENT_BIN_DIR: Final = AGENT_GUEST_DIR / "bin"
 AGENT_PREFIX: Final = "sandstorm-agent-"
 # libc.a is in libc6-dev, which gcc's install brings.
 AGENT_FLAGS: Final = ("-static",)

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from sandstorm import cli
-from sandstorm.agent import AGENT_COMMAND_PREFIX, agent_command, agent_files, build
+from sandstorm.agent import (
+    AGENT_COMMAND_PREFIX,
+    AGENT_DIRECTORY,
+    agent_command,
+    agent_files,
+    build,
+)
 from sandstorm.native import binary_path
 from sandstorm.shim.build import ensure_shim_binary
 
@@ -45,7 +51,13 @@ def test_a_vm_gets_the_binary_executable_and_the_zygote() -> None:
     binary = build.ensure_agent_binary()
     assert files["bin"] == (None, 0o755)
     assert files[f"bin/{binary.name}"] == (binary.read_bytes(), 0o755)
-    assert files["zygote.py"][0] == (build.AGENT_SOURCE_DIR.parent / "zygote.py").read_bytes()
+    assert files["zygote.py"][0] == (AGENT_DIRECTORY / "zygote.py").read_bytes()
+    # The same as the directory mounted into a gVisor sandbox (built files aside): nothing else.
+    assert sorted(files) == sorted(
+        path.relative_to(AGENT_DIRECTORY).as_posix()
+        for path in AGENT_DIRECTORY.rglob("*")
+        if path.parent != build.AGENT_BIN_DIR or path == binary
+    )
 
 
 def test_every_source_and_the_header_name_the_binary(
