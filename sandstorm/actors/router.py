@@ -22,7 +22,7 @@ from sandstorm.actors.execs import ExecRecord
 from sandstorm.actors.pool import POOL_TENANT, WarmPool
 from sandstorm.actors.quotas import TenantLedger
 from sandstorm.actors.sandbox import ExecPlan, Recovered, SandboxActor, SandboxParams
-from sandstorm.agent.client import MAX_GATEWAY_FRAME
+from sandstorm.agent import MAX_GATEWAY_FRAME
 from sandstorm.config import Config
 from sandstorm.errors import (
     AtCapacity,

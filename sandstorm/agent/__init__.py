@@ -4,14 +4,15 @@
 statically (``build.py``) into ``guest/bin/``; ``guest/zygote.py`` is the python zygote it
 starts. The runtime mounts ``guest/`` alone, read-only, at ``/.sandstorm``, so the agent is
 ``/.sandstorm/bin/sandstorm-agent-<hash>`` and the zygote ``/.sandstorm/zygote.py``, and nothing
-else of the gateway is visible in a sandbox. Everything else here is the gateway side (see
-``protocol/agent.md``).
+else of the gateway is visible in a sandbox. The rest is the gateway side of the protocol
+(``protocol/agent.md``): ``wire`` (frames, limits, payloads) and ``channel`` (one connection).
 """
 
 from pathlib import Path
 
 from .build import AGENT_GUEST_DIR, AGENT_PREFIX, AgentBuildError, ensure_agent_binary
-from .client import (
+from .channel import AgentChannel, AgentChannelStatistics
+from .wire import (
     AGENT_TO_GATEWAY,
     GATEWAY_TO_AGENT,
     HEADER,
@@ -22,8 +23,6 @@ from .client import (
     MAX_STDIN_BUFFER,
     PROTOCOL_VERSION,
     WRITE_FILE_CHUNK,
-    AgentChannel,
-    AgentChannelStatistics,
     AgentProtocolError,
     ErrorInfo,
     ExitInfo,

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import trio
 
-from sandstorm.agent.client import AgentChannel
+from sandstorm.agent import AgentChannel
 from sandstorm.protocol import IsolationLevel, RuntimeCapabilities, RuntimeName
 
 

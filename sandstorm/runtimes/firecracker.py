@@ -40,8 +40,7 @@ from typing import Final
 import msgspec
 import trio
 
-from sandstorm.agent import AGENT_MOUNT_POINT, agent_command
-from sandstorm.agent.client import AgentChannel
+from sandstorm.agent import AGENT_MOUNT_POINT, AgentChannel, agent_command
 from sandstorm.ids import is_id
 from sandstorm.images.vm import CpioWriter, add_agent, load_vm_manifest, vm_dir
 from sandstorm.protocol import MIB, IsolationLevel, RuntimeCapabilities, RuntimeName

@@ -23,7 +23,7 @@ from typing import Final
 
 import trio
 
-from sandstorm.agent.client import HEADER, AgentChannel, Frame
+from sandstorm.agent import HEADER, AgentChannel, Frame
 from sandstorm.ids import is_id
 from sandstorm.runtimes.base import RuntimeStartError
 from sandstorm.shim import wire

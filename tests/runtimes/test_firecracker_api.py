@@ -26,7 +26,7 @@ import pytest
 import trio
 import yaml
 
-from sandstorm.agent.client import AgentChannel, FrameKind, decode_exit
+from sandstorm.agent import AgentChannel, FrameKind, decode_exit
 from sandstorm.config import load_config
 from sandstorm.ids import new_id
 from sandstorm.protocol import MIB

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import trio
 
-from sandstorm.agent.client import Frame, FrameKind
+from sandstorm.agent import Frame, FrameKind
 from sandstorm.ids import new_id
 from sandstorm.protocol import MIB
 from sandstorm.runtimes.base import SandboxSpec

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from sandstorm.agent.client import Frame, FrameKind
+from sandstorm.agent import Frame, FrameKind
 from sandstorm.ids import new_id
 from sandstorm.images.vm import (
     CpioWriter,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from sandstorm.agent.client import AgentChannel, FrameKind, decode_exit
+from sandstorm.agent import AgentChannel, FrameKind, decode_exit
 from sandstorm.ids import new_id
 from sandstorm.images.builder import image_rootfs
 from sandstorm.runtimes.base import RuntimeStartError, SandboxSpec
@@ -206,7 +206,7 @@ VICTIM = textwrap.dedent(
     """
     import json, sys, trio
     from pathlib import Path
-    from sandstorm.agent.client import FrameKind
+    from sandstorm.agent import FrameKind
     from tests.runtimes.test_shim import COUNTER, make_runtime, make_spec
 
     async def main():

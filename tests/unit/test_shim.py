@@ -16,8 +16,8 @@ import pytest
 import trio
 
 from sandstorm import cli
+from sandstorm.agent import HEADER, FrameKind
 from sandstorm.agent.build import ensure_agent_binary
-from sandstorm.agent.client import HEADER, FrameKind
 from sandstorm.runtimes.base import RuntimeStartError
 from sandstorm.shim import build, wire
 from sandstorm.shim.client import (
