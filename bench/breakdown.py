@@ -31,8 +31,8 @@ import trio
 
 from bench.harness import Context, bench_context
 from bench.scenarios import HELLO, _pool_ready
+from sandstorm import agent as agent_client
 from sandstorm.actors import pool, router, sandbox
-from sandstorm.agent import client as agent_client
 from sandstorm.config import WarmPoolClass
 from sandstorm.runtimes import gvisor
 from sandstorm.sdk import AsyncClient

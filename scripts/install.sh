@@ -45,8 +45,8 @@ say() { printf '==> %s\n' "$*"; }
 
 # --- system packages --------------------------------------------------------------------------
 # debian-archive-keyring lets mmdebstrap verify Debian's archive on Ubuntu hosts too.
-# gcc and libc6-dev compile the per-sandbox shim and the in-sandbox agent (sandstorm/shim/ and
-# sandstorm/agent/, linked statically with libc6-dev's libc.a, at gateway start) and
+# gcc and libc6-dev compile the per-sandbox shim and the in-sandbox agent (sandstorm/shim/shim.c,
+# sandstorm/agent/src/*.c, linked statically with libc6-dev's libc.a, at gateway start) and
 # the image's statx shim (sandstorm/images/statx_shim.c).
 # qemu-system-x86 runs the VM tier (the qemu runtime, isolation strong/maximum); e2fsprogs makes
 # the guest's ext4 root. The guest kernel is Debian's linux-image-amd64, fetched by the image

@@ -50,8 +50,8 @@ _C_NUMBER_DEFINE = re.compile(r"^#define (\w+) ([0-9A-Fx().*+ ]+?)\s*(?:/\*.*)?$
 
 
 def c_number_defines(source: str) -> dict[str, float]:
-    """The numeric ``#define``s of one of our C programs (shim.c, agent.c), evaluated: the tests
-    compare them with the Python side of the same protocol."""
+    """The numeric ``#define``s of one of our C programs (shim.c, the agent's sources),
+    evaluated: the tests compare them with the Python side of the same protocol."""
     # eval: integer arithmetic from our own source (the pattern admits nothing else).
     return {name: float(eval(value, {})) for name, value in _C_NUMBER_DEFINE.findall(source)}
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from sandstorm.agent.client import ExitInfo, FrameKind
+from sandstorm.agent import ExitInfo, FrameKind
 from sandstorm.api.timestamps import rfc3339
 from sandstorm.api.types import ExecResult, ExecSummary, StderrEvent, StdoutEvent, Verdict
 

@@ -24,7 +24,7 @@ from sandstorm.actors.quotas import TenantLedger
 from sandstorm.actors.recorder import Recorder
 from sandstorm.actors.sandbox import ExecPlan, Recovered, SandboxActor, SandboxParams
 from sandstorm.actors.tenancy import DEFAULT_TENANT
-from sandstorm.agent.client import MAX_GATEWAY_FRAME
+from sandstorm.agent import MAX_GATEWAY_FRAME
 from sandstorm.api.selection import NoRuntime, Selected
 from sandstorm.api.types import (
     JSON_ENCODER,

@@ -24,7 +24,7 @@ import trio
 from sandstorm.actors.events import EventLog
 from sandstorm.actors.execs import ExecRecord, OutputBuffer
 from sandstorm.actors.recorder import Recorder
-from sandstorm.agent.client import (
+from sandstorm.agent import (
     WRITE_FILE_CHUNK,
     AgentChannel,
     AgentProtocolError,

@@ -1,16 +1,18 @@
 """The in-sandbox agent and the gateway side of its protocol.
 
-``agent.c`` is the agent: PID 1 of every sandbox, compiled once per source and linked statically
-(``build.py``); ``zygote.py`` is the python zygote it starts. The runtime bind-mounts this
-directory read-only at ``/.sandstorm``, so the agent is ``/.sandstorm/bin/sandstorm-agent-<hash>``
-and the zygote ``/.sandstorm/zygote.py``. Everything else here is the gateway side (see
-``protocol/agent.md``).
+``src/`` is the agent: PID 1 of every sandbox, C compiled once per source hash and linked
+statically (``build.py``) into ``guest/bin/``; ``guest/zygote.py`` is the python zygote it
+starts. The runtime mounts ``guest/`` alone, read-only, at ``/.sandstorm``, so the agent is
+``/.sandstorm/bin/sandstorm-agent-<hash>`` and the zygote ``/.sandstorm/zygote.py``, and nothing
+else of the gateway is visible in a sandbox. The rest is the gateway side of the protocol
+(``protocol/agent.md``): ``wire`` (frames, limits, payloads) and ``channel`` (one connection).
 """
 
 from pathlib import Path
 
-from .build import AGENT_BIN_DIR, AGENT_PREFIX, AgentBuildError, ensure_agent_binary
-from .client import (
+from .build import AGENT_GUEST_DIR, AGENT_PREFIX, AgentBuildError, ensure_agent_binary
+from .channel import AgentChannel, AgentChannelStatistics
+from .wire import (
     AGENT_TO_GATEWAY,
     GATEWAY_TO_AGENT,
     HEADER,
@@ -21,8 +23,6 @@ from .client import (
     MAX_STDIN_BUFFER,
     PROTOCOL_VERSION,
     WRITE_FILE_CHUNK,
-    AgentChannel,
-    AgentChannelStatistics,
     AgentProtocolError,
     ErrorInfo,
     ExitInfo,
@@ -39,7 +39,7 @@ from .client import (
 )
 
 #: The directory mounted at ``/.sandstorm`` in the sandbox (the agent's binaries and the zygote).
-AGENT_DIRECTORY: Path = AGENT_BIN_DIR.parent
+AGENT_DIRECTORY: Path = AGENT_GUEST_DIR
 #: Where :data:`AGENT_DIRECTORY` is mounted inside the sandbox.
 AGENT_MOUNT_POINT = "/.sandstorm"
 #: What every agent's command line starts with, whichever source built it (finds it in ``/proc``).

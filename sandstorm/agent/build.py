@@ -1,6 +1,6 @@
-"""The agent binary: ``agent.c`` compiled with the host's gcc, once per source (see
-``sandstorm.native``), and linked statically: it runs inside sandboxes and VMs whose images
-have their own C library, or none.
+"""The agent binary: the C files of ``src/`` compiled with the host's gcc, once per hash of
+every source, the header and the flags (see ``sandstorm.native``), and linked statically: it
+runs inside sandboxes and VMs whose images have their own C library, or none.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from typing import Final
 
 from sandstorm.native import NativeBuildError, binary_path, compile_once
 
-AGENT_SOURCE: Final = Path(__file__).resolve().with_name("agent.c")
-AGENT_BIN_DIR: Final = AGENT_SOURCE.parent / "bin"
+AGENT_SOURCE_DIR: Final = Path(__file__).resolve().with_name("src")
+#: The directory mounted into every sandbox: only the agent's binaries (``bin/``) and the zygote.
+AGENT_GUEST_DIR: Final = AGENT_SOURCE_DIR.parent / "guest"
+AGENT_BIN_DIR: Final = AGENT_GUEST_DIR / "bin"
 AGENT_PREFIX: Final = "sandstorm-agent-"
 # libc.a is in libc6-dev, which gcc's install brings.
 AGENT_FLAGS: Final = ("-static",)
@@ -25,20 +27,25 @@ class AgentBuildError(NativeBuildError):
     """The agent cannot be compiled here; the message says what to install or fix."""
 
 
+def agent_sources() -> tuple[Path, ...]:
+    """The agent's C files, then its header, in a fixed order: what its binary is named by."""
+    return (*sorted(AGENT_SOURCE_DIR.glob("*.c")), *sorted(AGENT_SOURCE_DIR.glob("*.h")))
+
+
 def agent_binary_path() -> Path:
-    """Where the current source's binary is (built or not)."""
-    return binary_path(AGENT_SOURCE, AGENT_BIN_DIR, AGENT_PREFIX, AGENT_FLAGS)
+    """Where the current sources' binary is (built or not)."""
+    return binary_path(agent_sources(), AGENT_BIN_DIR, AGENT_PREFIX, AGENT_FLAGS)
 
 
 def ensure_agent_binary() -> Path:
-    """The current agent binary, compiled first if it is missing. Blocking (gcc takes about a
-    second, once per source); raises ``AgentBuildError``."""
+    """The current agent binary, compiled first if it is missing. Blocking (one gcc run per
+    source hash); raises ``AgentBuildError``."""
     global _built
     if _built is not None:
         return _built
     with _lock:
         _built = compile_once(
-            AGENT_SOURCE, AGENT_BIN_DIR, AGENT_PREFIX, what="agent", error=AgentBuildError,
+            agent_sources(), AGENT_BIN_DIR, AGENT_PREFIX, what="agent", error=AgentBuildError,
             extra_flags=AGENT_FLAGS,
         )  # fmt: skip
         return _built

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import trio
 
+from sandstorm.agent import AGENT_COMMAND_PREFIX
 from tests.harness import RunningGateway, never_500
 from tests.hoststate import host_state, settled_state
 
@@ -100,6 +101,21 @@ async def test_no_host_path_is_visible_unless_mounted(gw: RunningGateway, canary
     if os.path.exists("/etc/shadow"):
         host_shadow = Path("/etc/shadow").read_text()
         assert shadow["stdout"] == "" or shadow["stdout"] != host_shadow
+
+
+async def test_only_the_agent_and_its_zygote_are_mounted_into_a_sandbox(
+    gw: RunningGateway,
+) -> None:
+    """/.sandstorm holds the agent's binary (each version built here) and the python zygote:
+    none of the agent's C sources, none of the gateway's own modules."""
+    with trio.fail_after(gw.seconds(30)):
+        body = await gw.run_ok(command=["find", "/.sandstorm", "-mindepth", "1"])
+    assert body["result"]["verdict"] == "ok", body["result"]
+    entries = body["result"]["stdout"].split()
+    binaries = [entry for entry in entries if entry.startswith(AGENT_COMMAND_PREFIX)]
+    assert binaries and sorted(entries) == sorted(
+        ["/.sandstorm/bin", "/.sandstorm/zygote.py", *binaries]
+    ), entries
 
 
 ATTACK_RO = """

@@ -1,15 +1,23 @@
-"""The agent binary: agent.c compiled once per source, statically (it runs in images with their
-own C library or none), and a gateway that cannot build it says why instead of starting."""
+"""The agent binary: its C sources compiled once per source hash, statically (it runs in images
+with their own C library or none), and a gateway that cannot build it says why instead of
+starting."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
-from sandstorm.agent import AGENT_COMMAND_PREFIX, agent_command, agent_files, build
+from sandstorm.agent import (
+    AGENT_COMMAND_PREFIX,
+    AGENT_DIRECTORY,
+    agent_command,
+    agent_files,
+    build,
+)
 from sandstorm.cli import main as cli
 from sandstorm.native import binary_path
 from sandstorm.shim.build import ensure_shim_binary
@@ -30,8 +38,8 @@ def test_the_agent_is_static_and_named_by_its_source() -> None:
     assert binary == build.agent_binary_path()
     types = _program_header_types(binary.read_bytes())
     assert types and PT_INTERP not in types  # no dynamic loader: nothing of the image's libc
-    # Named by source and flags: the same source built another way is another binary.
-    unlinked = binary_path(build.AGENT_SOURCE, build.AGENT_BIN_DIR, build.AGENT_PREFIX)
+    # Named by sources and flags: the same sources built another way are another binary.
+    unlinked = binary_path(build.agent_sources(), build.AGENT_BIN_DIR, build.AGENT_PREFIX)
     assert unlinked.parent == binary.parent and unlinked.name != binary.name
     command = agent_command()
     assert command == (f"/.sandstorm/bin/{binary.name}",)
@@ -43,15 +51,45 @@ def test_a_vm_gets_the_binary_executable_and_the_zygote() -> None:
     binary = build.ensure_agent_binary()
     assert files["bin"] == (None, 0o755)
     assert files[f"bin/{binary.name}"] == (binary.read_bytes(), 0o755)
-    assert files["zygote.py"][0] == (build.AGENT_SOURCE.parent / "zygote.py").read_bytes()
+    assert files["zygote.py"][0] == (AGENT_DIRECTORY / "zygote.py").read_bytes()
+    # The same as the directory mounted into a gVisor sandbox (built files aside): nothing else.
+    assert sorted(files) == sorted(
+        path.relative_to(AGENT_DIRECTORY).as_posix()
+        for path in AGENT_DIRECTORY.rglob("*")
+        if path.parent != build.AGENT_BIN_DIR or path == binary
+    )
+
+
+def test_every_source_and_the_header_name_the_binary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sources = build.agent_sources()
+    names = [path.name for path in sources]
+    assert "main.c" in names and names[-1] == "agent.h"
+    assert all(name.endswith(".c") for name in names[:-1])
+    copy = tmp_path / "src"
+    shutil.copytree(build.AGENT_SOURCE_DIR, copy)
+    monkeypatch.setattr(build, "AGENT_SOURCE_DIR", copy)
+    named = binary_path(sources, build.AGENT_BIN_DIR, build.AGENT_PREFIX, build.AGENT_FLAGS)
+    assert build.agent_binary_path() == named
+    seen = {build.agent_binary_path()}
+    for name in ("agent.h", "json.c", "main.c"):
+        with (copy / name).open("a") as source:
+            source.write("/* changed */\n")
+        seen.add(build.agent_binary_path())
+    (copy / "extra.c").write_text("/* a new file */\n")
+    seen.add(build.agent_binary_path())
+    assert len(seen) == 5  # each change, a header's included, is a new binary
 
 
 def test_an_agent_that_cannot_be_built_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    broken = tmp_path / "agent.c"
+    source_dir = tmp_path / "src"
+    source_dir.mkdir()
+    broken = source_dir / "main.c"
     broken.write_text("int main(void) { return undeclared; }\n")
-    monkeypatch.setattr(build, "AGENT_SOURCE", broken)
+    monkeypatch.setattr(build, "AGENT_SOURCE_DIR", source_dir)
     monkeypatch.setattr(build, "AGENT_BIN_DIR", tmp_path / "bin")
     monkeypatch.setattr(build, "_built", None)
     with pytest.raises(build.AgentBuildError, match="undeclared"):

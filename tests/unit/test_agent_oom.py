@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from sandstorm.actors.execs import ExecRecord, OutputBuffer
-from sandstorm.agent.client import ExitInfo
+from sandstorm.agent import ExitInfo
 from sandstorm.api.types import MIB
 from sandstorm.runtimes.cgroups import V1_ALL, Limits, SandboxCgroups
 from tests.unit.test_agent_process import TIMEOUT, running_agent

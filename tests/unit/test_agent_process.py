@@ -1,5 +1,5 @@
-"""The real agent (agent.c, built as the gateway builds it), run as a host subprocess and driven
-through the real client.
+"""The real agent (built from its C sources as the gateway builds it), run as a host subprocess
+and driven through the real client.
 
 The agent is not PID 1 here, so orphan reaping is out of reach; everything else about execs,
 streaming, signals, stdin, files and the protocol's error handling is exercised end to end.

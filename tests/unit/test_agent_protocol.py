@@ -25,13 +25,14 @@ from sandstorm.agent import (
     AgentProtocolError,
     Frame,
     FrameKind,
+    Hello,
     decode_error,
     decode_exit,
     decode_file_written,
     decode_hello,
     decode_started,
 )
-from sandstorm.agent.build import AGENT_SOURCE
+from sandstorm.agent.build import agent_sources
 from tests.harness import c_number_defines
 
 TIMEOUT = 5
@@ -177,10 +178,10 @@ async def test_concurrent_receive_is_an_error() -> None:
 
 async def test_wait_hello() -> None:
     channel, _, from_agent = make_channel()
-    from_agent.put_data(frame(FrameKind.HELLO, 0, b'{"protocol":1,"pid":1,"python":"3.11.2"}'))
+    from_agent.put_data(frame(FrameKind.HELLO, 0, b'{"protocol":1,"pid":1,"agent":"c"}'))
     with trio.fail_after(TIMEOUT):
         hello = await channel.wait_hello()
-    assert (hello.protocol, hello.pid, hello.python) == (1, 1, "3.11.2")
+    assert (hello.protocol, hello.pid, hello.agent) == (1, 1, "c")
 
 
 @pytest.mark.parametrize(
@@ -251,7 +252,7 @@ def test_decode_others() -> None:
     assert decode_file_written(b'{"ok":true,"error":null}').ok
     # Unknown fields are ignored: new fields are added with defaults (versioning rule).
     assert decode_started(b'{"pid":42,"future":1}').pid == 42
-    assert decode_hello(b'{"protocol":1,"pid":1,"python":"3.9.2"}').python == "3.9.2"
+    assert decode_hello(b'{"protocol":1,"pid":1,"python":"3.9.2"}') == Hello(protocol=1, pid=1)
     assert decode_hello(b'{"protocol":1,"pid":1,"agent":"c"}').agent == "c"
     for decode, payload in [
         (decode_started, b'{"pid":0}'),
@@ -392,9 +393,9 @@ async def test_aclose_closes_both_streams() -> None:
 
 
 def test_the_agent_is_built_with_the_protocols_numbers() -> None:
-    """agent.c and the client (which the gateway and protocol/agent.md use) state every number
-    of the protocol once each: they must agree."""
-    source = AGENT_SOURCE.read_text()
+    """The agent's sources and the client (which the gateway and protocol/agent.md use) state
+    every number of the protocol once each: they must agree."""
+    source = "\n".join(path.read_text() for path in agent_sources())
     defines = c_number_defines(source)
     for kind in FrameKind:
         assert defines[kind.name] == kind.value, kind

@@ -156,7 +156,7 @@ async def test_exits_and_errors_are_equivalent(
 
 
 # What python's exit does that a program can see. A zygote exec must end exactly as a normal
-# one does (it goes through python's own exit: see the end of sandstorm/agent/zygote.py).
+# one does (it goes through python's own exit: see the end of sandstorm/agent/guest/zygote.py).
 EXIT_PROGRAMS = {
     "unclosed file": "f = open('out.txt', 'w'); f.write('data')",
     "stdout replaced by a file": "import sys; sys.stdout = open('out.txt', 'w'); print('hi')",

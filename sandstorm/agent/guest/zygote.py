@@ -123,7 +123,7 @@ def _prepare(fds):
     sys.modules["__main__"] = main
     for name in [n for n in sys.modules if n not in _BASELINE]:
         del sys.modules[name]  # this zygote's own imports: the exec starts with a fresh set
-    if "random" in sys.modules:  # not at start-up today; re-seeded should that change
+    if "random" in sys.modules:  # not imported at start-up; re-seeded should it ever be
         sys.modules["random"].seed()
     os.close(err_w)  # EOF: the agent reports STARTED
     return code, names
@@ -139,8 +139,8 @@ def _fork_standby():
     report_r, report_w = os.pipe()
     # Every object the exec inherits moves to the collector's permanent generation, which no
     # collection walks: the exec's collections (the full ones at its exit included) then leave
-    # the inherited pages alone instead of copying each one they touch (1-2 ms of a python
-    # hello in gVisor). These objects are the interpreter's start-up state, alive until exit.
+    # the inherited pages alone instead of copying each one they touch (a fault each in
+    # gVisor). These objects are the interpreter's start-up state, alive until exit.
     gc.freeze()
     try:
         middle = os.fork()
@@ -181,7 +181,7 @@ def _fork_standby():
 
 # Compiled, never run, by each standby while it waits: the compiler's first use in a process
 # writes to pages it shares with the zygote (each copied on that write, a fault in gVisor) and to
-# fresh ones, ~1.6 ms of a python hello's compile in gVisor; here it is off the exec's path.
+# fresh ones; here that happens off the exec's path.
 _WARM_UP = (
     "import sys\n"
     "def f(a, *b, c=1, **d):\n"
@@ -282,11 +282,10 @@ def _uncaught(exc):
     raise SystemExit(1)
 
 
-# The exec ends through python's own exit. Leaving by os._exit after emulating what a program
-# can see of it saved ~2 ms of a python hello in gVisor, but the emulation cannot reach what
-# python's teardown and C's exit() finish for a program: C atexit handlers (HDF5 closing its
-# files), buffered C streams, objects held only by interpreter state (signal handlers, hooks).
-# Losing a user's data is not worth 2 ms.
+# The exec ends through python's own exit, never by os._exit after emulating what a program can
+# see of it: no emulation reaches what python's teardown and C's exit() finish for a program
+# (C atexit handlers such as HDF5 closing its files, buffered C streams, objects held only by
+# interpreter state such as signal handlers and hooks), and a user's data must not be lost.
 #
 # The names below belong to this zygote's own module, which is frozen with everything else and
 # so never collected: it must not keep the exec's globals alive, or python's exit would never

@@ -1,242 +1,39 @@
-"""Gateway side of the agent protocol (see ``protocol/agent.md``).
+"""The gateway's framed connection to one agent (see ``protocol/agent.md``).
 
-The agent is untrusted: every frame it sends is checked against the direction, the size limits and
-the payload schema before anything else looks at it. Anything malformed raises
-:class:`AgentProtocolError`; the caller fails that one sandbox and nothing else.
+Every frame received is checked against the direction, the size limits and the channel rules of
+``wire`` before anything else looks at it; every frame sent is checked the same way before any
+byte of it is written.
 """
 
 from __future__ import annotations
 
-import base64
-import enum
-import struct
 from dataclasses import dataclass
-from typing import Annotated, Final, Self, TypeVar
+from typing import Final, Self
 
-import msgspec
 import trio
 
-__all__ = [
-    "AGENT_TO_GATEWAY",
-    "GATEWAY_TO_AGENT",
-    "HEADER",
-    "MAX_AGENT_FRAME",
-    "MAX_CHANNEL",
-    "MAX_GATEWAY_FRAME",
-    "MAX_PING_PAYLOAD",
-    "MAX_STDIN_BUFFER",
-    "PROTOCOL_VERSION",
-    "WRITE_FILE_CHUNK",
-    "AgentChannel",
-    "AgentChannelStatistics",
-    "AgentProtocolError",
-    "ErrorInfo",
-    "ExitInfo",
-    "FileWritten",
-    "Frame",
-    "FrameKind",
-    "Hello",
-    "Started",
-    "decode_error",
-    "decode_exit",
-    "decode_file_written",
-    "decode_hello",
-    "decode_started",
-]
+from .wire import (
+    AGENT_TO_GATEWAY,
+    GATEWAY_TO_AGENT,
+    HEADER,
+    MAX_AGENT_FRAME,
+    MAX_CHANNEL,
+    MAX_GATEWAY_FRAME,
+    MAX_PING_PAYLOAD,
+    NEEDS_CHANNEL,
+    AgentProtocolError,
+    Frame,
+    FrameKind,
+    Hello,
+    decode_hello,
+    encode_exec,
+    encode_signal,
+    encode_write_file,
+)
 
-PROTOCOL_VERSION: Final = 1
-#: Every frame starts with this header: kind (u8), channel (u32), payload length (u32).
-HEADER: Final = struct.Struct("!BII")
-#: Largest payload accepted from the agent. It sends output in chunks of at most 64 KiB and
-#: small JSON control messages, so anything bigger is nonsense.
-MAX_AGENT_FRAME: Final = 256 * 1024
-#: Largest payload the agent accepts from the gateway.
-MAX_GATEWAY_FRAME: Final = 1024 * 1024
-#: Largest PING payload the agent echoes.
-MAX_PING_PAYLOAD: Final = 64
-#: Stdin the agent buffers per exec before it answers ``stdin buffer full`` and drops the rest.
-MAX_STDIN_BUFFER: Final = 16 * 1024 * 1024
-MAX_CHANNEL: Final = 2**32 - 1
-#: File data per WRITE_FILE frame that always fits MAX_GATEWAY_FRAME once base64-encoded.
-WRITE_FILE_CHUNK: Final = 512 * 1024
+__all__ = ["AgentChannel", "AgentChannelStatistics"]
+
 _RECEIVE_SIZE: Final = 65536
-
-
-class FrameKind(enum.IntEnum):
-    HELLO = 1
-    EXEC = 2
-    STARTED = 3
-    STDOUT = 4
-    STDERR = 5
-    STDIN = 6
-    STDIN_CLOSE = 7
-    SIGNAL = 8
-    EXIT = 9
-    PING = 10
-    PONG = 11
-    ERROR = 12
-    WRITE_FILE = 13
-    FILE_WRITTEN = 14
-    QUIESCE = 15
-
-
-AGENT_TO_GATEWAY: Final = frozenset(
-    {
-        FrameKind.HELLO,
-        FrameKind.STARTED,
-        FrameKind.STDOUT,
-        FrameKind.STDERR,
-        FrameKind.EXIT,
-        FrameKind.PONG,
-        FrameKind.ERROR,
-        FrameKind.FILE_WRITTEN,
-    }
-)
-GATEWAY_TO_AGENT: Final = frozenset(
-    {
-        FrameKind.EXEC,
-        FrameKind.STDIN,
-        FrameKind.STDIN_CLOSE,
-        FrameKind.SIGNAL,
-        FrameKind.PING,
-        FrameKind.WRITE_FILE,
-        FrameKind.QUIESCE,
-    }
-)
-# Kinds that belong to an exec or request and therefore never use channel 0.
-_NEEDS_CHANNEL: Final = frozenset(
-    {
-        FrameKind.STARTED,
-        FrameKind.STDOUT,
-        FrameKind.STDERR,
-        FrameKind.EXIT,
-        FrameKind.FILE_WRITTEN,
-        FrameKind.EXEC,
-        FrameKind.STDIN,
-        FrameKind.STDIN_CLOSE,
-        FrameKind.SIGNAL,
-        FrameKind.WRITE_FILE,
-    }
-)
-
-
-class AgentProtocolError(Exception):
-    """The agent sent something that breaks the protocol; the message says exactly what."""
-
-
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
-NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
-
-
-class Hello(msgspec.Struct, frozen=True, kw_only=True):
-    protocol: int
-    pid: Annotated[int, msgspec.Meta(ge=1)]
-    #: The agent's implementation: "c" (agent.c); empty from the python agent of older gateways.
-    agent: str = ""
-    #: The python agent's interpreter version (older gateways' sandboxes); empty from agent.c.
-    python: str = ""
-
-
-class Started(msgspec.Struct, frozen=True, kw_only=True):
-    pid: Annotated[int, msgspec.Meta(ge=1)]
-
-
-class ExitInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """How an exec ended: exactly one of ``exit_code`` and ``signal`` is set."""
-
-    exit_code: Annotated[int, msgspec.Meta(ge=0, le=255)] | None
-    signal: Annotated[int, msgspec.Meta(ge=1, le=64)] | None
-    cpu_time_ms: NonNegFloat = 0.0
-    max_rss_bytes: NonNegInt = 0
-    duration_ms: NonNegFloat = 0.0
-    #: The process died of SIGKILL while the kernel counted an OOM kill (agent.c
-    #: ``oom_kill_count``); older agents never send it.
-    oom_killed: bool = False
-
-
-class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
-    message: str
-
-
-class FileWritten(msgspec.Struct, frozen=True, kw_only=True):
-    ok: bool
-    error: str | None = None
-
-
-# Requests (gateway → agent); encoded only.
-class _ExecRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str
-    last: bool = False
-
-
-class _SignalRequest(msgspec.Struct, frozen=True, kw_only=True):
-    signal: int
-
-
-class _WriteFileRequest(msgspec.Struct, frozen=True, kw_only=True):
-    path: str
-    data_b64: str
-    mode: int
-    append: bool = False
-
-
-_encoder: Final = msgspec.json.Encoder()
-_hello_decoder: Final = msgspec.json.Decoder(Hello)
-_started_decoder: Final = msgspec.json.Decoder(Started)
-_exit_decoder: Final = msgspec.json.Decoder(ExitInfo)
-_error_decoder: Final = msgspec.json.Decoder(ErrorInfo)
-_file_written_decoder: Final = msgspec.json.Decoder(FileWritten)
-
-
-_T = TypeVar("_T")
-
-
-def _decode(decoder: msgspec.json.Decoder[_T], what: str, payload: bytes) -> _T:
-    try:
-        return decoder.decode(payload)
-    except msgspec.DecodeError as exc:  # ValidationError is a subclass
-        raise AgentProtocolError(f"malformed {what} payload: {exc}") from None
-
-
-def decode_hello(payload: bytes) -> Hello:
-    """Decode a HELLO payload; the protocol version must be :data:`PROTOCOL_VERSION`."""
-    hello = _decode(_hello_decoder, "HELLO", payload)
-    if hello.protocol != PROTOCOL_VERSION:
-        raise AgentProtocolError(
-            f"agent speaks protocol {hello.protocol}, gateway speaks {PROTOCOL_VERSION}"
-        )
-    return hello
-
-
-def decode_started(payload: bytes) -> Started:
-    return _decode(_started_decoder, "STARTED", payload)
-
-
-def decode_exit(payload: bytes) -> ExitInfo:
-    info = _decode(_exit_decoder, "EXIT", payload)
-    if (info.exit_code is None) == (info.signal is None):
-        raise AgentProtocolError(
-            "malformed EXIT payload: exactly one of exit_code and signal must be set, "
-            f"got exit_code={info.exit_code!r} signal={info.signal!r}"
-        )
-    return info
-
-
-def decode_error(payload: bytes) -> ErrorInfo:
-    return _decode(_error_decoder, "ERROR", payload)
-
-
-def decode_file_written(payload: bytes) -> FileWritten:
-    return _decode(_file_written_decoder, "FILE_WRITTEN", payload)
-
-
-@dataclass(frozen=True, slots=True)
-class Frame:
-    kind: FrameKind
-    channel: int
-    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +117,7 @@ class AgentChannel:
             )
         if kind is FrameKind.HELLO and channel != 0:
             raise AgentProtocolError(f"HELLO on channel {channel}, expected channel 0")
-        if kind in _NEEDS_CHANNEL and channel == 0:
+        if kind in NEEDS_CHANNEL and channel == 0:
             raise AgentProtocolError(f"{kind.name} frame on channel 0")
         return kind, channel, length
 
@@ -400,7 +197,7 @@ class AgentChannel:
         kind = FrameKind(kind)
         if kind not in GATEWAY_TO_AGENT:
             raise ValueError(f"frame kind {kind.name} is not sent by the gateway")
-        _check_channel(channel, allow_zero=kind not in _NEEDS_CHANNEL)
+        _check_channel(channel, allow_zero=kind not in NEEDS_CHANNEL)
         if len(payload) > MAX_GATEWAY_FRAME:
             raise ValueError(
                 f"{kind.name} payload of {len(payload)} bytes exceeds {MAX_GATEWAY_FRAME}"
@@ -427,9 +224,7 @@ class AgentChannel:
         ``last``: the sandbox ends after this exec, so the agent prepares nothing for later."""
         if not argv:
             raise ValueError("argv must not be empty")
-        request = _ExecRequest(argv=list(argv), env=dict(env), cwd=cwd, last=last)
-        payload = _encoder.encode(request)
-        await self.send_frame(FrameKind.EXEC, channel, payload)
+        await self.send_frame(FrameKind.EXEC, channel, encode_exec(argv, env, cwd, last=last))
 
     async def send_stdin(self, channel: int, data: bytes) -> None:
         """Send stdin for an exec, split into frames of at most :data:`MAX_GATEWAY_FRAME`.
@@ -452,9 +247,7 @@ class AgentChannel:
         """Send ``signum`` (1..64) to the exec's whole process group."""
         if not 1 <= signum <= 64:
             raise ValueError(f"signal {signum} out of range 1..64")
-        await self.send_frame(
-            FrameKind.SIGNAL, channel, _encoder.encode(_SignalRequest(signal=signum))
-        )
+        await self.send_frame(FrameKind.SIGNAL, channel, encode_signal(signum))
 
     async def send_write_file(
         self, channel: int, path: str, data: bytes, mode: int, *, append: bool = False
@@ -470,10 +263,8 @@ class AgentChannel:
             raise ValueError(f"path must be absolute: {path!r}")
         if not 0 <= mode <= 0o7777:
             raise ValueError(f"mode {mode:#o} out of range")
-        request = _WriteFileRequest(
-            path=path, data_b64=base64.b64encode(data).decode("ascii"), mode=mode, append=append
-        )
-        await self.send_frame(FrameKind.WRITE_FILE, channel, _encoder.encode(request))
+        payload = encode_write_file(path, data, mode, append=append)
+        await self.send_frame(FrameKind.WRITE_FILE, channel, payload)
 
     async def send_quiesce(self) -> None:
         """Send QUIESCE: the agent stops what it runs for itself (its python zygote) before a
