@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from sandstorm.actors.execs import ExecRecord
+from sandstorm.actors.execs import ExecTracker
 from sandstorm.actors.pool import POOL_TENANT, WarmPool
 from sandstorm.actors.quotas import TenantLedger
 from sandstorm.actors.recorder import Recorder
@@ -601,7 +601,7 @@ class Router:
         )
         await self.store.put_sandbox(record)
 
-    async def _record_exec(self, actor: SandboxActor, record: ExecRecord) -> None:
+    async def _record_exec(self, actor: SandboxActor, record: ExecTracker) -> None:
         if self.store is None or actor.exec_recorded(record):
             return  # (written by the checkpoint before the agent heard of it: one trip less)
         row = ExecRecordRow(

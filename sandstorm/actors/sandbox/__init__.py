@@ -1,0 +1,10 @@
+"""The sandbox actor, split by concern: ``actor`` (boot, mailbox, lifetime, the public
+operations), ``dispatch`` (agent frames into execs and the event log), ``snapshot``,
+``recovery`` (progress records and take-over), ``core`` (the state the parts share) and
+``params`` (what a sandbox is made with)."""
+
+from sandstorm.actors.sandbox.actor import SIGNALS, SandboxActor
+from sandstorm.actors.sandbox.params import ExecPlan, SandboxParams
+from sandstorm.actors.sandbox.recovery import Recovered, load_recovered
+
+__all__ = ["SIGNALS", "ExecPlan", "Recovered", "SandboxActor", "SandboxParams", "load_recovered"]
