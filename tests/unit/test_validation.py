@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from sandstorm.actors.planning import check_run, resolve_mount
 from sandstorm.api.decoding import decode_json
 from sandstorm.api.types import MIB, ExecRequest, Mount, RunRequest
 from sandstorm.api.validation import (
@@ -20,10 +21,8 @@ from sandstorm.api.validation import (
     check_code_or_command,
     check_environment,
     check_exec,
-    check_run,
     check_sandbox_path,
     code_argv,
-    resolve_mount,
 )
 from sandstorm.config import Config, load_config
 from sandstorm.errors import InvalidRequest, MountNotAllowed

@@ -4,6 +4,7 @@ them."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from sandstorm.api.types import IsolationLevel, RuntimeName, SelectionReason
@@ -23,6 +24,11 @@ class SandboxParams:
     restored_from: str | None = None
     first_channel: int = 1
     tenant: str = "default"
+
+    def with_id(self, sandbox_id: str) -> SandboxParams:
+        """The same parameters for another sandbox (a pool sandbox claimed with them)."""
+        spec = dataclasses.replace(self.spec, sandbox_id=sandbox_id)
+        return dataclasses.replace(self, sandbox_id=sandbox_id, spec=spec)
 
 
 @dataclass(frozen=True, slots=True)
