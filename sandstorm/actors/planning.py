@@ -9,11 +9,13 @@ whatever made it (a run, a resume, a take-over, the warm pool), come from :meth:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from sandstorm.actors.sandbox import ExecPlan, SandboxParams
+import msgspec
+
+from sandstorm.actors.sandbox import ExecPlan, SandboxParams, StoredMount, StoredParams
 from sandstorm.actors.tenancy import DEFAULT_TENANT, POOL_TENANT
 from sandstorm.agent import MAX_GATEWAY_FRAME
 from sandstorm.api.selection import NoRuntime, Selected, select_runtime
@@ -38,7 +40,6 @@ from sandstorm.errors import InvalidRequest, MountNotAllowed, RuntimeUnavailable
 from sandstorm.ids import new_id
 from sandstorm.metrics import Metrics
 from sandstorm.runtimes.base import MountSpec, SandboxSpec
-from sandstorm.runtimes.registry import RuntimeRegistry
 from sandstorm.snapshots import SnapshotMeta
 from sandstorm.store import SandboxRecord
 
@@ -120,7 +121,7 @@ class RunPlan:
     """A run request, decided: its sandbox, what the store keeps of it, and its first exec."""
 
     params: SandboxParams
-    stored: dict[str, Any]
+    stored: StoredParams
     first_exec: ExecPlan
 
 
@@ -128,14 +129,15 @@ class Planner:
     def __init__(
         self,
         config: Config,
-        registry: RuntimeRegistry,
         rootfs: Path,
         languages: set[str],
         metrics: Metrics,
+        unavailable: Callable[[], Mapping[RuntimeName, str]],
     ) -> None:
         self.config = config
-        self.registry = registry
         self.rootfs = rootfs
+        # The runtimes that cannot serve now, with the reason (the registry's detections).
+        self.unavailable = unavailable
         self.languages = languages
         self.metrics = metrics
 
@@ -183,7 +185,7 @@ class Planner:
         )
 
     def choose(self, level: IsolationLevel, preference: RuntimeName | None) -> Selected:
-        choice = select_runtime(level, preference, self.registry.unavailable())
+        choice = select_runtime(level, preference, self.unavailable())
         if isinstance(choice, NoRuntime):
             self.metrics.refused("runtime_unavailable", "sandbox")
             raise RuntimeUnavailable(
@@ -210,11 +212,20 @@ class Planner:
             tenant=tenant,
             mounts=mounts,
         )
-        return RunPlan(params, _public_params(req), first_exec)
+        stored = StoredParams.of(
+            params,
+            (StoredMount(source=m.source, destination=m.destination, read_only=m.read_only)
+             for m in req.mounts),
+            runtime_preference=req.runtime_preference,
+            language=req.language,
+            environment_names=sorted(req.environment),
+            files=sorted(req.files),
+        )  # fmt: skip
+        return RunPlan(params, stored, first_exec)
 
     def resume(
         self, meta: SnapshotMeta, keep_alive: int, tenant: str
-    ) -> tuple[SandboxParams, dict[str, Any]]:
+    ) -> tuple[SandboxParams, StoredParams]:
         """A sandbox restored from a snapshot, with the snapshot's limits and mounts (checked
         again: the allow-list may have changed since)."""
         snapshot_id = meta.info.snapshot_id
@@ -241,45 +252,31 @@ class Planner:
             restored_from=snapshot_id,
             first_channel=meta.next_channel,
         )
-        stored = {
-            "isolation_level": meta.isolation_level,
-            "cpu_limit": meta.cpu_limit,
-            "memory_limit": meta.memory_limit,
-            "timeout": meta.timeout,
-            "keep_alive": keep_alive,
-            "restored_from": snapshot_id,
-            "mounts": [
-                {"source": str(m.source), "destination": m.destination, "read_only": m.read_only}
-                for m in mounts
-            ],
-        }
+        stored = StoredParams.of(params, map(_stored_mount, mounts))
         return params, stored
 
     def taken_over(self, record: SandboxRecord) -> SandboxParams:
-        """The parameters of a sandbox an earlier gateway left running, from its record."""
-        p = record.params
-        mounts: list[MountSpec] = []
-        for m in p.get("mounts") or []:
-            # Already checked when it was created; kept as it was even if the allow-list changed
-            # since (the sandbox has it mounted either way).
-            mounts.append(
-                MountSpec(
-                    source=Path(m["source"]), destination=m["destination"], read_only=m["read_only"]
-                )
-            )
+        """The parameters of a sandbox an earlier gateway left running, from its record;
+        ``msgspec.ValidationError`` when the record cannot give them."""
+        stored = StoredParams.from_record(record.params)
+        runtime: RuntimeName = msgspec.convert(record.runtime, RuntimeName)
         return self.params(
             sandbox_id=record.id,
-            runtime=record.runtime,  # type: ignore[arg-type]
-            isolation_level=p["isolation_level"],
-            selection=p.get("selection", "preference"),
-            cpu_limit=float(p["cpu_limit"]),
-            memory_limit=int(p["memory_limit"]),
-            timeout_ms=int(p["timeout"]),
-            keep_alive_s=int(p["keep_alive"]),
+            runtime=runtime,
+            isolation_level=stored.isolation_level,
+            selection=stored.selection,
+            cpu_limit=stored.cpu_limit,
+            memory_limit=stored.memory_limit,
+            timeout_ms=stored.timeout,
+            keep_alive_s=stored.keep_alive,
             tenant=record.tenant,
-            image=p.get("image", self.config.image),
-            mounts=tuple(mounts),
-            restored_from=p.get("restored_from"),
+            image=stored.image,
+            # Checked when it was created; kept as it was even if the allow-list changed since
+            # (the sandbox has it mounted either way).
+            mounts=tuple(
+                MountSpec(Path(m.source), m.destination, m.read_only) for m in stored.mounts
+            ),
+            restored_from=stored.restored_from,
         )
 
     def pooled(self, cls: WarmPoolClass, image: str) -> SandboxParams:
@@ -341,21 +338,7 @@ class Planner:
         )
 
 
-def _public_params(req: RunRequest) -> dict[str, Any]:
-    """What the store keeps of a run request: limits and choices, never environment values,
-    code, stdin, command arguments or file contents (only the names)."""
-    return {
-        "isolation_level": req.isolation_level,
-        "runtime_preference": req.runtime_preference,
-        "language": req.language,
-        "cpu_limit": req.cpu_limit,
-        "memory_limit": req.memory_limit,
-        "timeout": req.timeout,
-        "keep_alive": req.keep_alive,
-        "environment_names": sorted(req.environment),
-        "files": sorted(req.files),
-        "mounts": [
-            {"source": m.source, "destination": m.destination, "read_only": m.read_only}
-            for m in req.mounts
-        ],
-    }
+def _stored_mount(mount: MountSpec) -> StoredMount:
+    return StoredMount(
+        source=str(mount.source), destination=mount.destination, read_only=mount.read_only
+    )

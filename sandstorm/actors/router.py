@@ -16,7 +16,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -30,6 +29,7 @@ from sandstorm.actors.sandbox import (
     Recovered,
     SandboxActor,
     SandboxParams,
+    StoredParams,
     load_recovered,
 )
 from sandstorm.actors.tenancy import DEFAULT_TENANT, POOL_TENANT
@@ -79,7 +79,7 @@ class Router:
         self.quotas = TenantLedger()
         self.metrics = metrics or Metrics(process=False)
         self.admission = Admission(config, self.metrics)
-        self.planner = Planner(config, registry, rootfs, languages, self.metrics)
+        self.planner = Planner(config, rootfs, languages, self.metrics, registry.unavailable)
         # Set by the gateway's drain (SIGTERM): new sandboxes and execs are refused.
         self.draining = False
         self.registry = registry
@@ -239,8 +239,8 @@ class Router:
         self,
         params: SandboxParams,
         restore_image: Path | None,
-        tenant: Tenant | None = None,
-        stored: dict[str, Any] | None = None,
+        tenant: Tenant | None,
+        stored: StoredParams,
     ) -> SandboxActor:
         assert self._nursery is not None, "router not running"
         runtime = self.registry.driver(params.runtime_name)
@@ -254,7 +254,7 @@ class Router:
             self.release_tenant(params)
             raise
         try:
-            await self._record_sandbox(params, stored or {})
+            await self._record_sandbox(params, stored)
         except BaseException:
             self.admission.release(params.sandbox_id)
             self.release_tenant(params)
@@ -379,7 +379,7 @@ class Router:
 
     # ------------------------------------------------------------------ durable records
 
-    async def _record_sandbox(self, params: SandboxParams, stored: dict[str, Any]) -> None:
+    async def _record_sandbox(self, params: SandboxParams, stored: StoredParams) -> None:
         if self.store is None:
             return
         record = SandboxRecord(
@@ -387,7 +387,7 @@ class Router:
             tenant=params.tenant,
             runtime=params.runtime_name,
             state="creating",
-            params={**stored, "selection": params.selection, "image": params.image},
+            params=stored.to_record(),
             created_at=time.time(),
         )
         await self.store.put_sandbox(record)

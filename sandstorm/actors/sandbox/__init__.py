@@ -4,7 +4,16 @@ operations), ``dispatch`` (agent frames into execs and the event log), ``snapsho
 ``params`` (what a sandbox is made with)."""
 
 from sandstorm.actors.sandbox.actor import SIGNALS, SandboxActor
-from sandstorm.actors.sandbox.params import ExecPlan, SandboxParams
+from sandstorm.actors.sandbox.params import ExecPlan, SandboxParams, StoredMount, StoredParams
 from sandstorm.actors.sandbox.recovery import Recovered, load_recovered
 
-__all__ = ["SIGNALS", "ExecPlan", "Recovered", "SandboxActor", "SandboxParams", "load_recovered"]
+__all__ = [
+    "SIGNALS",
+    "ExecPlan",
+    "Recovered",
+    "SandboxActor",
+    "SandboxParams",
+    "StoredMount",
+    "StoredParams",
+    "load_recovered",
+]
