@@ -26,7 +26,6 @@ from sandstorm.api.types import (
     Mount,
     RunRequest,
     RuntimeName,
-    SelectionReason,
 )
 from sandstorm.api.validation import (
     INLINE_CODE_LIMIT,
@@ -143,43 +142,37 @@ class Planner:
 
     def params(
         self,
+        stored: StoredParams,
         *,
         runtime: RuntimeName,
-        isolation_level: IsolationLevel,
-        selection: SelectionReason,
-        cpu_limit: float,
-        memory_limit: int,
-        timeout_ms: int,
-        keep_alive_s: int,
         tenant: str,
-        image: str | None = None,
-        mounts: tuple[MountSpec, ...] = (),
-        pids_limit: int | None = None,
+        mounts: tuple[MountSpec, ...],
         sandbox_id: str | None = None,
-        restored_from: str | None = None,
+        pids_limit: int | None = None,
         first_channel: int = 1,
     ) -> SandboxParams:
-        """A sandbox's parameters and its runtime's spec, in one: a new id unless given, the
-        configured image and pids limit unless given."""
+        """A sandbox's parameters and its runtime's spec, from what its row keeps (or will
+        keep) and what the row does not: the runtime, the tenant, the resolved mounts. A new
+        id unless given; the configured pids limit unless given."""
         sandbox_id = sandbox_id or new_id("sbx")
         spec = SandboxSpec(
             sandbox_id=sandbox_id,
             rootfs=self.rootfs,
-            cpu_limit=cpu_limit,
-            memory_limit=memory_limit,
+            cpu_limit=stored.cpu_limit,
+            memory_limit=stored.memory_limit,
             pids_limit=self.config.pids_limit if pids_limit is None else pids_limit,
             mounts=mounts,
         )
         return SandboxParams(
             sandbox_id=sandbox_id,
             runtime_name=runtime,
-            isolation_level=isolation_level,
-            selection=selection,
+            isolation_level=stored.isolation_level,
+            selection=stored.selection,
             spec=spec,
-            image=self.config.image if image is None else image,
-            timeout_ms=timeout_ms,
-            keep_alive_s=keep_alive_s,
-            restored_from=restored_from,
+            image=self.config.image if stored.image is None else stored.image,
+            timeout_ms=stored.timeout,
+            keep_alive_s=stored.keep_alive,
+            restored_from=stored.restored_from,
             first_channel=first_channel,
             tenant=tenant,
         )
@@ -201,26 +194,25 @@ class Planner:
         mounts = check_run(req, self.config)
         choice = self.choose(req.isolation_level, req.runtime_preference)
         first_exec = self.exec(req, req.timeout)
-        params = self.params(
-            runtime=choice.runtime,
+        stored = StoredParams(
             isolation_level=req.isolation_level,
-            selection=choice.reason,
             cpu_limit=req.cpu_limit,
             memory_limit=req.memory_limit,
-            timeout_ms=req.timeout,
-            keep_alive_s=req.keep_alive,
-            tenant=tenant,
-            mounts=mounts,
-        )
-        stored = StoredParams.of(
-            params,
-            (StoredMount(source=m.source, destination=m.destination, read_only=m.read_only)
-             for m in req.mounts),
+            timeout=req.timeout,
+            keep_alive=req.keep_alive,
+            # As the request gave them (a row never needs them resolved again).
+            mounts=tuple(
+                StoredMount(source=m.source, destination=m.destination, read_only=m.read_only)
+                for m in req.mounts
+            ),
+            selection=choice.reason,
+            image=self.config.image,
             runtime_preference=req.runtime_preference,
             language=req.language,
-            environment_names=sorted(req.environment),
-            files=sorted(req.files),
-        )  # fmt: skip
+            environment_names=tuple(sorted(req.environment)),
+            files=tuple(sorted(req.files)),
+        )
+        params = self.params(stored, runtime=choice.runtime, tenant=tenant, mounts=mounts)
         return RunPlan(params, stored, first_exec)
 
     def resume(
@@ -228,7 +220,6 @@ class Planner:
     ) -> tuple[SandboxParams, StoredParams]:
         """A sandbox restored from a snapshot, with the snapshot's limits and mounts (checked
         again: the allow-list may have changed since)."""
-        snapshot_id = meta.info.snapshot_id
         mounts = tuple(
             resolve_mount(
                 Mount(source=m.source, destination=m.destination, read_only=m.read_only),
@@ -237,62 +228,54 @@ class Planner:
             )
             for i, m in enumerate(meta.mounts)
         )
-        params = self.params(
-            runtime=meta.info.runtime,
+        stored = StoredParams(
             isolation_level=meta.isolation_level,
-            selection="preference",
             cpu_limit=meta.cpu_limit,
             memory_limit=meta.memory_limit,
-            timeout_ms=meta.timeout,
-            keep_alive_s=keep_alive,
-            tenant=tenant,
+            timeout=meta.timeout,
+            keep_alive=keep_alive,
+            mounts=tuple(
+                StoredMount(source=str(m.source), destination=m.destination, read_only=m.read_only)
+                for m in mounts
+            ),
             image=meta.image,
+            restored_from=meta.info.snapshot_id,
+        )
+        params = self.params(
+            stored,
+            runtime=meta.info.runtime,
+            tenant=tenant,
             mounts=mounts,
             pids_limit=meta.pids_limit,
-            restored_from=snapshot_id,
             first_channel=meta.next_channel,
         )
-        stored = StoredParams.of(params, map(_stored_mount, mounts))
         return params, stored
 
     def taken_over(self, record: SandboxRecord) -> SandboxParams:
-        """The parameters of a sandbox an earlier gateway left running, from its record;
-        ``msgspec.ValidationError`` when the record cannot give them."""
+        """The parameters of a sandbox an earlier gateway left running, from its row;
+        ``msgspec.ValidationError`` when the row cannot give them."""
         stored = StoredParams.from_record(record.params)
         runtime: RuntimeName = msgspec.convert(record.runtime, RuntimeName)
+        # Checked when it was created; kept as it was even if the allow-list changed since (the
+        # sandbox has it mounted either way).
+        mounts = tuple(MountSpec(Path(m.source), m.destination, m.read_only) for m in stored.mounts)
         return self.params(
-            sandbox_id=record.id,
-            runtime=runtime,
-            isolation_level=stored.isolation_level,
-            selection=stored.selection,
-            cpu_limit=stored.cpu_limit,
-            memory_limit=stored.memory_limit,
-            timeout_ms=stored.timeout,
-            keep_alive_s=stored.keep_alive,
-            tenant=record.tenant,
-            image=stored.image,
-            # Checked when it was created; kept as it was even if the allow-list changed since
-            # (the sandbox has it mounted either way).
-            mounts=tuple(
-                MountSpec(Path(m.source), m.destination, m.read_only) for m in stored.mounts
-            ),
-            restored_from=stored.restored_from,
+            stored, runtime=runtime, tenant=record.tenant, mounts=mounts, sandbox_id=record.id
         )
 
     def pooled(self, cls: WarmPoolClass, image: str) -> SandboxParams:
         """A warm pool sandbox of ``cls``: owned by no tenant until claimed; its keep_alive is the
         longest allowed (an unclaimed one is held, and only max_lifetime ends it)."""
-        return self.params(
-            runtime=cls.runtime,
+        stored = StoredParams(
             isolation_level="standard",
-            selection="default",
             cpu_limit=cls.cpu_limit,
             memory_limit=cls.memory_limit,
-            timeout_ms=POOL_TIMEOUT_MS,
-            keep_alive_s=self.config.max_keep_alive_s,
-            tenant=POOL_TENANT,
+            timeout=POOL_TIMEOUT_MS,
+            keep_alive=self.config.max_keep_alive_s,
+            selection="default",
             image=image,
         )
+        return self.params(stored, runtime=cls.runtime, tenant=POOL_TENANT, mounts=())
 
     def exec(
         self, req: RunRequest | ExecRequest, timeout_ms: int, *, interactive: bool = False
@@ -336,9 +319,3 @@ class Planner:
             stdin=stdin,
             close_stdin=not (interactive or req.stdin_open),
         )
-
-
-def _stored_mount(mount: MountSpec) -> StoredMount:
-    return StoredMount(
-        source=str(mount.source), destination=mount.destination, read_only=mount.read_only
-    )

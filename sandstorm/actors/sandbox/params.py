@@ -5,7 +5,6 @@ before the actor exists (``sandstorm.actors.planning``); the actor only reads th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,34 +60,6 @@ class StoredParams(msgspec.Struct, frozen=True, kw_only=True):
     language: Language | None = None
     environment_names: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
-
-    @classmethod
-    def of(
-        cls,
-        params: SandboxParams,
-        mounts: Iterable[StoredMount],
-        *,
-        runtime_preference: RuntimeName | None = None,
-        language: Language | None = None,
-        environment_names: Iterable[str] = (),
-        files: Iterable[str] = (),
-    ) -> StoredParams:
-        spec = params.spec
-        return cls(
-            isolation_level=params.isolation_level,
-            cpu_limit=spec.cpu_limit,
-            memory_limit=spec.memory_limit,
-            timeout=params.timeout_ms,
-            keep_alive=params.keep_alive_s,
-            mounts=tuple(mounts),
-            selection=params.selection,
-            image=params.image,
-            restored_from=params.restored_from,
-            runtime_preference=runtime_preference,
-            language=language,
-            environment_names=tuple(environment_names),
-            files=tuple(files),
-        )
 
     @classmethod
     def from_record(cls, params: dict[str, Any]) -> StoredParams:
