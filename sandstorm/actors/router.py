@@ -20,12 +20,12 @@ from pathlib import Path
 import trio
 
 from sandstorm.actors.admission import Admission
-from sandstorm.actors.execs import ExecTracker
 from sandstorm.actors.planning import Planner
 from sandstorm.actors.pool import WarmPool
 from sandstorm.actors.quotas import TenantLedger
 from sandstorm.actors.recorder import Recorder
 from sandstorm.actors.sandbox import (
+    ExecPlan,
     Recovered,
     SandboxActor,
     SandboxParams,
@@ -42,7 +42,7 @@ from sandstorm.metrics import Metrics
 from sandstorm.runtimes.base import SandboxRuntime
 from sandstorm.runtimes.registry import RuntimeRegistry
 from sandstorm.snapshots import SnapshotCatalog, SnapshotCorrupt
-from sandstorm.store import AsyncStore, ExecRecordRow, Quotas, SandboxRecord, Tenant
+from sandstorm.store import AsyncStore, Quotas, SandboxRecord, Tenant
 
 log = logging.getLogger(__name__)
 # Ended sandboxes stay answerable (status, results, a late stream's replay) until one of these
@@ -72,8 +72,9 @@ class Router:
         recorder: Recorder | None = None,
     ) -> None:
         self.config = config
-        # Durable records (None in tests of the actors alone): a create's sandbox and first
-        # exec are written before it is answered, later changes through the recorder.
+        # Durable records (None in tests of the actors alone): a create's sandbox is written
+        # before it is answered (its first exec by its actor), later changes through the
+        # recorder.
         self.store = store
         self.recorder = recorder
         self.quotas = TenantLedger()
@@ -173,30 +174,25 @@ class Router:
         planned = self.planner.run(req, tenant.name if tenant is not None else DEFAULT_TENANT)
         self.refuse_if_draining("sandbox")
         claimed = self.pool.claim(planned.params, tenant) if self.pool is not None else None
-        if claimed is not None:
-            actor = claimed
-            try:
-                # Recorded only now that it is the tenant's (an unclaimed one has no record).
-                await self._record_sandbox(actor.params, planned.stored)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await actor.destroy()
-                raise
-        else:
-            actor = await self._spawn(planned.params, None, tenant, planned.stored)
+        if claimed is None:
+            # A create that fails after boot (a file that cannot be written) leaves nothing:
+            # the actor tears its sandbox down before it raises.
+            actor = await self._spawn(
+                planned.params, None, tenant, planned.stored, first_exec=planned.first_exec
+            )
+            assert actor.first_exec is not None
+            return Created(actor, actor.first_exec.exec_id)
         try:
-            tracker = await actor.exec(planned.first_exec)
-            if claimed is not None and self.pool is not None:
-                self.pool.refill_after(actor, tracker.done)
-            await self._record_exec(actor, tracker)
+            # Recorded only now that it is the tenant's (an unclaimed one has no record).
+            await self._record_sandbox(claimed.params, planned.stored)
         except BaseException:
-            # A create that fails after boot (a file that cannot be written) leaves nothing.
             with trio.CancelScope(shield=True):
-                await actor.destroy()
+                await claimed.destroy()
             raise
-        finally:
-            actor.release_hold()
-        return Created(actor, tracker.exec_id)
+        tracker = await claimed.start_first_exec(planned.first_exec)
+        if self.pool is not None:
+            self.pool.refill_after(claimed, tracker.done)
+        return Created(claimed, tracker.exec_id)
 
     async def resume(
         self, snapshot_id: str, keep_alive: int, tenant: Tenant | None = None
@@ -241,6 +237,8 @@ class Router:
         restore_image: Path | None,
         tenant: Tenant | None,
         stored: StoredParams,
+        *,
+        first_exec: ExecPlan | None = None,
     ) -> SandboxActor:
         assert self._nursery is not None, "router not running"
         runtime = self.registry.driver(params.runtime_name)
@@ -261,9 +259,17 @@ class Router:
             raise
         actor = self._actor(params, runtime, self.recorder)
         # _supervise gives the admission back whenever the actor ends, boot failure included.
-        source = "image" if restore_image is None else "snapshot"
-        with self.metrics.creating(params.runtime_name, source):
-            await self._nursery.start(self._supervise, actor, restore_image)
+        try:
+            await self._nursery.start(
+                functools.partial(
+                    self._supervise, actor, restore_image, first_exec=first_exec, count_boot=True
+                )
+            )
+        except BaseException:
+            if actor.booted:  # and torn down again: its history is kept like any other's
+                self.sandboxes[actor.id] = actor
+                self._trim_history()
+            raise
         self.sandboxes[actor.id] = actor
         self._trim_history()
         return actor
@@ -286,13 +292,21 @@ class Router:
         actor: SandboxActor,
         restore_image: Path | None,
         *,
+        first_exec: ExecPlan | None = None,
         recovered: Recovered | None = None,
+        count_boot: bool = False,
         on_end: Callable[[SandboxActor], None] | None = None,
         task_status: trio.TaskStatus[SandboxActor] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._supervised.add(actor.id)
         try:
-            await actor.run(restore_image, recovered=recovered, task_status=task_status)
+            await actor.run(
+                restore_image,
+                first_exec=first_exec,
+                recovered=recovered,
+                count_boot=count_boot,
+                task_status=task_status,
+            )
         finally:
             self._supervised.discard(actor.id)
             self.admission.release(actor.id)
@@ -374,7 +388,6 @@ class Router:
         except QuotaExceeded:
             self.metrics.refused("quota_exceeded", "exec")
             raise
-        await self._record_exec(actor, tracker)
         return actor, tracker.exec_id
 
     # ------------------------------------------------------------------ durable records
@@ -391,15 +404,3 @@ class Router:
             created_at=time.time(),
         )
         await self.store.put_sandbox(record)
-
-    async def _record_exec(self, actor: SandboxActor, tracker: ExecTracker) -> None:
-        if self.store is None or actor.exec_recorded(tracker):
-            return  # (written by the progress record before the agent heard of it)
-        row = ExecRecordRow(
-            id=tracker.exec_id,
-            sandbox_id=actor.id,
-            tenant=actor.params.tenant,
-            state="running",
-            started_at=tracker.started_at,
-        )
-        await self.store.put_exec(row)

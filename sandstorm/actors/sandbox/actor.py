@@ -13,15 +13,15 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import outcome
 import trio
 
 from sandstorm.actors.execs import ExecTracker
 from sandstorm.actors.recorder import Recorder
-from sandstorm.actors.sandbox.core import log
+from sandstorm.actors.sandbox.core import T, log
 from sandstorm.actors.sandbox.params import ExecPlan, SandboxParams
 from sandstorm.actors.sandbox.recovery import Recovered
 from sandstorm.actors.sandbox.snapshot import Snapshotting
@@ -34,7 +34,7 @@ from sandstorm.errors import (
     SandboxNotRunning,
 )
 from sandstorm.logs import bind_sandbox
-from sandstorm.runtimes.base import RuntimeStartError
+from sandstorm.runtimes.base import RuntimeInstance, RuntimeStartError
 from sandstorm.snapshots import SnapshotMeta
 
 SIGNAL_NAMES = ("SIGINT", "SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
@@ -45,8 +45,24 @@ class SandboxActor(Snapshotting):
     # ------------------------------------------------------------------ public (any task)
 
     async def exec(self, plan: ExecPlan) -> ExecTracker:
-        """Start an exec; returns once the agent was asked to run it (not when it ends)."""
+        """Start an exec; returns once it is recorded and the agent was asked to run it (not
+        when it ends)."""
         return await self._call(lambda: self._start_exec(plan))
+
+    async def start_first_exec(self, plan: ExecPlan) -> ExecTracker:
+        """The creating request's exec in a sandbox that booted before the request (a claimed
+        warm pool sandbox), as one operation: the exec starts, or the sandbox is destroyed and
+        the error raised. The request's hold on the sandbox ends either way."""
+        try:
+            tracker = await self.exec(plan)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.destroy()
+            raise
+        finally:
+            self.release_hold()
+        self.first_exec = tracker
+        return tracker
 
     async def snapshot(self, leave_running: bool) -> SnapshotMeta:
         return await self._call(lambda: self._snapshot(leave_running))
@@ -77,12 +93,6 @@ class SandboxActor(Snapshotting):
         if channel is not None:
             channel.auto_ack = False  # acks follow progress records from now on (as from boot)
         self._touch()
-
-    def exec_recorded(self, tracker: ExecTracker) -> bool:
-        """Whether a progress record taken since ``tracker`` was started already wrote its row
-        (the record before an exec reaches the agent upserts every running exec), so the
-        caller need not write it again."""
-        return self._progress_covers(tracker)
 
     def release_hold(self) -> None:
         self._held = False
@@ -119,16 +129,86 @@ class SandboxActor(Snapshotting):
         self,
         restore_image: Path | None = None,
         *,
+        first_exec: ExecPlan | None = None,
         recovered: Recovered | None = None,
+        count_boot: bool = False,
         task_status: trio.TaskStatus[SandboxActor] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Boot, report ready through ``task_status``, then serve until torn down.
+        """Boot, run ``first_exec`` (the creating request's), report ready through
+        ``task_status``, then serve until torn down. ``count_boot``: the boot counts in the
+        gateway's create metrics (a request's sandbox, not a pool's nor one taken over).
 
-        A boot failure raises to the starter with everything already released. After start-up
-        nothing raises out of here: failures end in state ``failed`` with a reason.
+        A boot failure raises to the starter with everything already released; so does a
+        refused first exec, once the sandbox is torn down again. After start-up nothing raises
+        out of here: failures end in state ``failed`` with a reason.
         """
         bind_sandbox(self.id)  # its log lines are about this sandbox, not the creating request
         started = trio.current_time()
+        source = "image" if restore_image is None else "snapshot"
+        with (
+            self.metrics.creating(self.params.runtime_name, source)
+            if count_boot
+            else contextlib.nullcontext()
+        ):
+            instance = await self._boot(restore_image, recovered)
+        self.booted = True
+        if self._on_startup is not None and recovered is None:
+            self._on_startup((trio.current_time() - started) * 1000)
+        self._live.set()
+        if recovered is None:
+            self.state = "idle"
+            self._emit_status()
+        else:
+            # No event: the replayed frames must get the seq numbers they had before the crash.
+            self.state = "running" if self._by_channel else "idle"
+        crashed = False
+        reported = False
+        refused: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._read_agent, instance)
+                nursery.start_soon(self._lifetime_timer)
+                nursery.start_soon(self._record_progress_forever)
+                for tracker in self._by_channel.values():
+                    nursery.start_soon(self._watch_exec, tracker)
+                if first_exec is not None:
+                    refused = await self._begin(first_exec)
+                if refused is None:
+                    task_status.started(self)
+                    reported = True
+                await self._serve_mailbox()
+                nursery.cancel_scope.cancel()
+        except Exception:
+            # A bug in this actor must fail this sandbox only, never the gateway.
+            log.exception("sandbox %s crashed", self.id)
+            self.metrics.agent_failed("internal")
+            crashed = True
+        finally:
+            self._refuse_pending()
+            # Cancelled (gateway shutdown, or the creating request before the actor reported
+            # ready) or crashed: the sandbox still goes down fully, unless the gateway hands it
+            # over to its successor (detach).
+            if self.alive and self._detached and not crashed:
+                with trio.CancelScope(shield=True):
+                    await self._hand_over()
+            elif self.alive:
+                with trio.CancelScope(shield=True):
+                    if crashed:
+                        await self._teardown("failed", "internal error in the sandbox actor")
+                    else:
+                        note = "gateway shutting down" if reported else None
+                        await self._teardown("destroyed", None, note=note)
+            self.finished.set()
+        if refused is not None:
+            raise refused
+
+    async def _boot(
+        self, restore_image: Path | None, recovered: Recovered | None
+    ) -> RuntimeInstance:
+        """Start (or restore, or reattach to) the runtime instance and wait for its agent. On
+        failure everything is released, the actor has ended, and the error is raised
+        (RuntimeUnavailable for what the runtime or the agent did)."""
         try:
             with trio.fail_after(self.config.boot_timeout_s):
                 if recovered is not None:
@@ -164,67 +244,49 @@ class SandboxActor(Snapshotting):
                     f"sandbox failed to boot: {exc}", runtime=self.params.runtime_name
                 ) from exc
             raise
-        if self._on_startup is not None and recovered is None:
-            self._on_startup((trio.current_time() - started) * 1000)
-        self._live.set()
-        if recovered is None:
-            self.state = "idle"
-            self._emit_status()
-        else:
-            # No event: the replayed frames must get the seq numbers they had before the crash.
-            self.state = "running" if self._by_channel else "idle"
-        crashed = False
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._read_agent, instance)
-                nursery.start_soon(self._lifetime_timer)
-                nursery.start_soon(self._record_progress_forever)
-                for tracker in self._by_channel.values():
-                    nursery.start_soon(self._watch_exec, tracker)
-                task_status.started(self)
-                await self._serve_mailbox()
-                nursery.cancel_scope.cancel()
-        except Exception:
-            # A bug in this actor must fail this sandbox only, never the gateway.
-            log.exception("sandbox %s crashed", self.id)
-            self.metrics.agent_failed("internal")
-            crashed = True
-        finally:
-            self._refuse_pending()
-            # Cancelled (gateway shutdown) or crashed: the sandbox still goes down fully,
-            # unless the gateway hands it over to its successor (detach).
-            if self.alive and self._detached and not crashed:
-                with trio.CancelScope(shield=True):
-                    await self._hand_over()
-            elif self.alive:
-                with trio.CancelScope(shield=True):
-                    if crashed:
-                        await self._teardown("failed", "internal error in the sandbox actor")
-                    else:
-                        await self._teardown("destroyed", None, note="gateway shutting down")
-            self.finished.set()
+        return instance
+
+    async def _begin(self, plan: ExecPlan) -> BaseException | None:
+        """Run the creating request's exec as the actor's first operation, before it reports
+        ready: the request gets its sandbox and its exec in one step. The request's hold on
+        the sandbox ends here. A refused exec is returned, for the starter to get once the
+        sandbox is torn down: the teardown is queued like a request's destroy, behind any
+        teardown already asked for (a dead agent's)."""
+        result = await self._run_op(lambda: self._start_exec(plan))
+        self.release_hold()
+        if isinstance(result, outcome.Error):
+            assert self._nursery is not None
+            self._nursery.start_soon(self.destroy)
+            return result.error
+        self.first_exec = result.unwrap()
+        return None
 
     async def _serve_mailbox(self) -> None:
         async for op, reply in self._mailbox:
             self._inflight = reply
-            with trio.CancelScope() as scope:
-                self._op_scope = scope
-                try:
-                    result: outcome.Outcome[Any] = outcome.Value(await op())
-                except Exception as exc:
-                    result = outcome.Error(exc)
-            self._op_scope = None
-            if scope.cancelled_caught:
-                # Interrupted by a teardown request (DELETE, expiry, a dead agent).
-                result = outcome.Error(
-                    SandboxNotRunning(f"sandbox {self.id} is being torn down", state=self.state)
-                )
+            result = await self._run_op(op)
             with contextlib.suppress(trio.BrokenResourceError, trio.WouldBlock):
                 reply.send_nowait(result)
             self._inflight = None
             if not self.alive:
                 return
+
+    async def _run_op(self, op: Callable[[], Awaitable[T]]) -> outcome.Outcome[T]:
+        """Run one operation, which a teardown request interrupts (SandboxNotRunning)."""
+        result: outcome.Outcome[T]
+        with trio.CancelScope() as scope:
+            self._op_scope = scope
+            try:
+                result = outcome.Value(await op())
+            except Exception as exc:
+                result = outcome.Error(exc)
+        self._op_scope = None
+        if scope.cancelled_caught:
+            # Interrupted by a teardown request (DELETE, expiry, a dead agent).
+            result = outcome.Error(
+                SandboxNotRunning(f"sandbox {self.id} is being torn down", state=self.state)
+            )
+        return result
 
     def _refuse_pending(self) -> None:
         """Answer the in-flight and every queued request: the actor is gone."""

@@ -95,6 +95,10 @@ class ActorCore:
         self._incarnation_done = trio.Event()
         self._file_waiters: dict[int, trio.MemorySendChannel[tuple[bool, str | None]]] = {}
         self.finished = trio.Event()
+        # Whether the runtime instance came up and its agent answered.
+        self.booted = False
+        # The exec of the request that created the sandbox (None: made without one).
+        self.first_exec: ExecTracker | None = None
         self.ended_at: float | None = None  # trio clock, when the teardown finished
         # The creating request holds the sandbox until its first exec is in, so that keep_alive
         # (0 included) only ever counts idle time after real work.

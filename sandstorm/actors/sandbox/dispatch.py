@@ -208,8 +208,13 @@ class AgentDispatch(RecoveryRecords):
             self._emit_status()
         try:
             # Durable before the agent hears of it: a gateway that dies from here on finds the
-            # exec's channel on restart and maps the journaled output back to it.
+            # exec's channel on restart and maps the journaled output back to it. A sandbox
+            # that records no progress (no shim holds it) writes the exec's own row.
             await self._record_progress()
+            if self.recorder is not None and not self._progress_covers(tracker):
+                await self.recorder.exec_started(
+                    self.id, self.params.tenant, tracker.exec_id, tracker.started_at
+                )
             self.runtime.exec_starting(self.id, alone=len(self._by_channel) == 1)
             # keep_alive 0: the sandbox ends with this run, the agent need not prepare for more.
             last = self.params.keep_alive_s == 0
