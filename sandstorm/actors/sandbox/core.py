@@ -4,9 +4,9 @@ The actor is one object whose class is built in layers, one module each, every l
 the ones below it: this core (the state, reads, the mailbox's entry, sending to the agent,
 finishing an exec, teardown), ``recovery`` (progress records for crash recovery, take-over),
 ``dispatch`` (agent frames into execs and the event log, the exec life cycle), ``snapshot``, and
-``actor`` (boot, the mailbox loop, the lifetime timer and the public operations). Every method
-runs in one of the actor's own tasks, or only reads (status, results): only the actor changes its
-state.
+``actor`` (boot, the mailbox loop, the lifetime timer and the public operations). The layers
+are parts of one object, not collaborators: no part holds state of its own, and the actor's state
+changes only through its own methods.
 """
 
 from __future__ import annotations
