@@ -78,7 +78,7 @@ def instrument() -> None:
     _mark_sync(pool.WarmPool, "claim", "claim")
     _mark_async(gvisor.GvisorRuntime, "start", "start")
     _mark_async(sandbox.SandboxActor, "_await_ready", "ready")
-    _mark_async(sandbox.SandboxActor, "_checkpoint", "checkpoint")
+    _mark_async(sandbox.SandboxActor, "_record_progress", "checkpoint")
     _mark_async(agent_client.AgentChannel, "send_exec", "send")
     dispatch = sandbox.SandboxActor._dispatch
 

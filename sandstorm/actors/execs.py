@@ -1,4 +1,5 @@
-"""One exec's bookkeeping inside a sandbox actor: output caps, verdict, result assembly."""
+"""One exec as its sandbox actor follows it (an :class:`ExecTracker`): output caps, verdict,
+result assembly. What the store keeps of an exec is a row (``sandstorm.store``), not this."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class OutputBuffer:
 
 
 @dataclass(eq=False)
-class ExecRecord:
+class ExecTracker:
     exec_id: str
     channel: int
     argv: list[str]

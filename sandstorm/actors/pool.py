@@ -18,28 +18,24 @@ The pool gives way: a request that needs admission room destroys idle pool sandb
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import trio
 
+from sandstorm.actors.admission import Admission
 from sandstorm.actors.sandbox import SandboxActor, SandboxParams
-from sandstorm.config import WarmPoolClass
+from sandstorm.config import Config, WarmPoolClass
 from sandstorm.errors import AtCapacity, QuotaExceeded
-from sandstorm.ids import new_id
+from sandstorm.metrics import Metrics
 from sandstorm.runtimes.base import SandboxSpec
-from sandstorm.store import Quotas, Tenant
-
-if TYPE_CHECKING:
-    from sandstorm.actors.router import Router
+from sandstorm.store import Tenant
 
 log = logging.getLogger(__name__)
-# Not a valid tenant name (tenancy.TENANT_RE), so it can never be a caller's.
-POOL_TENANT = "(pool)"
 # A claim may lower the memory limit only this far above what the sandbox already holds.
 LOWER_HEADROOM_BYTES = 16 << 20
 # How often the fillers look again at memory and admission room while they cannot boot.
@@ -61,6 +57,30 @@ class LimitAdjuster(Protocol):
     """A runtime that can change a live sandbox's limits (gVisor: its host cgroup)."""
 
     def adjust_limits(self, old: SandboxSpec, new: SandboxSpec) -> None: ...
+
+
+class PoolOwner(Protocol):
+    """What the warm pool needs of the router it fills for."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    async def boot_pooled(
+        self, cls: WarmPoolClass, image: str, on_end: Callable[[SandboxActor], None]
+    ) -> SandboxActor:
+        """Admit (giving way to nothing), boot and supervise one unclaimed sandbox of ``cls``;
+        ``on_end`` is called once its actor has ended (boot failure included)."""
+        ...
+
+    def admit_tenant(self, tenant: Tenant | None, params: SandboxParams) -> None:
+        """Count a sandbox against its tenant's quota, or raise QuotaExceeded."""
+        ...
+
+    def release_tenant(self, params: SandboxParams) -> None: ...
+
+    def adopt(self, actor: SandboxActor, params: SandboxParams) -> None:
+        """Make a claimed sandbox the tenant's: its parameters, recorded, in the table."""
+        ...
 
 
 @dataclass
@@ -87,23 +107,21 @@ def mem_available(path: Path = MEMINFO) -> int | None:
 
 
 class WarmPool:
-    def __init__(self, router: Router) -> None:
-        self.router = router
-        self.config = router.config
-        self.classes = [_Class(c, router.config.image) for c in router.config.warm_pool]
-        # Every unclaimed pool actor until it has ended (ready, or evicted and going down).
-        self._actors: dict[str, SandboxActor] = {}
+    def __init__(
+        self, owner: PoolOwner, admission: Admission, config: Config, metrics: Metrics
+    ) -> None:
+        self.owner = owner
+        self.admission = admission
+        self.config = config
+        self.metrics = metrics
+        self.classes = [_Class(c, config.image) for c in config.warm_pool]
         # Claimed sandboxes whose class's refill is deferred (see refill_after).
         self._deferred: dict[str, _Class] = {}
         self._nursery: trio.Nursery | None = None
-        self.min_available = router.config.warm_pool_min_available
-        router.metrics.watch_pool(self.gauges)
+        self.min_available = config.warm_pool_min_available
+        metrics.watch_pool(self.gauges)
 
     # ------------------------------------------------------------------ observation
-
-    def ids(self) -> set[str]:
-        """Ids of every pool sandbox not yet ended (the reaper must leave them alone)."""
-        return set(self._actors)
 
     def gauges(self) -> Iterable[tuple[str, str, int]]:
         """(runtime, state, count) for the ``sandstorm_pool_sandboxes`` gauge."""
@@ -134,7 +152,7 @@ class WarmPool:
     def _wants(self, cls: _Class) -> bool:
         return (
             len(cls.ready) + cls.booting + cls.deferred < cls.config.size
-            and not self.router.draining
+            and not self.owner.draining
             and not self._memory_low(REFILL_MARGIN_BYTES)
         )
 
@@ -157,75 +175,29 @@ class WarmPool:
             except Exception as exc:
                 delay = FAILURE_BACKOFF_S[min(failures, len(FAILURE_BACKOFF_S) - 1)]
                 failures += 1
-                self.router.metrics.pool_event(cls.config.runtime, "failed")
+                self.metrics.pool_event(cls.config.runtime, "failed")
                 log.warning("warm pool: a sandbox failed to boot (%s); next try in %.0fs",
                             exc, delay)  # fmt: skip
                 await trio.sleep(delay)
 
     async def _boot(self, cls: _Class) -> None:
-        router = self.router
-        assert router._nursery is not None
-        c = cls.config
-        sandbox_id = new_id("sbx")
-        spec = SandboxSpec(
-            sandbox_id=sandbox_id,
-            rootfs=router.rootfs,
-            cpu_limit=c.cpu_limit,
-            memory_limit=c.memory_limit,
-            pids_limit=self.config.pids_limit,
-        )
-        params = SandboxParams(
-            sandbox_id=sandbox_id,
-            runtime_name=c.runtime,
-            isolation_level="standard",
-            selection="default",
-            spec=spec,
-            image=cls.image,
-            timeout_ms=30_000,
-            keep_alive_s=self.config.max_keep_alive_s,
-            tenant=POOL_TENANT,
-        )
-        runtime = router.registry.driver(c.runtime)
-        # Never at the expense of another pool sandbox, nor of a request (it would evict us).
-        router._admit(sandbox_id, runtime.host_memory(spec), evict=False)
-        actor = SandboxActor(
-            params,
-            runtime,
-            self.config,
-            router.catalog,
-            on_startup=lambda ms: router.registry.record_startup(c.runtime, ms),
-            metrics=router.metrics,
-            recorder=None,  # recorded only once claimed
-        )
-        self._actors[sandbox_id] = actor
         cls.booting += 1
         try:
-            await router._nursery.start(self._supervise, actor, cls)
-        except BaseException:
-            self._actors.pop(sandbox_id, None)
-            raise
+            actor = await self.owner.boot_pooled(
+                cls.config, cls.image, functools.partial(self._ended, cls)
+            )
         finally:
             cls.booting -= 1
         cls.ready.append(actor)
-        router.metrics.pool_event(c.runtime, "booted")
+        self.metrics.pool_event(cls.config.runtime, "booted")
 
-    async def _supervise(
-        self,
-        actor: SandboxActor,
-        cls: _Class,
-        *,
-        task_status: trio.TaskStatus[SandboxActor] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """The router's supervision (admission given back at the end), plus the pool's
-        bookkeeping when an unclaimed sandbox ends (evicted, failed, shutdown)."""
-        try:
-            await self.router._supervise(actor, None, task_status=task_status)
-        finally:
-            self._actors.pop(actor.id, None)
-            if actor in cls.ready:
-                cls.ready.remove(actor)
-            self._undefer(actor.id)
-            cls.wake.set()
+    def _ended(self, cls: _Class, actor: SandboxActor) -> None:
+        """The pool's bookkeeping when one of its sandboxes ends (claimed or not: evicted,
+        failed, at shutdown)."""
+        if actor in cls.ready:
+            cls.ready.remove(actor)
+        self._undefer(actor.id)
+        cls.wake.set()
 
     async def _watch_memory(self) -> None:
         while True:
@@ -245,49 +217,40 @@ class WarmPool:
         # Mounts are made at boot, and a pool sandbox has none.
         cls, actor = (None, None) if spec.mounts else self._take(params)
         if cls is None or actor is None:
-            self.router.metrics.pool_event(params.runtime_name, "miss")
+            self.metrics.pool_event(params.runtime_name, "miss")
             return None
-        router = self.router
-        claimed_spec = dataclasses.replace(spec, sandbox_id=actor.id)
-        claimed = dataclasses.replace(params, sandbox_id=actor.id, spec=claimed_spec)
+        claimed = params.with_id(actor.id)
         old = actor.params.spec
         adjust = (old.memory_limit, old.cpu_limit) != (spec.memory_limit, spec.cpu_limit)
-        if adjust and not self._can_adjust(actor, old, claimed_spec):
+        if adjust and not self._can_adjust(actor, old, claimed.spec):
             cls.ready.insert(0, actor)
-            router.metrics.pool_event(params.runtime_name, "miss")
+            self.metrics.pool_event(params.runtime_name, "miss")
             return None
         try:
-            router.quotas.admit_sandbox(
-                tenant or Tenant(name=params.tenant, quotas=Quotas()),
-                spec.memory_limit,
-                router.sandboxes.values(),
-            )
+            self.owner.admit_tenant(tenant, params)
         except QuotaExceeded:
             cls.ready.insert(0, actor)
-            router.metrics.refused("quota_exceeded", "sandbox")
             raise
         try:
-            router._resize(actor.id, actor.runtime.host_memory(claimed_spec))
+            self.admission.resize(actor.id, actor.runtime.host_memory(claimed.spec))
         except AtCapacity:
-            router.quotas.release_sandbox(params.tenant, spec.memory_limit)
+            self.owner.release_tenant(params)
             cls.ready.insert(0, actor)
             raise
         if adjust:
             try:
                 runtime = actor.runtime
                 assert isinstance(runtime, LimitAdjuster)
-                runtime.adjust_limits(old, claimed_spec)
+                runtime.adjust_limits(old, claimed.spec)
             except OSError as exc:
                 # The kernel refused: this sandbox's limits are in doubt, so it serves nobody.
                 log.warning("warm pool: could not set limits on claim (%s)", exc)
-                router.quotas.release_sandbox(params.tenant, spec.memory_limit)
+                self.owner.release_tenant(params)
                 self._discard(actor, "failed")  # (gives its whole reservation back)
                 return None
         # From here it is the tenant's: its parameters, its quota, the router's table.
-        self._actors.pop(actor.id, None)
-        actor.adopt(claimed, router.recorder)
-        router.sandboxes[actor.id] = actor
-        router.metrics.pool_event(params.runtime_name, "adjusted" if adjust else "claimed")
+        self.owner.adopt(actor, claimed)
+        self.metrics.pool_event(params.runtime_name, "adjusted" if adjust else "claimed")
         cls.deferred += 1
         self._deferred[actor.id] = cls
         assert self._nursery is not None
@@ -334,7 +297,7 @@ class WarmPool:
                 actor = cls.ready.pop(0)
                 if actor.state == "idle" and actor.alive:
                     return cls, actor
-                # Failed or going down: its supervision removes it from _actors.
+                # Failed or going down: out of the pool now, its supervision does the rest.
         return None, None
 
     def _can_adjust(self, actor: SandboxActor, old: SandboxSpec, new: SandboxSpec) -> bool:
@@ -350,13 +313,11 @@ class WarmPool:
         return new.memory_limit >= held + LOWER_HEADROOM_BYTES
 
     def evict_for(self, count: int, memory: int) -> None:
-        """Destroy idle pool sandboxes until the router has room for ``count`` more sandboxes
+        """Destroy idle pool sandboxes until admission has room for ``count`` more sandboxes
         and ``memory`` more bytes, if destroying them all would give that room; their
         admission is given back at once (their teardown goes on in the background)."""
-        router = self.router
         victims = self._victims()
-        over_count = len(router._reservations) + count - self.config.max_sandboxes
-        over_memory = router._reserved_memory + memory - self.config.memory_budget
+        over_count, over_memory = self.admission.shortfall(count, memory)
         if over_count > len(victims) or over_memory > sum(_memory(a) for a in victims):
             return
         chosen: list[SandboxActor] = []
@@ -382,8 +343,8 @@ class WarmPool:
         for cls in self.classes:
             if actor in cls.ready:
                 cls.ready.remove(actor)
-        self.router._release(actor.id)
-        self.router.metrics.pool_event(actor.params.runtime_name, event)
+        self.admission.release(actor.id)
+        self.metrics.pool_event(actor.params.runtime_name, event)
         assert self._nursery is not None
         self._nursery.start_soon(self._destroy, actor)
 

@@ -6,10 +6,11 @@ transaction, then waits for more. Pending updates are keyed by id, so a sandbox 
 state ten times while a write is in flight costs one row: the backlog is bounded by the number of
 sandboxes and execs alive at once, which admission control bounds.
 
-Records that a response depends on (a create's sandbox and first exec) are written by the router
-directly, before it answers; the recorder is for what happens afterwards, audit records included
-(written in the batch after the answer, not before it: a round trip to the store's thread less on
-every mutating call).
+Records that a response depends on are written before it is answered: a create's sandbox by the
+router, a started exec by its actor (``exec_started``, unless the actor's progress record holds
+it already). The batches are for what happens afterwards, audit records included (written in the
+batch after the answer, not before it: a round trip to the store's thread less on every mutating
+call).
 """
 
 from __future__ import annotations
@@ -65,6 +66,15 @@ class Recorder:
             result=result,
         )
         self._kick()
+
+    async def exec_started(
+        self, sandbox_id: str, tenant: str, exec_id: str, started_at: str
+    ) -> None:
+        """Write a started exec's row now (a finished one already there is left as it is)."""
+        row = ExecRecordRow(
+            id=exec_id, sandbox_id=sandbox_id, tenant=tenant, state="running", started_at=started_at
+        )
+        await self.store.call(Store.put_exec, row)
 
     async def audit(self, record: AuditRecord) -> None:
         """Queue an audit record for the next batch; waits only while the backlog is full."""

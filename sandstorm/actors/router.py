@@ -1,60 +1,48 @@
-"""The router actor: applies the selection rules and admission control, spawns sandbox actors,
-and keeps the table of sandboxes (live ones, and a bounded history of ended ones).
+"""The router actor: the table of sandboxes (live ones, and a bounded history of ended ones) and
+the entry points of every request that creates a sandbox or an exec.
 
-Admission is decided synchronously (no checkpoint between the check and the reservation), so
-concurrent creates can never overshoot ``max_sandboxes`` or the memory budget.
+A request is planned first (``planning``: checks, runtime choice, parameters), then admitted
+(``admission`` for the gateway, ``quotas`` for its tenant), then its sandbox actor is spawned
+under the router's nursery and supervised until it ends, when what it reserved is given back.
+The warm pool (``pool``) boots its sandboxes through the same supervision.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from sandstorm.actors.execs import ExecRecord
-from sandstorm.actors.pool import POOL_TENANT, WarmPool
+from sandstorm.actors.admission import Admission
+from sandstorm.actors.planning import Planner
+from sandstorm.actors.pool import WarmPool
 from sandstorm.actors.quotas import TenantLedger
 from sandstorm.actors.recorder import Recorder
-from sandstorm.actors.sandbox import ExecPlan, Recovered, SandboxActor, SandboxParams
-from sandstorm.actors.tenancy import DEFAULT_TENANT
-from sandstorm.agent import MAX_GATEWAY_FRAME
-from sandstorm.api.selection import NoRuntime, Selected
-from sandstorm.api.types import (
-    JSON_ENCODER,
-    ExecRequest,
-    IsolationLevel,
-    Mount,
-    RunRequest,
-    RuntimeName,
+from sandstorm.actors.sandbox import (
+    ExecPlan,
+    Recovered,
+    SandboxActor,
+    SandboxParams,
+    StoredParams,
+    load_recovered,
 )
-from sandstorm.api.validation import (
-    INLINE_CODE_LIMIT,
-    check_exec,
-    check_run,
-    code_argv,
-    resolve_mount,
-)
-from sandstorm.config import Config
-from sandstorm.errors import (
-    AtCapacity,
-    InvalidRequest,
-    NotFound,
-    QuotaExceeded,
-    RuntimeUnavailable,
-)
-from sandstorm.ids import is_id, new_id
+from sandstorm.actors.tenancy import DEFAULT_TENANT, POOL_TENANT
+from sandstorm.api.types import ExecRequest, RunRequest
+from sandstorm.api.validation import check_exec
+from sandstorm.config import Config, WarmPoolClass
+from sandstorm.errors import AtCapacity, InvalidRequest, NotFound, QuotaExceeded
+from sandstorm.ids import is_id
 from sandstorm.metrics import Metrics
-from sandstorm.runtimes.base import MountSpec, SandboxSpec
+from sandstorm.runtimes.base import SandboxRuntime
 from sandstorm.runtimes.registry import RuntimeRegistry
-from sandstorm.store import AsyncStore, ExecRecordRow, Quotas, SandboxRecord, Store, Tenant
-from sandstorm.store.snapshots import SnapshotCatalog, SnapshotCorrupt, SnapshotMeta
+from sandstorm.store import AsyncStore, Quotas, SandboxRecord, Store, Tenant
+from sandstorm.store.snapshots import SnapshotCatalog, SnapshotCorrupt
 
 log = logging.getLogger(__name__)
 # Ended sandboxes stay answerable (status, results, a late stream's replay) until one of these
@@ -62,14 +50,6 @@ log = logging.getLogger(__name__)
 MAX_ENDED = 10_000
 ENDED_RETAINED_BYTES = 256 * 1024 * 1024
 ENDED_RETENTION_S = 3600.0
-BASE_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME": "/workspace",
-    "LANG": "C.UTF-8",
-    "USER": "sandbox",
-    # Output should stream as it is written; Python block-buffers a pipe unless told otherwise.
-    "PYTHONUNBUFFERED": "1",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,28 +72,27 @@ class Router:
         recorder: Recorder | None = None,
     ) -> None:
         self.config = config
-        # Durable records (None in tests of the actors alone): a create's sandbox and first
-        # exec are written before it is answered, later changes through the recorder.
+        # Durable records (None in tests of the actors alone): a create's sandbox is written
+        # before it is answered (its first exec by its actor), later changes through the
+        # recorder.
         self.store = store
         self.recorder = recorder
         self.quotas = TenantLedger()
         self.metrics = metrics or Metrics(process=False)
+        self.admission = Admission(config, self.metrics)
+        self.planner = Planner(config, rootfs, languages, self.metrics, registry.select)
         # Set by the gateway's drain (SIGTERM): new sandboxes and execs are refused.
         self.draining = False
         self.registry = registry
         self.catalog = catalog
-        self.rootfs = rootfs
-        self.languages = languages
         self.sandboxes: OrderedDict[str, SandboxActor] = OrderedDict()
-        # Admission: what each admitted sandbox (pool ones included) reserved, by id.
-        self._reservations: dict[str, int] = {}
-        self._reserved_memory = 0
         # The warm pool (None: every create boots a sandbox); see start_pool().
         self.pool: WarmPool | None = None
         self._nursery: trio.Nursery | None = None
         self.open_streams = 0
-        # Ids whose actor is booting: not in the table yet, but the reaper must not touch them.
-        self._booting: set[str] = set()
+        # Ids of every actor under supervision, booting ones (not in the table yet) and the
+        # warm pool's included: the reaper must not touch them.
+        self._supervised: set[str] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[Router] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery every sandbox actor lives in. Cancelling it ends them all: each actor
@@ -137,15 +116,16 @@ class Router:
 
     def live_ids(self) -> set[str]:
         live = {sid for sid, a in self.sandboxes.items() if a.alive or not a.finished.is_set()}
-        pooled = self.pool.ids() if self.pool is not None else set()
-        return live | self._booting | pooled
+        return live | self._supervised
 
     async def start_pool(self) -> None:
         """Start filling the warm pool (after take-over and the first reap, so that adopted
         sandboxes are counted first)."""
         assert self._nursery is not None, "router not running"
         if self.config.warm_pool and any(c.size for c in self.config.warm_pool):
-            self.pool = await self._nursery.start(WarmPool(self).run)
+            pool = WarmPool(self, self.admission, self.config, self.metrics)
+            self.pool = await self._nursery.start(pool.run)
+            self.admission.make_room = pool.evict_for
 
     # ------------------------------------------------------------------ drain (SIGTERM)
 
@@ -186,119 +166,33 @@ class Router:
 
     # ------------------------------------------------------------------ create / resume
 
-    def _admit(self, sandbox_id: str, memory: int, *, evict: bool = True) -> None:
-        """Reserve room for one sandbox, or raise AtCapacity. Idle warm pool sandboxes give
-        way (``evict``): they are destroyed to make the room when that is enough."""
-        if evict and self.pool is not None and not self._room_for(1, memory):
-            self.pool.evict_for(1, memory)
-        if len(self._reservations) >= self.config.max_sandboxes:
-            self.metrics.refused("at_capacity", "sandbox")
-            raise AtCapacity(
-                f"the gateway already runs {len(self._reservations)} sandboxes (max_sandboxes)",
-                retry_after=1,
-            )
-        if self._reserved_memory + memory > self.config.memory_budget:
-            self.metrics.refused("at_capacity", "sandbox")
-            raise AtCapacity(
-                "the gateway's memory budget is fully reserved", retry_after=1,
-                reserved=self._reserved_memory, budget=self.config.memory_budget,
-            )  # fmt: skip
-        self._reservations[sandbox_id] = memory
-        self._reserved_memory += memory
-
-    def _room_for(self, count: int, memory: int) -> bool:
-        return (
-            len(self._reservations) + count <= self.config.max_sandboxes
-            and self._reserved_memory + memory <= self.config.memory_budget
-        )
-
-    def _resize(self, sandbox_id: str, memory: int) -> None:
-        """Change an admitted sandbox's reservation (a pool sandbox claimed with another
-        memory limit); AtCapacity when the budget cannot take the difference."""
-        delta = memory - self._reservations[sandbox_id]
-        if delta > 0 and self._reserved_memory + delta > self.config.memory_budget:
-            if self.pool is not None:
-                self.pool.evict_for(0, delta)
-            if self._reserved_memory + delta > self.config.memory_budget:
-                self.metrics.refused("at_capacity", "sandbox")
-                raise AtCapacity(
-                    "the gateway's memory budget is fully reserved", retry_after=1,
-                    reserved=self._reserved_memory, budget=self.config.memory_budget,
-                )  # fmt: skip
-        self._reservations[sandbox_id] = memory
-        self._reserved_memory += delta
-
-    def _release(self, sandbox_id: str) -> None:
-        """Give a sandbox's reservation back (idempotent: an evicted pool sandbox gave it back
-        when it was evicted, before its teardown ended)."""
-        self._reserved_memory -= self._reservations.pop(sandbox_id, 0)
-
-    def _choose(self, level: IsolationLevel, preference: RuntimeName | None) -> Selected:
-        choice = self.registry.select(level, preference)
-        if isinstance(choice, NoRuntime):
-            self.metrics.refused("runtime_unavailable", "sandbox")
-            raise RuntimeUnavailable(
-                f"no available runtime supports isolation level {level!r}",
-                isolation_level=level,
-                candidates=dict(choice.candidates),
-            )
-        return choice
-
     async def create(self, req: RunRequest, tenant: Tenant | None = None) -> Created:
         with self.quotas.exec_slot(tenant, self.sandboxes.values()):
             return await self._create(req, tenant)
 
     async def _create(self, req: RunRequest, tenant: Tenant | None) -> Created:
-        mounts = check_run(req, self.config)
-        choice = self._choose(req.isolation_level, req.runtime_preference)
-        plan = self.plan(req, req.timeout)
-        sandbox_id = new_id("sbx")
-        spec = SandboxSpec(
-            sandbox_id=sandbox_id,
-            rootfs=self.rootfs,
-            cpu_limit=req.cpu_limit,
-            memory_limit=req.memory_limit,
-            pids_limit=self.config.pids_limit,
-            mounts=mounts,
-        )
-        params = SandboxParams(
-            sandbox_id=sandbox_id,
-            runtime_name=choice.runtime,
-            isolation_level=req.isolation_level,
-            selection=choice.reason,
-            spec=spec,
-            image=self.config.image,
-            timeout_ms=req.timeout,
-            keep_alive_s=req.keep_alive,
-            tenant=tenant.name if tenant is not None else DEFAULT_TENANT,
-        )
-        public = _public_params(req)
+        planned = self.planner.run(req, tenant.name if tenant is not None else DEFAULT_TENANT)
         self.refuse_if_draining("sandbox")
-        claimed = self.pool.claim(params, tenant) if self.pool is not None else None
-        if claimed is not None:
-            actor = claimed
-            try:
-                # Recorded only now that it is the tenant's (an unclaimed one has no record).
-                await self._record_sandbox(actor.params, public)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await actor.destroy()
-                raise
-        else:
-            actor = await self._spawn(params, None, tenant, public)
+        claimed = self.pool.claim(planned.params, tenant) if self.pool is not None else None
+        if claimed is None:
+            # A create that fails after boot (a file that cannot be written) leaves nothing:
+            # the actor tears its sandbox down before it raises.
+            actor = await self._spawn(
+                planned.params, None, tenant, planned.stored, first_exec=planned.first_exec
+            )
+            assert actor.first_exec is not None
+            return Created(actor, actor.first_exec.exec_id)
         try:
-            record = await actor.exec(plan)
-            if claimed is not None and self.pool is not None:
-                self.pool.refill_after(actor, record.done)
-            await self._record_exec(actor, record)
+            # Recorded only now that it is the tenant's (an unclaimed one has no record).
+            await self._record_sandbox(claimed.params, planned.stored)
         except BaseException:
-            # A create that fails after boot (a file that cannot be written) leaves nothing.
             with trio.CancelScope(shield=True):
-                await actor.destroy()
+                await claimed.destroy()
             raise
-        finally:
-            actor.release_hold()
-        return Created(actor, record.exec_id)
+        tracker = await claimed.start_first_exec(planned.first_exec)
+        if self.pool is not None:
+            self.pool.refill_after(claimed, tracker.done)
+        return Created(claimed, tracker.exec_id)
 
     async def resume(
         self, snapshot_id: str, keep_alive: int, tenant: Tenant | None = None
@@ -314,196 +208,116 @@ class Router:
             await self.catalog.verify(meta)
         except SnapshotCorrupt as exc:
             raise InvalidRequest(str(exc), field="snapshot_id") from None
-        mounts = self._snapshot_mounts(meta)
-        sandbox_id = new_id("sbx")
-        spec = SandboxSpec(
-            sandbox_id=sandbox_id,
-            rootfs=self.rootfs,
-            cpu_limit=meta.cpu_limit,
-            memory_limit=meta.memory_limit,
-            pids_limit=meta.pids_limit,
-            mounts=mounts,
-        )
-        params = SandboxParams(
-            sandbox_id=sandbox_id,
-            runtime_name=meta.info.runtime,
-            isolation_level=meta.isolation_level,
-            selection="preference",
-            spec=spec,
-            image=meta.image,
-            timeout_ms=meta.timeout,
-            keep_alive_s=keep_alive,
-            restored_from=snapshot_id,
-            first_channel=meta.next_channel,
-            tenant=tenant_name,
-        )
-        public = {
-            "isolation_level": meta.isolation_level,
-            "cpu_limit": meta.cpu_limit,
-            "memory_limit": meta.memory_limit,
-            "timeout": meta.timeout,
-            "keep_alive": keep_alive,
-            "restored_from": snapshot_id,
-            "mounts": [
-                {"source": str(m.source), "destination": m.destination, "read_only": m.read_only}
-                for m in mounts
-            ],
-        }
-        actor = await self._spawn(params, self.catalog.path(snapshot_id), tenant, public)
+        params, stored = self.planner.resume(meta, keep_alive, tenant_name)
+        actor = await self._spawn(params, self.catalog.path(snapshot_id), tenant, stored)
         actor.release_hold()
         return actor
 
     async def take_over(self, record: SandboxRecord) -> SandboxActor:
         """Adopt a sandbox a previous gateway left running (crash or ``on_shutdown = "keep"``):
-        its actor is rebuilt from the stored record and checkpoint, and reattaches to the
+        its actor is rebuilt from the stored record and progress record, and reattaches to the
         runtime. Raises if the sandbox cannot be taken over (the caller marks it failed)."""
         assert self._nursery is not None, "router not running"
-        p = record.params
-        mounts: list[MountSpec] = []
-        for m in p.get("mounts") or []:
-            # Already checked when it was created; kept as it was even if the allow-list changed
-            # since (the sandbox has it mounted either way).
-            mounts.append(
-                MountSpec(
-                    source=Path(m["source"]), destination=m["destination"], read_only=m["read_only"]
-                )
-            )
-        spec = SandboxSpec(
-            sandbox_id=record.id,
-            rootfs=self.rootfs,
-            cpu_limit=float(p["cpu_limit"]),
-            memory_limit=int(p["memory_limit"]),
-            pids_limit=self.config.pids_limit,
-            mounts=tuple(mounts),
-        )
-        params = SandboxParams(
-            sandbox_id=record.id,
-            runtime_name=record.runtime,  # type: ignore[arg-type]
-            isolation_level=p["isolation_level"],
-            selection=p.get("selection", "preference"),
-            spec=spec,
-            image=p.get("image", self.config.image),
-            timeout_ms=int(p["timeout"]),
-            keep_alive_s=int(p["keep_alive"]),
-            restored_from=p.get("restored_from"),
-            tenant=record.tenant,
-        )
+        params = self.planner.taken_over(record)
         runtime = self.registry.driver(params.runtime_name)
-        execs = await self.store.call(Store.list_execs, record.id) if self.store is not None else []
-        output: dict[str, tuple[bytes, bytes]] = {}
-        if self.store is not None:
-            for row in execs:
-                if row.state == "running":
-                    output[row.id] = await self.store.call(Store.exec_output, row.id)
-        memory = spec.memory_limit
+        recovered = await load_recovered(self.store, record)
         # Admission as for a new sandbox, minus the refusals: it exists and must be counted.
-        host = runtime.host_memory(spec)
-        self._reservations[record.id] = host
-        self._reserved_memory += host
-        self.quotas.take_over(params.tenant, memory)
-        actor = SandboxActor(
-            params,
-            runtime,
-            self.config,
-            self.catalog,
-            metrics=self.metrics,
-            recorder=self.recorder,
+        self.admission.take_over(record.id, runtime.host_memory(params.spec))
+        self.quotas.take_over(params.tenant, params.spec.memory_limit)
+        actor = self._actor(params, runtime, self.recorder)
+        await self._nursery.start(
+            functools.partial(self._supervise, actor, None, recovered=recovered)
         )
-        self._booting.add(actor.id)
-        try:
-            await self._nursery.start(
-                functools.partial(
-                    self._supervise, actor, None, recovered=Recovered(record, execs, output)
-                )
-            )
-        finally:
-            self._booting.discard(actor.id)
         self.sandboxes[actor.id] = actor
         return actor
-
-    def _snapshot_mounts(self, meta: SnapshotMeta) -> tuple[MountSpec, ...]:
-        # The allow-list may have changed since the snapshot: check the mounts again.
-        return tuple(
-            resolve_mount(
-                Mount(source=m.source, destination=m.destination, read_only=m.read_only),
-                i,
-                self.config,
-            )
-            for i, m in enumerate(meta.mounts)
-        )
 
     async def _spawn(
         self,
         params: SandboxParams,
         restore_image: Path | None,
-        tenant: Tenant | None = None,
-        public: dict[str, Any] | None = None,
+        tenant: Tenant | None,
+        stored: StoredParams,
+        *,
+        first_exec: ExecPlan | None = None,
     ) -> SandboxActor:
         assert self._nursery is not None, "router not running"
         runtime = self.registry.driver(params.runtime_name)
-        memory = params.spec.memory_limit
         self.refuse_if_draining("sandbox")
-        try:
-            self.quotas.admit_sandbox(
-                tenant or Tenant(name=params.tenant, quotas=Quotas()),
-                memory,
-                self.sandboxes.values(),
-            )
-        except QuotaExceeded:
-            self.metrics.refused("quota_exceeded", "sandbox")
-            raise
+        self.admit_tenant(tenant, params)
         try:
             # The host's side counts what the runtime adds (a VMM's own memory); the tenant's
             # quota counts what the tenant asked for.
-            self._admit(params.sandbox_id, runtime.host_memory(params.spec))
+            self.admission.admit(params.sandbox_id, runtime.host_memory(params.spec))
         except BaseException:
-            self.quotas.release_sandbox(params.tenant, memory)
+            self.release_tenant(params)
             raise
         try:
-            await self._record_sandbox(params, public or {})
+            await self._record_sandbox(params, stored)
         except BaseException:
-            self._release(params.sandbox_id)
-            self.quotas.release_sandbox(params.tenant, memory)
+            self.admission.release(params.sandbox_id)
+            self.release_tenant(params)
             raise
-        actor = SandboxActor(
+        actor = self._actor(params, runtime, self.recorder)
+        # _supervise gives the admission back whenever the actor ends, boot failure included.
+        try:
+            await self._nursery.start(
+                functools.partial(
+                    self._supervise, actor, restore_image, first_exec=first_exec, count_boot=True
+                )
+            )
+        except BaseException:
+            if actor.booted:  # and torn down again: its history is kept like any other's
+                self.sandboxes[actor.id] = actor
+                self._trim_history()
+            raise
+        self.sandboxes[actor.id] = actor
+        self._trim_history()
+        return actor
+
+    def _actor(
+        self, params: SandboxParams, runtime: SandboxRuntime, recorder: Recorder | None
+    ) -> SandboxActor:
+        return SandboxActor(
             params,
             runtime,
             self.config,
             self.catalog,
             on_startup=lambda ms: self.registry.record_startup(params.runtime_name, ms),
             metrics=self.metrics,
-            recorder=self.recorder,
+            recorder=recorder,
         )
-        # _supervise gives the admission back whenever the actor ends, boot failure included.
-        self._booting.add(actor.id)
-        source = "image" if restore_image is None else "snapshot"
-        try:
-            with self.metrics.creating(params.runtime_name, source):
-                await self._nursery.start(self._supervise, actor, restore_image)
-        finally:
-            self._booting.discard(actor.id)
-        self.sandboxes[actor.id] = actor
-        self._trim_history()
-        return actor
 
     async def _supervise(
         self,
         actor: SandboxActor,
         restore_image: Path | None,
         *,
+        first_exec: ExecPlan | None = None,
         recovered: Recovered | None = None,
+        count_boot: bool = False,
+        on_end: Callable[[SandboxActor], None] | None = None,
         task_status: trio.TaskStatus[SandboxActor] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        self._supervised.add(actor.id)
         try:
-            await actor.run(restore_image, recovered=recovered, task_status=task_status)
+            await actor.run(
+                restore_image,
+                first_exec=first_exec,
+                recovered=recovered,
+                count_boot=count_boot,
+                task_status=task_status,
+            )
         finally:
-            self._release(actor.id)
+            self._supervised.discard(actor.id)
+            self.admission.release(actor.id)
             # Read at the end: a claimed pool sandbox's parameters are its claimer's.
             if actor.params.tenant != POOL_TENANT:  # never counted against a tenant
-                self.quotas.release_sandbox(actor.params.tenant, actor.params.spec.memory_limit)
+                self.release_tenant(actor.params)
                 if not actor.alive:  # (a detached actor has not ended: its sandbox runs on)
                     self.metrics.sandbox_ended(actor.state, actor.params.runtime_name)
             self._trim_history()
+            if on_end is not None:
+                on_end(actor)
 
     def _trim_history(self) -> None:
         """Evict ended sandboxes, oldest first, beyond the count, byte and age bounds."""
@@ -519,50 +333,39 @@ class Router:
             retained -= actor.retained_bytes()
             del self.sandboxes[actor.id]
 
-    # ------------------------------------------------------------------ execs
+    # ------------------------------------------------------------------ for the warm pool
 
-    def plan(
-        self, req: RunRequest | ExecRequest, timeout_ms: int, *, interactive: bool = False
-    ) -> ExecPlan:
-        env = dict(BASE_ENV)
-        env.update(req.environment)
-        files = {path: content.encode() for path, content in getattr(req, "files", {}).items()}
-        if req.code is not None:
-            assert req.language is not None
-            if req.language not in self.languages:
-                raise InvalidRequest(
-                    f"language {req.language} is not in the image", field="language"
-                )
-            if len(req.code.encode()) <= INLINE_CODE_LIMIT:
-                argv = code_argv(req.language, req.code, is_file=False)
-            else:
-                path = f"/tmp/.sandstorm-code-{os.urandom(6).hex()}"
-                files[path] = req.code.encode()
-                argv = code_argv(req.language, path, is_file=True)
-        else:
-            assert req.command is not None
-            argv = list(req.command)
-        cwd = getattr(req, "cwd", None) or "/workspace"
-        # argv, environment and cwd travel in one agent frame, JSON-encoded (escaping can grow
-        # them): refuse what cannot fit rather than fail after the sandbox exists.
-        size = len(JSON_ENCODER.encode({"argv": argv, "env": env, "cwd": cwd}))
-        if size > MAX_GATEWAY_FRAME - 1024:
-            field = "command" if req.command is not None else "environment"
-            raise InvalidRequest(
-                f"command, environment and cwd take {size} bytes encoded; the limit is "
-                f"{MAX_GATEWAY_FRAME - 1024}",
-                field=field,
+    async def boot_pooled(
+        self, cls: WarmPoolClass, image: str, on_end: Callable[[SandboxActor], None]
+    ) -> SandboxActor:
+        assert self._nursery is not None, "router not running"
+        params = self.planner.pooled(cls, image)
+        runtime = self.registry.driver(params.runtime_name)
+        # Never at the expense of another pool sandbox, nor of a request (it would evict us).
+        self.admission.admit(params.sandbox_id, runtime.host_memory(params.spec), evict=False)
+        actor = self._actor(params, runtime, None)  # recorded only once claimed
+        await self._nursery.start(functools.partial(self._supervise, actor, None, on_end=on_end))
+        return actor
+
+    def admit_tenant(self, tenant: Tenant | None, params: SandboxParams) -> None:
+        try:
+            self.quotas.admit_sandbox(
+                tenant or Tenant(name=params.tenant, quotas=Quotas()),
+                params.spec.memory_limit,
+                self.sandboxes.values(),
             )
-        stdin = req.stdin.encode() if req.stdin is not None else None
-        return ExecPlan(
-            argv=argv,
-            env=env,
-            cwd=cwd,
-            timeout_ms=timeout_ms,
-            files=files,
-            stdin=stdin,
-            close_stdin=not (interactive or req.stdin_open),
-        )
+        except QuotaExceeded:
+            self.metrics.refused("quota_exceeded", "sandbox")
+            raise
+
+    def release_tenant(self, params: SandboxParams) -> None:
+        self.quotas.release_sandbox(params.tenant, params.spec.memory_limit)
+
+    def adopt(self, actor: SandboxActor, params: SandboxParams) -> None:
+        actor.adopt(params, self.recorder)
+        self.sandboxes[actor.id] = actor
+
+    # ------------------------------------------------------------------ execs
 
     async def exec(
         self,
@@ -575,20 +378,21 @@ class Router:
         """Start an exec. ``interactive`` keeps its stdin open (stream clients feed it)."""
         actor = self.get(sandbox_id, tenant.name if tenant is not None else None)
         self.refuse_if_draining("exec")
-        check_exec(req, self.config)
-        plan = self.plan(req, req.timeout or actor.params.timeout_ms, interactive=interactive)
+        check_exec(req, max_timeout_ms=self.config.max_timeout_ms)
+        plan = self.planner.exec(
+            req, req.timeout or actor.params.timeout_ms, interactive=interactive
+        )
         try:
             with self.quotas.exec_slot(tenant, self.sandboxes.values()):
-                record = await actor.exec(plan)
+                tracker = await actor.exec(plan)
         except QuotaExceeded:
             self.metrics.refused("quota_exceeded", "exec")
             raise
-        await self._record_exec(actor, record)
-        return actor, record.exec_id
+        return actor, tracker.exec_id
 
     # ------------------------------------------------------------------ durable records
 
-    async def _record_sandbox(self, params: SandboxParams, public: dict[str, Any]) -> None:
+    async def _record_sandbox(self, params: SandboxParams, stored: StoredParams) -> None:
         if self.store is None:
             return
         record = SandboxRecord(
@@ -596,39 +400,7 @@ class Router:
             tenant=params.tenant,
             runtime=params.runtime_name,
             state="creating",
-            params={**public, "selection": params.selection, "image": params.image},
+            params=stored.to_record(),
             created_at=time.time(),
         )
         await self.store.call(Store.put_sandbox, record)
-
-    async def _record_exec(self, actor: SandboxActor, record: ExecRecord) -> None:
-        if self.store is None or actor.exec_recorded(record):
-            return  # (written by the checkpoint before the agent heard of it: one trip less)
-        row = ExecRecordRow(
-            id=record.exec_id,
-            sandbox_id=actor.id,
-            tenant=actor.params.tenant,
-            state="running",
-            started_at=record.started_at,
-        )
-        await self.store.call(Store.put_exec, row)
-
-
-def _public_params(req: RunRequest) -> dict[str, Any]:
-    """What the store keeps of a run request: limits and choices, never environment values,
-    code, stdin, command arguments or file contents (only the names)."""
-    return {
-        "isolation_level": req.isolation_level,
-        "runtime_preference": req.runtime_preference,
-        "language": req.language,
-        "cpu_limit": req.cpu_limit,
-        "memory_limit": req.memory_limit,
-        "timeout": req.timeout,
-        "keep_alive": req.keep_alive,
-        "environment_names": sorted(req.environment),
-        "files": sorted(req.files),
-        "mounts": [
-            {"source": m.source, "destination": m.destination, "read_only": m.read_only}
-            for m in req.mounts
-        ],
-    }

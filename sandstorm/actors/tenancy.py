@@ -23,6 +23,9 @@ from sandstorm.store import AsyncStore, Quotas, Store, Tenant, key_hash
 
 KEY_PREFIX = "sst_"
 DEFAULT_TENANT = "default"
+# Owns the warm pool's sandboxes until a request claims one. Not a valid tenant name
+# (TENANT_RE), so it can never be a caller's.
+POOL_TENANT = "(pool)"
 SUBPROTOCOL_PREFIX = "bearer."
 TENANT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # A key as issued: the prefix and token_urlsafe(32). Anything else is refused unhashed.

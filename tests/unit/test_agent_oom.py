@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from sandstorm.actors.execs import ExecRecord, OutputBuffer
+from sandstorm.actors.execs import ExecTracker, OutputBuffer
 from sandstorm.agent import ExitInfo
 from sandstorm.api.types import MIB
 from sandstorm.runtimes.cgroups import V1_ALL, Limits, SandboxCgroups
@@ -73,17 +73,17 @@ async def test_plain_sigkill_is_not_oom(tmp_path: Path) -> None:
             assert not result.exit.oom_killed
 
 
-def _record() -> ExecRecord:
-    return ExecRecord("exe_x", 1, ["x"], 10.0, OutputBuffer(1024), OutputBuffer(1024))
+def _tracker() -> ExecTracker:
+    return ExecTracker("exe_x", 1, ["x"], 10.0, OutputBuffer(1024), OutputBuffer(1024))
 
 
 def test_verdict_follows_oom_killed() -> None:
     oom = ExitInfo(exit_code=None, signal=9, oom_killed=True)
-    assert _record().finish(oom).verdict == "oom"
-    assert _record().finish(ExitInfo(exit_code=None, signal=9)).verdict == "killed"
+    assert _tracker().finish(oom).verdict == "oom"
+    assert _tracker().finish(ExitInfo(exit_code=None, signal=9)).verdict == "killed"
     # An older agent sends no oom_killed at all.
     assert ExitInfo(exit_code=0, signal=None).oom_killed is False
     # The gateway's own decision (a timeout, its own SIGKILL) comes first.
-    rec = _record()
-    rec.kill_verdict = "timeout"
-    assert rec.finish(oom).verdict == "timeout"
+    tracker = _tracker()
+    tracker.kill_verdict = "timeout"
+    assert tracker.finish(oom).verdict == "timeout"

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from sandstorm.actors.router import BASE_ENV
+from sandstorm.actors.planning import BASE_ENV
 from sandstorm.agent import (
     AGENT_TO_GATEWAY,
     GATEWAY_TO_AGENT,

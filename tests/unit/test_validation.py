@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from sandstorm.actors.planning import check_run, resolve_mount
 from sandstorm.api.decoding import decode_json
 from sandstorm.api.types import MIB, ExecRequest, Mount, RunRequest
 from sandstorm.api.validation import (
@@ -20,10 +21,8 @@ from sandstorm.api.validation import (
     check_code_or_command,
     check_environment,
     check_exec,
-    check_run,
     check_sandbox_path,
     code_argv,
-    resolve_mount,
 )
 from sandstorm.config import Config, load_config
 from sandstorm.errors import InvalidRequest, MountNotAllowed
@@ -489,8 +488,11 @@ def test_check_run_limits_are_inclusive(config: Config, tmp_path: Path) -> None:
 
 
 def test_check_exec(config: Config) -> None:
-    check_exec(ExecRequest(command=["ls"], cwd="/"), config)
-    check_exec(ExecRequest(command=["ls"], timeout=config.max_timeout_ms), config)
+    check_exec(ExecRequest(command=["ls"], cwd="/"), max_timeout_ms=config.max_timeout_ms)
+    check_exec(
+        ExecRequest(command=["ls"], timeout=config.max_timeout_ms),
+        max_timeout_ms=config.max_timeout_ms,
+    )
     for req, field in [
         (ExecRequest(command=["ls"], cwd="tmp"), "cwd"),
         (ExecRequest(command=["ls"], cwd="/proc/1"), "cwd"),
@@ -499,7 +501,7 @@ def test_check_exec(config: Config) -> None:
         (ExecRequest(), "code"),
     ]:
         with pytest.raises(InvalidRequest) as info:
-            check_exec(req, config)
+            check_exec(req, max_timeout_ms=config.max_timeout_ms)
         assert info.value.field == field, req
 
 
