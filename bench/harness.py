@@ -21,7 +21,7 @@ import trio
 
 from sandstorm.agent import HEADER, FrameKind, agent_command
 from sandstorm.config import Config, load_config
-from sandstorm.images.builder import image_rootfs, load_manifest
+from sandstorm.images import image_rootfs, load_manifest
 from sandstorm.main import serve
 from sandstorm.runtimes.base import HOST_ENV, SandboxSpec
 from sandstorm.runtimes.cgroups import V1_ALL, SandboxCgroups

@@ -21,7 +21,7 @@ import trio
 
 from sandstorm.api.types import RuntimeName
 from sandstorm.config import Config, load_config
-from sandstorm.images.builder import load_manifest
+from sandstorm.images import load_manifest
 from sandstorm.images.vm import load_vm_manifest
 from sandstorm.main import serve
 from sandstorm.runtimes.cgroups import V1_ALL, SandboxCgroups

@@ -13,7 +13,7 @@ import trio
 from sandstorm.cli import admin as cli_admin
 from sandstorm.cli import client as cli_client
 from sandstorm.config import DEFAULT_DATA_DIR, ConfigError, load_config
-from sandstorm.images.builder import ImageError
+from sandstorm.images import ImageError
 from sandstorm.logs import configure as configure_logs
 from sandstorm.native import NativeBuildError
 

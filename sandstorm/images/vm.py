@@ -40,18 +40,16 @@ from typing import Final
 import msgspec
 import trio
 
-from sandstorm.images.builder import (
+from sandstorm.images.manifest import (
     DEFAULT_IMAGE,
     ImageBuildError,
     ImageError,
-    _build_lock,
-    _remove_tree_or_warn,
-    _tree_size,
     image_dir,
     image_rootfs,
     images_root,
     load_manifest,
 )
+from sandstorm.images.staging import build_lock, remove_tree_or_warn, tree_size
 
 VM_DIR: Final = "vm"
 VM_MANIFEST: Final = "vm.json"
@@ -131,12 +129,12 @@ async def build_vm_image(
     ):
         if shutil.which(tool, path=_ENV["PATH"]) is None:
             raise ImageBuildError(f"{tool} not found (apt-get install {package})")
-    async with _build_lock(images_root(data_dir) / ".lock", log):
+    async with build_lock(images_root(data_dir) / ".lock", log):
         if not force and (existing := load_vm_manifest(data_dir, name)) is not None:
             return existing
         parent = image_dir(data_dir, name)
         for leftover in await trio.Path(parent).glob(".vm-*"):
-            await _remove_tree_or_warn(Path(leftover), log)
+            await remove_tree_or_warn(Path(leftover), log)
         tmp = parent / f".vm-tmp-{secrets.token_hex(4)}"
         await trio.Path(tmp).mkdir(mode=0o755)
         try:
@@ -146,12 +144,12 @@ async def build_vm_image(
                 old = parent / f".vm-old-{secrets.token_hex(4)}"
                 await trio.Path(final).rename(old)
                 await trio.Path(tmp).rename(final)
-                await _remove_tree_or_warn(old, log)
+                await remove_tree_or_warn(old, log)
             else:
                 await trio.Path(tmp).rename(final)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await _remove_tree_or_warn(tmp, log)
+                await remove_tree_or_warn(tmp, log)
             raise
     log(f"VM image ready at {parent / VM_DIR} (kernel {manifest.kernel_version})")
     return manifest
@@ -206,7 +204,7 @@ async def _build_into(tmp: Path, rootfs: Path, log: Callable[[str], object]) -> 
         cpio.add_file(f"modules/{listing}", data, 0o644)
     await trio.Path(tmp / "initramfs.cpio").write_bytes(cpio.finish())
 
-    size = await trio.to_thread.run_sync(_tree_size, rootfs)
+    size = await trio.to_thread.run_sync(tree_size, rootfs)
     # Room for metadata and inodes; the image is sparse, so the slack costs no disk.
     image_mib = size * 13 // 10 // (1 << 20) + 128
     log(f"VM image: mkfs.ext4 -d {rootfs} ({image_mib} MiB)")

@@ -22,7 +22,7 @@ from sandstorm.agent import prepare_agent
 from sandstorm.api.types import LanguageInfo, Ready
 from sandstorm.api.validation import LANGUAGE_COMMANDS
 from sandstorm.config import Config
-from sandstorm.images.builder import ImageManifest, image_rootfs, load_manifest
+from sandstorm.images import ImageManifest, image_rootfs, load_manifest
 from sandstorm.metrics import Metrics
 from sandstorm.runtimes.cgroups import SandboxCgroups
 from sandstorm.runtimes.registry import RuntimeRegistry, build_registry

@@ -23,7 +23,7 @@ import trio
 
 from sandstorm.agent import AgentChannel, FrameKind, decode_exit
 from sandstorm.ids import new_id
-from sandstorm.images.builder import image_rootfs
+from sandstorm.images import image_rootfs
 from sandstorm.runtimes.base import RuntimeStartError, SandboxSpec
 from sandstorm.runtimes.cgroups import SandboxCgroups
 from sandstorm.runtimes.gvisor import GvisorRuntime

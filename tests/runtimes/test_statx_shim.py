@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from sandstorm.images.builder import image_rootfs, load_manifest
+from sandstorm.images import image_rootfs, load_manifest
 
 _DATA_DIR = Path(os.environ.get("SANDSTORM_TEST_DATA_DIR", "/var/lib/sandstorm"))
 _CGROUP_PARENT = "sandstorm-shimtest"

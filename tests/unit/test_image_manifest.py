@@ -8,7 +8,22 @@ import msgspec
 import pytest
 
 from sandstorm.images import DEFAULT_MIRROR, ImageError, ImageManifest, LanguageInfo
-from sandstorm.images import builder as b
+from sandstorm.images.builder import mmdebstrap_command
+from sandstorm.images.debian import (
+    find_apt_mirror,
+    parse_deb822_sources,
+    parse_dpkg_status,
+    parse_one_line_sources,
+    upstream_version,
+)
+from sandstorm.images.languages import bash_version, node_version
+from sandstorm.images.manifest import (
+    decode_manifest,
+    encode_manifest,
+    image_dir,
+    image_rootfs,
+    load_manifest,
+)
 
 DEB822 = """\
 Types: deb
@@ -28,11 +43,11 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
 
 def test_deb822_picks_the_exact_suite() -> None:
-    assert b.parse_deb822_sources(DEB822, "bookworm") == ["http://deb.debian.org/debian"]
-    assert b.parse_deb822_sources(DEB822, "bookworm-security") == [
+    assert parse_deb822_sources(DEB822, "bookworm") == ["http://deb.debian.org/debian"]
+    assert parse_deb822_sources(DEB822, "bookworm-security") == [
         "http://deb.debian.org/debian-security"
     ]
-    assert b.parse_deb822_sources(DEB822, "trixie") == []
+    assert parse_deb822_sources(DEB822, "trixie") == []
 
 
 def test_deb822_skips_disabled_source_only_and_foreign_entries() -> None:
@@ -59,7 +74,7 @@ URIs: cdrom:[Debian 12]/ http://mirror.example/debian
 Suites: bookworm
 Components: main contrib
 """
-    assert b.parse_deb822_sources(text, "bookworm") == [
+    assert parse_deb822_sources(text, "bookworm") == [
         "http://mirror.example/debian",
         "https://second.example/debian",
     ]
@@ -68,7 +83,7 @@ Components: main contrib
 def test_deb822_field_names_are_case_insensitive_and_tabs_continue() -> None:
     text = "types: deb\nuris: http://a.example/debian\n\thttp://b.example/debian\n"
     text += "suites: bookworm\ncomponents: main\n"
-    assert b.parse_deb822_sources(text) == ["http://a.example/debian", "http://b.example/debian"]
+    assert parse_deb822_sources(text) == ["http://a.example/debian", "http://b.example/debian"]
 
 
 def test_one_line_sources() -> None:
@@ -82,26 +97,26 @@ deb [ signed-by=/k.gpg ] https://mirror.example/debian bookworm main  # trailing
 deb cdrom:[Debian]/ bookworm main
 deb http://ftp.example.org/debian bookworm main
 """  # noqa: E501
-    assert b.parse_one_line_sources(text, "bookworm") == [
+    assert parse_one_line_sources(text, "bookworm") == [
         "http://ftp.example.org/debian",
         "https://mirror.example/debian",
     ]
-    assert b.parse_one_line_sources(text, "bookworm-updates") == ["http://ftp.example.org/debian"]
-    assert b.parse_one_line_sources("", "bookworm") == []
+    assert parse_one_line_sources(text, "bookworm-updates") == ["http://ftp.example.org/debian"]
+    assert parse_one_line_sources("", "bookworm") == []
 
 
 def test_find_apt_mirror_order_and_fallback(tmp_path: Path) -> None:
     apt = tmp_path / "apt"
     (apt / "sources.list.d").mkdir(parents=True)
-    assert b.find_apt_mirror(apt_dir=apt) == DEFAULT_MIRROR
+    assert find_apt_mirror(apt_dir=apt) == DEFAULT_MIRROR
 
     (apt / "sources.list").write_text("deb http://one-line.example/debian bookworm main\n")
-    assert b.find_apt_mirror(apt_dir=apt) == "http://one-line.example/debian"
+    assert find_apt_mirror(apt_dir=apt) == "http://one-line.example/debian"
 
     (apt / "sources.list.d" / "debian.sources").write_text(
         "Types: deb\nURIs: http://deb822.example/debian\nSuites: bookworm\nComponents: main\n"
     )
-    assert b.find_apt_mirror(apt_dir=apt) == "http://deb822.example/debian"
+    assert find_apt_mirror(apt_dir=apt) == "http://deb822.example/debian"
 
     # Third-party .sources files are not Debian mirrors.
     (apt / "sources.list.d" / "debian.sources").unlink()
@@ -110,7 +125,7 @@ def test_find_apt_mirror_order_and_fallback(tmp_path: Path) -> None:
         "Types: deb\nURIs: https://download.docker.com/linux/debian\nSuites: bookworm\n"
         "Components: main\n"
     )
-    assert b.find_apt_mirror(apt_dir=apt) == DEFAULT_MIRROR
+    assert find_apt_mirror(apt_dir=apt) == DEFAULT_MIRROR
 
 
 DPKG_STATUS = """\
@@ -138,11 +153,11 @@ Version: 5.9-4
 
 
 def test_parse_dpkg_status() -> None:
-    assert b.parse_dpkg_status(DPKG_STATUS, "dash") == "0.5.12-2"
-    assert b.parse_dpkg_status(DPKG_STATUS, "bash") == "5.2.15-2+b2"
-    assert b.parse_dpkg_status(DPKG_STATUS, "zsh") is None  # removed, only config left
-    assert b.parse_dpkg_status(DPKG_STATUS, "python3") is None
-    assert b.parse_dpkg_status("", "dash") is None
+    assert parse_dpkg_status(DPKG_STATUS, "dash") == "0.5.12-2"
+    assert parse_dpkg_status(DPKG_STATUS, "bash") == "5.2.15-2+b2"
+    assert parse_dpkg_status(DPKG_STATUS, "zsh") is None  # removed, only config left
+    assert parse_dpkg_status(DPKG_STATUS, "python3") is None
+    assert parse_dpkg_status("", "dash") is None
 
 
 @pytest.mark.parametrize(
@@ -150,12 +165,12 @@ def test_parse_dpkg_status() -> None:
     [("0.5.12-2", "0.5.12"), ("1:2.38-4+b1", "2.38"), ("3.0", "3.0"), ("1.2-3-4", "1.2-3")],
 )
 def test_upstream_version(debian: str, upstream: str) -> None:
-    assert b.upstream_version(debian) == upstream
+    assert upstream_version(debian) == upstream
 
 
 def test_version_normalisation() -> None:
-    assert b._bash_version("5.2.15(1)-release\n") == "5.2.15"
-    assert b._node_version("v18.19.0\n") == "18.19.0"
+    assert bash_version("5.2.15(1)-release\n") == "5.2.15"
+    assert node_version("v18.19.0\n") == "18.19.0"
 
 
 def _manifest() -> ImageManifest:
@@ -174,8 +189,8 @@ def _manifest() -> ImageManifest:
 
 def test_manifest_round_trip() -> None:
     manifest = _manifest()
-    data = b.encode_manifest(manifest)
-    assert b.decode_manifest(data) == manifest
+    data = encode_manifest(manifest)
+    assert decode_manifest(data) == manifest
     as_json = msgspec.json.decode(data)
     assert as_json["languages"][0] == {
         "name": "python",
@@ -188,33 +203,33 @@ def test_manifest_round_trip() -> None:
 
 def test_manifest_rejects_garbage() -> None:
     with pytest.raises(ImageError):
-        b.decode_manifest(b"{not json")
+        decode_manifest(b"{not json")
     with pytest.raises(ImageError):
-        b.decode_manifest(b'{"name": "default"}')
+        decode_manifest(b'{"name": "default"}')
 
 
 def test_load_manifest(tmp_path: Path) -> None:
-    assert b.load_manifest(tmp_path) is None
-    directory = b.image_dir(tmp_path, "default")
+    assert load_manifest(tmp_path) is None
+    directory = image_dir(tmp_path, "default")
     directory.mkdir(parents=True)
-    (directory / "image.json").write_bytes(b.encode_manifest(_manifest()))
-    assert b.load_manifest(tmp_path) is None  # no rootfs yet: not a built image
+    (directory / "image.json").write_bytes(encode_manifest(_manifest()))
+    assert load_manifest(tmp_path) is None  # no rootfs yet: not a built image
     (directory / "rootfs").mkdir()
-    assert b.load_manifest(tmp_path) == _manifest()
-    assert b.image_rootfs(tmp_path, "default") == directory / "rootfs"
+    assert load_manifest(tmp_path) == _manifest()
+    assert image_rootfs(tmp_path, "default") == directory / "rootfs"
     (directory / "image.json").write_bytes(b"[]")
     with pytest.raises(ImageError):
-        b.load_manifest(tmp_path)
+        load_manifest(tmp_path)
 
 
 @pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "UPPER", "x" * 64])
 def test_image_names_are_checked(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError):
-        b.image_dir(tmp_path, name)
+        image_dir(tmp_path, name)
 
 
 def test_mmdebstrap_command() -> None:
-    argv = b.mmdebstrap_command(Path("/d/images/.tmp-x/rootfs"), "http://m.example/debian")
+    argv = mmdebstrap_command(Path("/d/images/.tmp-x/rootfs"), "http://m.example/debian")
     assert argv[0] == "mmdebstrap"
     assert "--variant=apt" in argv
     assert "--mode=root" in argv
