@@ -51,7 +51,7 @@ from sandstorm.runtimes.registry import build_registry
 from tests.conftest import IMAGE_DATA_DIR
 
 T = 20
-DOC = Path(__file__).resolve().parent.parent / "data" / "firecracker" / "firecracker.yaml"
+DOC = Path(__file__).resolve().parents[2] / "data" / "firecracker" / "firecracker.yaml"
 
 
 # ----------------------------------------------------------------------------- the document

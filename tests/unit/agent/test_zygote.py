@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from sandstorm.agent import FrameKind, decode_started
-from tests.unit.test_agent_process import Agent, Result, running_agent
+from tests.unit.agent.test_execs import Agent, Result, running_agent
 
 ZYGOTE_PYTHON = "/usr/bin/python3"
 # The start-up environment the zygote runs with (the gateway's BASE_ENV), plus a variable
