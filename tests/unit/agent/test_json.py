@@ -23,7 +23,7 @@ import trio
 from sandstorm.agent import FrameKind, decode_error
 from sandstorm.agent.build import AGENT_SOURCE_DIR
 from tests.harness import c_number_defines
-from tests.unit.agent.test_execs import TIMEOUT, running_agent
+from tests.unit.agent.running import TIMEOUT, running_agent
 
 HARNESS_SOURCE = Path(__file__).with_name("json_harness.c")
 _DEFINES = c_number_defines((AGENT_SOURCE_DIR / "agent.h").read_text())
