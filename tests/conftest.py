@@ -29,6 +29,7 @@ from tests.harness import RunningGateway, RuntimeRouting
 from tests.hoststate import HostState, host_mounts_under, settled_state
 
 IMAGE_DATA_DIR = Path(os.environ.get("SANDSTORM_TEST_DATA_DIR", "/var/lib/sandstorm"))
+TESTS = Path(__file__).resolve().parent
 
 
 def runsc_usable() -> str | None:
@@ -80,10 +81,10 @@ def cgroup_parent() -> Iterator[str]:
 GatewayFactory = Callable[..., Any]
 
 #: The runtimes every API test runs on: gVisor, and a QEMU microVM (TCG where there is no KVM).
-#: A test that takes ``gw`` (or ``sandbox_runtime``) in these folders runs once per runtime: the
-#: API and its security properties must hold on each. Elsewhere (CLI and client, tenancy, the
-#: console) the runtime plays no part and gVisor serves. ``@pytest.mark.runtimes("gvisor")``
-#: narrows a test that is about one runtime only.
+#: A test that takes ``gw`` (or ``sandbox_runtime``) under these folders of tests/ (tests/web,
+#: not tests/unit/web) runs once per runtime: the API and its security properties must hold on
+#: each. Elsewhere (CLI and client, tenancy, the console) the runtime plays no part and gVisor
+#: serves. ``@pytest.mark.runtimes("gvisor")`` narrows a test that is about one runtime only.
 SANDBOX_RUNTIMES: tuple[RuntimeName, ...] = ("gvisor", "qemu")
 EVERY_RUNTIME_IN = frozenset({"web", "security"})
 #: A TCG boot takes seconds, more while other work loads the machine: a generous boot deadline.
@@ -96,7 +97,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     marker = metafunc.definition.get_closest_marker("runtimes")
     if marker is not None:
         runtimes = marker.args
-    elif metafunc.definition.path.parent.name in EVERY_RUNTIME_IN:
+    elif metafunc.definition.path.resolve().relative_to(TESTS).parts[0] in EVERY_RUNTIME_IN:
         runtimes = SANDBOX_RUNTIMES
     else:
         runtimes = ("gvisor",)

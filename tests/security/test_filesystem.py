@@ -358,9 +358,9 @@ async def test_resume_rechecks_a_mount_source_swapped_for_a_symlink(
 async def test_mount_sources_and_destinations_refused_before_anything_exists(
     start_gateway: Callable[..., Any], tmp_path: Path, cgroup_parent: str
 ) -> None:
-    """What tests/web/test_errors.py does not already send: /sys, /dev and the data dir through
-    symlinks inside the allow-list, an allow-list of "/" (the forbidden roots hold whatever it
-    says), and NUL/newline/`..` in sources and destinations."""
+    """What tests/web/test_errors.py and test_mounts.py do not already send: /sys, /dev and the
+    data dir through symlinks inside the allow-list, an allow-list of "/" (the forbidden roots
+    hold whatever it says), and NUL/newline/`..` in sources and destinations."""
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     (allowed / "ok").mkdir()

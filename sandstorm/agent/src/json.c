@@ -8,7 +8,7 @@
  * nesting is refused past MAX_JSON_DEPTH, a bound jansson fixes at build time; a name may hold
  * NUL (refused later, with the reason, as a variable name); an integer beyond long long is out
  * of range rather than a syntax error; and the messages are Python's json's. Every payload is
- * hostile: tests/unit/test_agent_json.py checks this file against Python's json and fuzzes it.
+ * hostile: tests/unit/agent/test_json.py checks this file against Python's json and fuzzes it.
  */
 #include "agent.h"
 

@@ -13,8 +13,9 @@
 #define ZYGOTE_MAX_FAILURES 5 /* early deaths in a row before the agent stops restarting it */
 #define ZYGOTE_MAX_SOURCE (1024 * 1024)
 #define FD_COUNT 4 /* an exec's pipes passed to a standby: stdin_r, stdout_w, stderr_w, err_w */
-/* What the gateway gives every exec (router BASE_ENV): the zygote's environment. A python exec
- * is served by the zygote only if every variable python reads at start-up has the same value. */
+/* What the gateway gives every exec (BASE_ENV in sandstorm/actors/planning.py): the zygote's
+ * environment. A python exec is served by the zygote only if every variable python reads at
+ * start-up has the same value. */
 static const char *const ZYGOTE_ENV[] = {
     "PATH=" DEFAULT_PATH, "HOME=/workspace", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1", NULL,
 };

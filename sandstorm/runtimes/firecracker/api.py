@@ -3,7 +3,7 @@
 Every endpoint and field used here is in Firecracker's published OpenAPI document
 (``src/firecracker/swagger/firecracker.yaml``; a copy is vendored under
 ``tests/data/firecracker/`` and every request below is validated against it in
-``tests/runtimes/test_firecracker_api.py``). Firecracker answers 204 to a successful PUT/PATCH
+``tests/unit/runtimes/firecracker/test_api.py``). Firecracker answers 204 to a successful PUT/PATCH
 and ``{"fault_message": "..."}`` with 400 (bad input) or 500 to a failed one; that message is
 what :class:`FirecrackerApiError` carries, so a failed start names Firecracker's own reason.
 

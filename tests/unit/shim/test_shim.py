@@ -75,7 +75,7 @@ def test_socket_paths_fit_sun_path(tmp_path: Path) -> None:
 
 
 def test_protocol_document_matches_the_shim() -> None:
-    doc = (Path(__file__).parents[2] / "protocol" / "shim.md").read_text()
+    doc = (Path(__file__).parents[3] / "protocol" / "shim.md").read_text()
     table = dict(re.findall(r"^\| `0x([0-9A-F]{2})` \| `(\w+)`", doc, re.M))
     assert table == {
         f"{wire.ATTACH:02X}": "ATTACH",

@@ -1,6 +1,6 @@
 """The reaper keeps going when a runtime cannot list its sandboxes: a slow or broken
 runtime is logged and retried at the next pass, and the other runtimes are still reaped. (Real
-reaping is exercised on runsc in tests/runtimes; this is the loop's logic, with stand-ins.)"""
+reaping is exercised on runsc in tests/unit/runtimes; this is the loop's logic, with stand-ins.)"""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from sandstorm.actors.execs import ExecTracker, OutputBuffer
 from sandstorm.agent import ExitInfo
 from sandstorm.api.types import MIB
 from sandstorm.runtimes.cgroups import V1_ALL, Limits, SandboxCgroups
-from tests.unit.test_agent_process import TIMEOUT, running_agent
+from tests.unit.agent.running import TIMEOUT, running_agent
 
 HOG = "b = []\nwhile True:\n    b.append(bytearray(8 << 20))\n"
 

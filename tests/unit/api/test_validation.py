@@ -1,4 +1,5 @@
-"""validation.py and msgspec decoding of request bodies, without a server.
+"""api/validation.py and msgspec decoding of request bodies, without a server (the checks
+that resolve host paths, mounts and whole run requests, are in tests/unit/actors/test_planning.py).
 
 Every refusal must be an ``InvalidRequest`` (400) or ``MountNotAllowed`` (403) naming the field;
 anything else (a bare ``UnicodeDecodeError``, a ``ValueError``) would become a 500 on the wire.
@@ -6,16 +7,14 @@ anything else (a bare ``UnicodeDecodeError``, a ``ValueError``) would become a 5
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
-from sandstorm.actors.planning import check_run, resolve_mount
 from sandstorm.api.decoding import decode_json
-from sandstorm.api.types import MIB, ExecRequest, Mount, RunRequest
+from sandstorm.api.types import MIB, ExecRequest, RunRequest
 from sandstorm.api.validation import (
     INLINE_CODE_LIMIT,
     check_code_or_command,
@@ -25,7 +24,7 @@ from sandstorm.api.validation import (
     code_argv,
 )
 from sandstorm.config import Config, load_config
-from sandstorm.errors import InvalidRequest, MountNotAllowed
+from sandstorm.errors import InvalidRequest
 
 RUN = msgspec.json.Decoder(RunRequest)
 EXEC = msgspec.json.Decoder(ExecRequest)
@@ -339,152 +338,6 @@ def test_root_is_allowed_only_where_asked() -> None:
     assert check_sandbox_path("/", "cwd", allow_root=True) == "/"
     with pytest.raises(InvalidRequest):
         check_sandbox_path("/proc", "cwd", allow_root=True)
-
-
-# ------------------------------------------------------------------ mounts
-
-
-def test_mount_inside_the_allow_list_resolves(config: Config, tmp_path: Path) -> None:
-    allowed = tmp_path / "allowed"
-    spec = resolve_mount(Mount(source=str(allowed), destination="/workspace/data"), 0, config)
-    assert spec.source == allowed.resolve()
-    assert spec.destination == "/workspace/data"
-    assert spec.read_only is True
-    spec = resolve_mount(
-        Mount(source=str(allowed / "file.txt"), destination="/data.txt", read_only=False), 0, config
-    )
-    assert spec.read_only is False
-
-
-def test_mount_through_a_symlink_is_resolved_to_its_target(config: Config, tmp_path: Path) -> None:
-    link = tmp_path / "outside-link"
-    link.symlink_to(tmp_path / "allowed")
-    spec = resolve_mount(Mount(source=str(link), destination="/d"), 0, config)
-    assert spec.source == (tmp_path / "allowed").resolve()
-
-
-@pytest.mark.parametrize(
-    "source",
-    [
-        pytest.param("/", id="root"),
-        pytest.param("/proc", id="proc"),
-        pytest.param("/proc/self", id="proc-self"),
-        pytest.param("/etc", id="etc"),
-        pytest.param("/tmp", id="tmp"),
-        pytest.param("{tmp}", id="parent-of-allowed-and-data"),
-        pytest.param("{tmp}/data", id="data-dir"),
-        pytest.param("{tmp}/elsewhere", id="outside"),
-        pytest.param("{tmp}/allowed/../data", id="dotdot-escape"),
-        pytest.param("{tmp}/allowed/escape", id="symlink-escape"),
-        pytest.param("{tmp}/allowed/root", id="symlink-to-root"),
-        pytest.param("{tmp}/allowedx", id="sibling-with-the-same-prefix"),
-        pytest.param("{tmp}/allowed/missing/../../data", id="dotdot-through-missing"),
-    ],
-)
-def test_mount_sources_outside_the_allow_list_are_refused(
-    config: Config, tmp_path: Path, source: str
-) -> None:
-    (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "allowedx").mkdir()
-    (tmp_path / "allowed" / "escape").symlink_to(tmp_path / "elsewhere")
-    (tmp_path / "allowed" / "root").symlink_to("/")
-    mount = Mount(source=source.format(tmp=tmp_path), destination="/workspace/data")
-    with pytest.raises(MountNotAllowed) as info:
-        resolve_mount(mount, 2, config)
-    assert info.value.status == 403 and info.value.code == "mount_not_allowed"
-    assert info.value.details["field"] == "mounts[2].source"
-
-
-def test_no_allow_list_refuses_every_mount(tmp_path: Path) -> None:
-    config = load_config(None, data_dir=str(tmp_path / "data"))
-    assert config.mount_allow_list == []
-    with pytest.raises(MountNotAllowed):
-        resolve_mount(Mount(source=str(tmp_path), destination="/d"), 0, config)
-
-
-def test_data_dir_is_refused_even_when_allowed(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    (data / "sandboxes").mkdir(parents=True)
-    config = load_config(None, data_dir=str(data), mount_allow_list=[str(tmp_path)])
-    for source in (data, data / "sandboxes", tmp_path):
-        with pytest.raises(MountNotAllowed):
-            resolve_mount(Mount(source=str(source), destination="/d"), 0, config)
-
-
-def test_relative_source_and_missing_source(config: Config, tmp_path: Path) -> None:
-    with pytest.raises((InvalidRequest, MountNotAllowed)) as info:
-        resolve_mount(Mount(source="allowed", destination="/d"), 0, config)
-    assert info.value.details["field"] == "mounts[0].source"
-    with pytest.raises(InvalidRequest) as missing:
-        resolve_mount(Mount(source=str(tmp_path / "allowed" / "nope"), destination="/d"), 0, config)
-    assert missing.value.field == "mounts[0].source"
-
-
-def test_bad_destination_is_checked_before_the_source(config: Config) -> None:
-    # Even a refused source: the 400 for the destination comes first, with its field.
-    with pytest.raises(InvalidRequest) as info:
-        resolve_mount(Mount(source="/", destination="relative"), 1, config)
-    assert info.value.field == "mounts[1].destination"
-
-
-# ------------------------------------------------------------------ whole requests
-
-
-@pytest.mark.parametrize(
-    ("fields", "field"),
-    [
-        pytest.param({"cpu_limit": 1000.0}, "cpu_limit", id="cpu-above-host"),
-        pytest.param({"memory_limit": 8192 * MIB + 1}, "memory_limit", id="memory-above-max"),
-        pytest.param({"timeout": 10 * 60 * 1000 + 1}, "timeout", id="timeout-above-max"),
-        pytest.param({"keep_alive": 24 * 3600 + 1}, "keep_alive", id="keep-alive-above-max"),
-        pytest.param({"files": {"input.txt": "x"}}, "files.input.txt", id="files-relative"),
-        pytest.param({"files": {"/proc/x": "x"}}, "files./proc/x", id="files-proc"),
-        pytest.param({"environment": {"1BAD": "x"}}, "environment", id="env-name"),
-        pytest.param(
-            {"mounts": [Mount(source="/x", destination="/proc/x")]},
-            "mounts[0].destination",
-            id="mount-proc",
-        ),
-        pytest.param(
-            {
-                "mounts": [
-                    Mount(source="{allowed}", destination="/d"),
-                    Mount(source="{allowed}", destination="/d"),
-                ]
-            },
-            "mounts",
-            id="mount-duplicate-destination",
-        ),
-    ],
-)
-def test_check_run_refusals(
-    config: Config, tmp_path: Path, fields: dict[str, Any], field: str
-) -> None:
-    if "mounts" in fields:
-        allowed = str(tmp_path / "allowed")
-        fields["mounts"] = [
-            Mount(source=m.source.format(allowed=allowed), destination=m.destination)
-            for m in fields["mounts"]
-        ]
-    with pytest.raises(InvalidRequest) as info:
-        check_run(run(**fields), config)
-    assert info.value.field == field
-
-
-def test_check_run_limits_are_inclusive(config: Config, tmp_path: Path) -> None:
-    cpus = os.cpu_count() or 1
-    mounts = check_run(
-        run(
-            cpu_limit=float(cpus),
-            memory_limit=config.max_memory_limit,
-            timeout=config.max_timeout_ms,
-            keep_alive=config.max_keep_alive_s,
-            files={"/workspace/a.txt": "x", "/tmp/b": "y"},
-            mounts=[Mount(source=str(tmp_path / "allowed"), destination="/workspace/data")],
-        ),
-        config,
-    )
-    assert [m.destination for m in mounts] == ["/workspace/data"]
 
 
 def test_check_exec(config: Config) -> None:

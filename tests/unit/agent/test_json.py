@@ -1,5 +1,5 @@
 """The agent's JSON parser (``sandstorm/agent/src/json.c``), through a harness built from it
-and ``util.c`` (``agent_json_harness.c``, with the address and undefined-behaviour sanitizers
+and ``util.c`` (``json_harness.c``, with the address and undefined-behaviour sanitizers
 where gcc has them): it accepts exactly what Python's json module accepts (NaN and Infinity
 aside, and nesting past ``MAX_JSON_DEPTH``), decodes it to the same values, and refuses the rest
 with Python's messages. Random and mutated payloads never crash or hang it; the real agent
@@ -23,9 +23,9 @@ import trio
 from sandstorm.agent import FrameKind, decode_error
 from sandstorm.agent.build import AGENT_SOURCE_DIR
 from tests.harness import c_number_defines
-from tests.unit.test_agent_process import TIMEOUT, running_agent
+from tests.unit.agent.running import TIMEOUT, running_agent
 
-HARNESS_SOURCE = Path(__file__).with_name("agent_json_harness.c")
+HARNESS_SOURCE = Path(__file__).with_name("json_harness.c")
 _DEFINES = c_number_defines((AGENT_SOURCE_DIR / "agent.h").read_text())
 MAX_JSON_DEPTH = int(_DEFINES["MAX_JSON_DEPTH"])
 LLONG_MAX = 2**63 - 1

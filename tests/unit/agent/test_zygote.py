@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from sandstorm.agent import FrameKind, decode_started
-from tests.unit.test_agent_process import Agent, Result, running_agent
+from tests.unit.agent.running import Agent, Result, proc_stat, running_agent, stop
 
 ZYGOTE_PYTHON = "/usr/bin/python3"
 # The start-up environment the zygote runs with (the gateway's BASE_ENV), plus a variable
@@ -418,14 +418,8 @@ async def test_the_zygote_waits_for_running_execs_and_never_follows_a_last_one(
             assert (result.stdout, zygote) == (b"still served\n", False)
 
 
-def _stat(pid: int) -> list[str]:
-    """The fields of /proc/<pid>/stat after the name (which can hold anything): state first."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
 def _started_at(pid: int) -> int:
-    return int(_stat(pid)[19])
+    return int(proc_stat(pid)[19])
 
 
 def zygote_and_standby(agent: Agent) -> tuple[int, int]:
@@ -457,13 +451,6 @@ async def test_quiesce_kills_the_zygote_and_its_standby_and_both_come_back(
             assert result.stdout == b"after\n"
             await wait_for_zygote(agent)
             assert zygote not in children_of(agent.process.pid)
-
-
-async def stop(pid: int) -> None:
-    """SIGSTOP, and wait until the process is stopped (the signal takes effect a moment later)."""
-    os.kill(pid, signal.SIGSTOP)
-    while _stat(pid)[0] != "T":
-        await trio.sleep(0.001)
 
 
 async def test_an_exec_on_a_stopped_standby_runs_as_a_normal_exec_with_its_input_and_signals(

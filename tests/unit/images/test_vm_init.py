@@ -1,6 +1,6 @@
 """The guest init's (vm_init.c) command-line handling, compiled and run on the host, and the
 built initramfs. Booting it under Firecracker (sandstorm.channel=vsock, virtio_mmio.device=...)
-needs Firecracker and KVM: tests/runtimes/test_firecracker_api.py covers that where they exist."""
+needs Firecracker and KVM: tests/unit/runtimes/test_firecracker.py covers that where they exist."""
 
 from __future__ import annotations
 

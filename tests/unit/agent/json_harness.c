@@ -1,5 +1,5 @@
 /*
- * The agent's JSON parser (sandstorm/agent/src/json.c) on its own, for test_agent_json.py.
+ * The agent's JSON parser (sandstorm/agent/src/json.c) on its own, for test_json.py.
  *
  * stdin: records, each a 4-byte big-endian length and that many bytes of payload. stdout: one
  * line per record, "ok <tree>" or "error <message>". The tree is written in a form Python can

@@ -207,7 +207,7 @@ VICTIM = textwrap.dedent(
     import json, sys, trio
     from pathlib import Path
     from sandstorm.agent import FrameKind
-    from tests.runtimes.test_shim import COUNTER, make_runtime, make_spec
+    from tests.unit.runtimes.test_shimmed import COUNTER, make_runtime, make_spec
 
     async def main():
         data_dir, cgroup_parent = Path(sys.argv[1]), sys.argv[2]
@@ -236,7 +236,7 @@ VICTIM = textwrap.dedent(
 async def test_sandbox_survives_sigkill_of_the_gateway_process(
     runtime: GvisorRuntime, data_dir: Path, cgroup_parent: str
 ) -> None:
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             victim = await nursery.start(

@@ -9,7 +9,7 @@ import fnmatch
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 # Made at run time (bytecode, the compiled shim and agent), never shipped.
 BUILT = ("__pycache__", "shim/bin", "agent/guest/bin")
 
