@@ -53,7 +53,7 @@ class ResourceUsage:
 
 
 class SandboxCgroups:
-    """cgroup v1 (hybrid, as on this machine) or v2, chosen by what the host mounts."""
+    """cgroup v1 (or hybrid) or v2, chosen by what the host mounts."""
 
     def __init__(self, parent: str = "sandstorm", root: Path = CGROUP_ROOT) -> None:
         self.parent = parent

@@ -1,5 +1,5 @@
 """gVisor's platform: new sandboxes boot on the configured one (ptrace by default: systrap
-keeps idle sandboxes busy, README "Performance"), and a snapshot resumes on the platform it
+keeps idle sandboxes busy, docs/performance.md), and a snapshot resumes on the platform it
 was taken on, whatever the resuming gateway is configured with (an image taken on systrap does
 not restore on ptrace)."""
 
