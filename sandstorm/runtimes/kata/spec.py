@@ -2,7 +2,7 @@
 command lines, the host limits, and the per-sandbox writable root (an overlay on a tmpfs).
 
 Kata reads hypervisor annotations only when its ``configuration.toml`` lists them in
-``enable_annotations`` (``["default_vcpus", "default_memory"]``); see the README.
+``enable_annotations`` (``["default_vcpus", "default_memory"]``); see docs/runtimes/kata.md.
 """
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ async def test_vm_survives_a_dropped_gateway(runtime: QemuRuntime) -> None:
 
 
 async def test_boot_to_first_output_median(runtime: QemuRuntime) -> None:
-    """Boot-to-hello time, the number the README quotes (printed with -s)."""
+    """Boot-to-hello time, the figure docs/performance.md quotes (printed with -s)."""
     with trio.fail_after(T):
         assert (await runtime.detect()).available
         samples = []
