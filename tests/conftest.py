@@ -7,6 +7,7 @@ runsc state root and its own cgroup parent, so tests never see each other's sand
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -19,6 +20,7 @@ import httpx
 import pytest
 import trio
 
+from sandstorm import logs
 from sandstorm.api.types import RuntimeName
 from sandstorm.config import Config, load_config
 from sandstorm.images import load_manifest
@@ -55,6 +57,22 @@ def require(reason: str | None) -> None:
 @pytest.fixture
 def runsc_required() -> None:
     require(runsc_usable())
+
+
+@pytest.fixture
+def isolated_logging() -> Iterator[None]:
+    """For a test that runs ``sandstorm`` in-process: its ``logs.configure`` points the root
+    logger at this test's captured stderr through a writer thread; afterwards the writer is
+    stopped and the root logger given back, so later tests never log into a closed capture."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    logs._stop_writer()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture

@@ -102,7 +102,10 @@ def test_an_agent_that_cannot_be_built_says_why(
 
 
 def test_a_gateway_that_cannot_build_its_agent_says_why(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    isolated_logging: None,
 ) -> None:
     ensure_shim_binary()  # built while gcc is there: this is about the agent
     monkeypatch.setattr(build, "AGENT_BIN_DIR", tmp_path / "bin")

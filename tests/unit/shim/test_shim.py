@@ -279,7 +279,10 @@ async def test_a_runtime_that_does_not_read_stdin_bounds_what_the_shim_holds(
 
 
 def test_a_gateway_that_cannot_build_its_shim_says_why(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    isolated_logging: None,
 ) -> None:
     """No shim binary and no gcc: `sandstorm serve` stops at once with what to install, not a
     traceback, before it serves anything."""
