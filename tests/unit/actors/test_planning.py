@@ -24,16 +24,6 @@ from sandstorm.metrics import Metrics
 from sandstorm.store import SandboxRecord, Store
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> Config:
-    data = tmp_path / "data"
-    data.mkdir()
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    (allowed / "file.txt").write_text("hello\n")
-    return load_config(None, data_dir=str(data), mount_allow_list=[str(allowed)])
-
-
 def run(**fields: Any) -> RunRequest:
     fields.setdefault("command", ["true"])
     return RunRequest(**fields)

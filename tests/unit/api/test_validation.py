@@ -7,7 +7,6 @@ anything else (a bare ``UnicodeDecodeError``, a ``ValueError``) would become a 5
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -23,7 +22,7 @@ from sandstorm.api.validation import (
     check_sandbox_path,
     code_argv,
 )
-from sandstorm.config import Config, load_config
+from sandstorm.config import Config
 from sandstorm.errors import InvalidRequest
 
 RUN = msgspec.json.Decoder(RunRequest)
@@ -38,16 +37,6 @@ def decode_error(decoder: msgspec.json.Decoder[Any], raw: bytes) -> InvalidReque
         assert exc.field, f"no field for {raw!r}: {exc}"
         return exc
     raise AssertionError(f"{raw!r} decoded without error")
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Config:
-    data = tmp_path / "data"
-    data.mkdir()
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    (allowed / "file.txt").write_text("hello\n")
-    return load_config(None, data_dir=str(data), mount_allow_list=[str(allowed)])
 
 
 def run(**fields: Any) -> RunRequest:
