@@ -1,0 +1,1 @@
+"""The web layer: translates HTTP and WebSocket to actor calls and owns no tasks of its own."""
