@@ -16,6 +16,7 @@ from sandstorm.config import DEFAULT_DATA_DIR, ConfigError, load_config
 from sandstorm.images import ImageError
 from sandstorm.logs import configure as configure_logs
 from sandstorm.native import NativeBuildError
+from sandstorm.supervisor.lock import DataDirInUse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImageError as exc:
         print(f"sandstorm: image build failed: {exc}", file=sys.stderr)
         return 1
-    except NativeBuildError as exc:
+    except (NativeBuildError, DataDirInUse) as exc:
         print(f"sandstorm: cannot start: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -29,6 +29,7 @@ from sandstorm.runtimes.registry import RuntimeRegistry, build_registry
 from sandstorm.shim import prepare_shim
 from sandstorm.store import AsyncStore
 from sandstorm.store.snapshots import SnapshotCatalog
+from sandstorm.supervisor.lock import hold_data_dir
 from sandstorm.supervisor.reaper import reap, reap_forever
 from sandstorm.supervisor.takeover import take_over
 
@@ -83,21 +84,24 @@ class Gateway:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Gateway]:
-        """Start the supervisor tree; on exit every sandbox is destroyed (shielded)."""
+        """Start the supervisor tree; on exit every sandbox is destroyed (shielded). Raises
+        :exc:`~sandstorm.supervisor.lock.DataDirInUse` before touching anything when another
+        gateway holds the data directory."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        await self.store.open()
-        try:
-            async with self._supervised():
-                yield self
-        finally:
-            # The actors are gone and reported their last states: write them, then close.
-            with trio.CancelScope(shield=True):
-                await self.recorder.flush()
-            self.store_open = False
-            await self.store.close()
-            # The sandboxes are gone (or kept, and then their groups keep it): the gateway's
-            # own cgroup goes too, rather than one per data directory piling up on the host.
-            SandboxCgroups(self.config.cgroup_parent or "sandstorm").remove_parent()
+        with hold_data_dir(self.data_dir):
+            await self.store.open()
+            try:
+                async with self._supervised():
+                    yield self
+            finally:
+                # The actors are gone and reported their last states: write them, then close.
+                with trio.CancelScope(shield=True):
+                    await self.recorder.flush()
+                self.store_open = False
+                await self.store.close()
+                # The sandboxes are gone (or kept, and then their groups keep it): the
+                # gateway's own cgroup goes too, rather than one per data directory piling up.
+                SandboxCgroups(self.config.cgroup_parent or "sandstorm").remove_parent()
 
     @asynccontextmanager
     async def _supervised(self) -> AsyncIterator[Gateway]:
