@@ -24,11 +24,13 @@ async def test_a_second_gateway_on_the_same_data_dir_refuses_to_start(
                 "/v1/sandboxes/run", json={"command": ["true"], "keep_alive": 600}
             )
             sid = created.json()["id"]
-            second = await trio.run_process(
-                [sys.executable, "-m", "sandstorm", "serve", "--port", "0", "--data-dir",
-                 str(data_dir)],
-                cwd=REPO, capture_stdout=True, capture_stderr=True, check=False,
-            )  # fmt: skip
+            # Refused at once: a second gateway that starts instead never exits on its own.
+            with trio.fail_after(30):
+                second = await trio.run_process(
+                    [sys.executable, "-m", "sandstorm", "serve", "--port", "0", "--data-dir",
+                     str(data_dir)],
+                    cwd=REPO, capture_stdout=True, capture_stderr=True, check=False,
+                )  # fmt: skip
             err = second.stderr.decode()
             assert second.returncode == 1, err[-2000:]
             assert f"is in use by another gateway (pid {gp.proc.pid})" in err, err[-2000:]
