@@ -54,7 +54,12 @@ async def serve(
         async def http(*, task_status: trio.TaskStatus[list[str]]) -> None:
             try:
                 await serve_http(
-                    app, hc, stop_http, config.write_timeout_s, task_status=task_status
+                    app,
+                    hc,
+                    stop_http,
+                    config.write_timeout_s,
+                    config.max_body_bytes,
+                    task_status=task_status,
                 )
             finally:
                 http_stopped.set()

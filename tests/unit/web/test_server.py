@@ -1,4 +1,4 @@
-"""The HTTP/1.1 protocol the gateway serves with (``CoalescingH11Protocol``): an answer's head
+"""The HTTP/1.1 protocol the gateway serves with (``GatewayH11Protocol``): an answer's head
 and body leave in one write, with nothing changed in what is written."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypercorn.protocol.events import Body, EndBody, Response
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.worker_context import WorkerContext
 
-from sandstorm.web.server import CoalescingH11Protocol
+from sandstorm.web.server import GatewayH11Protocol
 
 REQUEST = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"
 
@@ -56,7 +56,7 @@ def _sized(body: bytes) -> list[Any]:
 async def test_a_sized_answer_is_one_write_of_the_same_bytes() -> None:
     events = _sized(b'{"ok":true}')
     plain = await _answer(H11Protocol, events)
-    coalesced = await _answer(CoalescingH11Protocol, events)
+    coalesced = await _answer(GatewayH11Protocol, events)
     # Hypercorn's own: head, body, and an empty end of message.
     assert len(plain) == 3 and plain[2] == b""
     assert coalesced == [b"".join(plain)]
@@ -65,9 +65,7 @@ async def test_a_sized_answer_is_one_write_of_the_same_bytes() -> None:
 
 async def test_an_answer_without_a_body_and_a_chunked_one() -> None:
     empty = [Response(stream_id=1, status_code=204, headers=[]), EndBody(stream_id=1)]
-    assert await _answer(CoalescingH11Protocol, empty) == [
-        b"".join(await _answer(H11Protocol, empty))
-    ]
+    assert await _answer(GatewayH11Protocol, empty) == [b"".join(await _answer(H11Protocol, empty))]
     chunked = [
         Response(stream_id=1, status_code=200, headers=[(b"transfer-encoding", b"chunked")]),
         Body(stream_id=1, data=b"one"),
@@ -75,7 +73,7 @@ async def test_an_answer_without_a_body_and_a_chunked_one() -> None:
         EndBody(stream_id=1),
     ]
     plain = await _answer(H11Protocol, chunked)
-    coalesced = await _answer(CoalescingH11Protocol, chunked)
+    coalesced = await _answer(GatewayH11Protocol, chunked)
     # The head goes with the first chunk; later chunks and the last-chunk marker as before.
     assert coalesced == [plain[0] + plain[1], plain[2], plain[3]]
     assert coalesced[-1] == b"0\r\n\r\n"
