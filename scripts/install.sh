@@ -139,6 +139,20 @@ if [[ -z "$runsc_version" ]] || dpkg --compare-versions "$runsc_version" lt "$mi
     fi
 fi
 
+# --- host process numbers ---------------------------------------------------------------------
+# Each gVisor sandbox may take up to pids_limit x 24 host tasks (docs/security.md): the kernel's
+# 32768-pid default would let a few fork bombs leave the gateway no pid to start a thread with.
+# 4194304 is the kernel's maximum on 64-bit (systemd's default too). Kept across reboots.
+want_pid_max=4194304
+if (($(cat /proc/sys/kernel/pid_max) < want_pid_max)); then
+    if sysctl -qw kernel.pid_max="$want_pid_max" 2>/dev/null; then
+        say "kernel.pid_max raised to $want_pid_max"
+        echo "kernel.pid_max = $want_pid_max" >/etc/sysctl.d/60-sandstorm.conf
+    else
+        say "warning: cannot raise kernel.pid_max (read-only here); fork bombs share the host's pids"
+    fi
+fi
+
 # --- Python environment -----------------------------------------------------------------------
 if [[ ! -x .venv/bin/python ]]; then
     say "creating .venv"

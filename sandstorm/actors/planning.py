@@ -318,4 +318,5 @@ class Planner:
             files=files,
             stdin=stdin,
             close_stdin=not (interactive or req.stdin_open),
+            background=req.background,
         )

@@ -218,13 +218,23 @@ class AgentChannel:
             raise
 
     async def send_exec(
-        self, channel: int, argv: list[str], env: dict[str, str], cwd: str, *, last: bool = False
+        self,
+        channel: int,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str,
+        *,
+        last: bool = False,
+        background: bool = False,
     ) -> None:
         """Start ``argv`` with exactly ``env`` in ``cwd`` as exec ``channel`` (>= 1, unique).
-        ``last``: the sandbox ends after this exec, so the agent prepares nothing for later."""
+        ``last``: the sandbox ends after this exec, so the agent prepares nothing for later.
+        When the process ends, the agent kills what is left in its process group, unless
+        ``background``: then those processes run on (until the sandbox ends)."""
         if not argv:
             raise ValueError("argv must not be empty")
-        await self.send_frame(FrameKind.EXEC, channel, encode_exec(argv, env, cwd, last=last))
+        payload = encode_exec(argv, env, cwd, last=last, background=background)
+        await self.send_frame(FrameKind.EXEC, channel, payload)
 
     async def send_stdin(self, channel: int, data: bytes) -> None:
         """Send stdin for an exec, split into frames of at most :data:`MAX_GATEWAY_FRAME`.

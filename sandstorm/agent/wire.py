@@ -175,6 +175,7 @@ class _ExecRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     env: dict[str, str]
     cwd: str
     last: bool = False
+    background: bool = False
 
 
 class _SignalRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -238,9 +239,14 @@ def decode_file_written(payload: bytes) -> FileWritten:
     return _decode(_file_written_decoder, "FILE_WRITTEN", payload)
 
 
-def encode_exec(argv: list[str], env: dict[str, str], cwd: str, *, last: bool = False) -> bytes:
-    """An EXEC payload (``last`` is left out when false)."""
-    return _encoder.encode(_ExecRequest(argv=list(argv), env=dict(env), cwd=cwd, last=last))
+def encode_exec(
+    argv: list[str], env: dict[str, str], cwd: str, *, last: bool = False, background: bool = False
+) -> bytes:
+    """An EXEC payload (``last`` and ``background`` are left out when false)."""
+    request = _ExecRequest(
+        argv=list(argv), env=dict(env), cwd=cwd, last=last, background=background
+    )
+    return _encoder.encode(request)
 
 
 def encode_signal(signum: int) -> bytes:

@@ -80,6 +80,9 @@ class RunRequest(_Wire, frozen=True):
     keep_alive: KeepAliveS = 300
     # Keep the program's stdin open (after ``stdin``, if any) for ``stdin`` frames on the stream.
     stdin_open: bool = False
+    # Processes the program leaves behind (``server &``, a daemon) run on after it ends, until
+    # the sandbox ends; without it they are killed when it ends.
+    background: bool = False
 
 
 class ExecRequest(_Wire, frozen=True):
@@ -92,6 +95,9 @@ class ExecRequest(_Wire, frozen=True):
     timeout: TimeoutMs | None = None
     wait: bool = True
     stdin_open: bool = False
+    # Processes the program leaves behind (``server &``, a daemon) run on after it ends, until
+    # the sandbox ends; without it they are killed when it ends.
+    background: bool = False
 
 
 class SnapshotRequest(_Wire, frozen=True):
@@ -350,6 +356,7 @@ class ExecFrame(_ClientFrame, frozen=True, tag="exec"):
     cwd: AbsPath | None = None
     stdin: Code | None = None
     timeout: TimeoutMs | None = None
+    background: bool = False
 
 
 ClientFrame = StdinFrame | StdinCloseFrame | SignalFrame | ExecFrame

@@ -212,6 +212,10 @@ class SandboxRuntime(abc.ABC):
         """Whether the sandbox hit its memory limit (call before destroy)."""
         return self.cgroups.out_of_memory(sandbox_id)
 
+    def process_limit_hit(self, sandbox_id: str) -> bool:
+        """Whether the sandbox's host processes reached their limit (call before destroy)."""
+        return self.cgroups.process_limit_hit(sandbox_id)
+
     def exec_starting(self, sandbox_id: str, alone: bool) -> None:
         """An exec is about to start (``alone``: no other exec runs in the sandbox)."""
         if self.allocations_fail_at_limit and alone:

@@ -256,6 +256,19 @@ class SandboxCgroups:
         except (OSError, ValueError):
             return False
 
+    def process_limit_hit(self, sandbox_id: str) -> bool:
+        """True once a process or thread could not be created in the sandbox's group because
+        of its pids limit (the kernel counts it in ``pids.events`` where the limit is set)."""
+        group = (self.root if self.v2 else self._hierarchy("pids")) / self.parent / sandbox_id
+        try:
+            for line in _read(group / "pids.events").splitlines():
+                name, _, value = line.partition(" ")
+                if name == "max" and int(value) > 0:
+                    return True
+        except (OSError, ValueError):
+            pass
+        return False
+
     async def release(self, sandbox_id: str, *, tries: int = 40) -> list[str]:
         """Remove the sandbox's groups once its last task has left them: right after a kill
         the kernel may still hold a dying task (EBUSY), so removal is retried for up to

@@ -10,6 +10,10 @@ from sandstorm.runtimes.base import AGENT_ENV, SandboxSpec
 SANDBOX_UID = 1000
 
 
+#: Pending signals a sandbox's user may have per process it may have (RLIMIT_SIGPENDING).
+SIGNALS_PER_PROCESS = 64
+
+
 def oci_config(spec: SandboxSpec, cgroups_path: str) -> dict[str, object]:
     """The OCI runtime spec for one sandbox (``config.json`` of its bundle)."""
     mounts: list[dict[str, object]] = [
@@ -31,6 +35,7 @@ def oci_config(spec: SandboxSpec, cgroups_path: str) -> dict[str, object]:
             }
         )
     no_caps: list[str] = []
+    sigpending = spec.pids_limit * SIGNALS_PER_PROCESS
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -44,10 +49,12 @@ def oci_config(spec: SandboxSpec, cgroups_path: str) -> dict[str, object]:
                 k: no_caps for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
             },
             # The process limit is enforced inside gVisor (a fork bomb gets EAGAIN there); the
-            # host cgroup's pids.max only guards the sentry's own threads.
+            # host cgroup's pids.max only guards the sentry's own threads. gVisor drops any
+            # signal past RLIMIT_SIGPENDING (0 unless set), a child's SIGCHLD included.
             "rlimits": [
                 {"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096},
                 {"type": "RLIMIT_NPROC", "hard": spec.pids_limit, "soft": spec.pids_limit},
+                {"type": "RLIMIT_SIGPENDING", "hard": sigpending, "soft": sigpending},
             ],
         },
         # Writable, but under gVisor every write lands in the memory overlay

@@ -148,7 +148,7 @@ async def test_delete_frees_everything_of_the_sandbox(
     with trio.fail_after(60 if sandbox_runtime == "gvisor" else 180):
         async with start_gateway(sandbox_runtime=sandbox_runtime) as gw:
             never_500(gw)
-            body = await gw.run_ok(command=["sh", "-c", "sleep 30 & echo started"])
+            body = await gw.run_ok(command=["sh", "-c", "sleep 30 & echo started"], background=True)
             sid = body["id"]
             running = await host_state(gw.data_dir, cgroup_parent)
             held = running.mentioning(sid)

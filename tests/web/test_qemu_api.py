@@ -148,6 +148,7 @@ async def test_snapshot_leave_running_then_resume(qgw: RunningGateway) -> None:
         body = await qgw.run_ok(
             command=["sh", "-c", 'python3 -c "$PROG" >/dev/null 2>&1 & echo started'],
             environment={"PROG": counter},
+            background=True,
             isolation_level="maximum",
             keep_alive=120,
         )

@@ -36,6 +36,7 @@ async def _start_counter(gw: RunningGateway) -> str:
     body = await gw.run_ok(
         command=["sh", "-c", 'python3 -c "$PROG" >/dev/null 2>&1 & echo started'],
         environment={"PROG": COUNTER},
+        background=True,
     )
     sid: str = body["id"]
     await _exec(gw, sid, "echo kept > /workspace/note")

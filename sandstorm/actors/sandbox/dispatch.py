@@ -92,6 +92,12 @@ class AgentDispatch(RecoveryRecords):
             )
         elif reason is None:
             reason = "sandbox stopped responding"
+        if not oom and self.runtime.process_limit_hit(self.id):
+            # The runtime itself could not get the host processes it needed.
+            reason += (
+                f"; its host processes had reached their limit (pids_limit "
+                f"{self.params.spec.pids_limit})"
+            )
         if not oom and (diag := instance.diagnostics()):
             reason += f"; runtime log: {diag[-300:]}"
         self.metrics.agent_failed("oom" if oom else failure_class)
@@ -219,7 +225,9 @@ class AgentDispatch(RecoveryRecords):
             # keep_alive 0: the sandbox ends with this run, the agent need not prepare for more.
             last = self.params.keep_alive_s == 0
             await self._to_agent(
-                lambda ch: ch.send_exec(num, plan.argv, plan.env, plan.cwd, last=last)
+                lambda ch: ch.send_exec(
+                    num, plan.argv, plan.env, plan.cwd, last=last, background=plan.background
+                )
             )
             if plan.stdin:
                 stdin = plan.stdin

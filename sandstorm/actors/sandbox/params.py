@@ -82,3 +82,5 @@ class ExecPlan:
     files: dict[str, bytes]
     stdin: bytes | None
     close_stdin: bool
+    #: What the program leaves running when it ends runs on; otherwise it is killed.
+    background: bool = False

@@ -148,6 +148,7 @@ struct request {
     char **env; /* "NAME=value", NULL-terminated, in the request's order, names unique */
     int envc;
     char *cwd;
+    bool background; /* what the exec leaves behind runs on after it (see finish) */
 };
 
 struct request *parse_exec(const char *payload, size_t n, bool *last, char *error,
@@ -212,6 +213,8 @@ void check_start(struct exec *ex);
 void finish(struct exec *ex, int status, const struct rusage *usage);
 void start_exec(uint32_t channel, struct request *r, struct exec *ex);
 void kill_exec_groups(void);
+bool sweeping(void);
+void sweep(void);
 void on_exec(uint32_t channel, const char *payload, size_t n);
 void on_stdin(uint32_t channel, const char *payload, size_t n);
 void on_stdin_close(uint32_t channel);

@@ -5,8 +5,10 @@
 struct exec *execs;
 static uint32_t *used_channels; /* sorted */
 static size_t used_count, used_cap;
-static pid_t *finished_pgids; /* groups that may still hold background processes */
+static pid_t *finished_pgids; /* background execs' groups: they may still hold processes */
 static size_t finished_count, finished_cap;
+static pid_t *swept_pgids; /* finished execs' groups that are being emptied */
+static size_t swept_count, swept_cap;
 
 struct exec *exec_new(uint32_t channel) {
     struct exec *ex = xmalloc(sizeof *ex);
@@ -99,10 +101,39 @@ static void remember_group(pid_t pgid) {
     finished_pgids[finished_count++] = pgid;
 }
 
+/* An exec is over and asked for nothing to outlive it: SIGKILL to its group now, and again on
+ * every pass of the loop (sweep) until the group is empty. One signal is not enough: a process
+ * forking as it lands can leave a child the signal missed (a fork bomb does little else), and
+ * killed processes stay in the group until reaped. Processes that left the group (setsid,
+ * setpgid) are not the exec's any more and live on. */
+static void sweep_group(pid_t pgid) {
+    kill(-pgid, SIGKILL);
+    if (swept_count == swept_cap) {
+        swept_cap = swept_cap ? swept_cap * 2 : 16;
+        swept_pgids = xrealloc(swept_pgids, swept_cap * sizeof *swept_pgids);
+    }
+    swept_pgids[swept_count++] = pgid;
+}
+
+bool sweeping(void) {
+    return swept_count > 0;
+}
+
+/* Another SIGKILL to each group being emptied; forgets those that are gone. */
+void sweep(void) {
+    size_t kept = 0;
+    for (size_t i = 0; i < swept_count; i++)
+        if (kill(-swept_pgids[i], SIGKILL) == 0 || errno == EPERM)
+            swept_pgids[kept++] = swept_pgids[i];
+    swept_count = kept;
+}
+
 /* SIGKILL to the group of every exec, running or finished (background processes included). */
 void kill_exec_groups(void) {
     for (size_t i = 0; i < finished_count; i++)
         kill(-finished_pgids[i], SIGKILL);
+    for (size_t i = 0; i < swept_count; i++)
+        kill(-swept_pgids[i], SIGKILL);
     for (struct exec *ex = execs; ex; ex = ex->next)
         kill(-ex->pid, SIGKILL);
 }
@@ -280,7 +311,10 @@ void finish(struct exec *ex, int status, const struct rusage *usage) {
     close_output(ex, STDERR);
     if (ex->start_fd >= 0)
         close(ex->start_fd);
-    remember_group(ex->pid);
+    if (ex->request && ex->request->background)
+        remember_group(ex->pid);
+    else
+        sweep_group(ex->pid);
     exec_free(ex);
 }
 
@@ -337,7 +371,11 @@ void start_exec(uint32_t channel, struct request *r, struct exec *ex) {
         }
     }
     if (failed) {
-        send_error(channel, "cannot start process: %s", strerror(-failed));
+        if (failed == -EAGAIN) /* clone's: the sandbox is at its process limit */
+            send_error(channel, "cannot start process: the sandbox has as many processes as "
+                                "its pids limit allows");
+        else
+            send_error(channel, "cannot start process: %s", strerror(-failed));
         send_exit_without_child(channel);
         if (!fresh)
             exec_unlink(ex);

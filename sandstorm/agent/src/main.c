@@ -48,12 +48,27 @@ static void drain_wakeups(void) {
 }
 
 /* Milliseconds until the zygote needs attention (its start, a held exec's check), or -1. */
+/* How often a group being emptied gets its SIGKILL again (execs.c: sweep). */
+#define SWEEP_INTERVAL_MS 10
+/* How long a child's exit can go unseen while execs run. A SIGCHLD can be lost: gVisor drops a
+ * signal once the user's pending signals reach RLIMIT_SIGPENDING, and the agent shares its user
+ * with the sandbox's code, which can queue that many. So the loop also reaps on this timer. */
+#define REAP_INTERVAL_MS 250
+
 static int poll_timeout(void) {
+    int ms = -1;
+    if (sweeping())
+        ms = SWEEP_INTERVAL_MS;
+    else if (execs)
+        ms = REAP_INTERVAL_MS;
     double due = zygote_next_due();
-    if (due < 0)
-        return -1;
-    double ms = (due - monotonic()) * 1000.0;
-    return ms <= 0 ? 0 : (int)ms + 1;
+    if (due >= 0) {
+        double left = (due - monotonic()) * 1000.0;
+        int zygote_ms = left <= 0 ? 0 : (int)left + 1;
+        if (ms < 0 || zygote_ms < ms)
+            ms = zygote_ms;
+    }
+    return ms;
 }
 
 enum slot_kind {
@@ -103,6 +118,10 @@ static void run(void) {
         if (ready < 0 && errno != EINTR)
             break;
         zygote_tick();
+        if (sweeping())
+            sweep();
+        if (ready == 0 && (execs || sweeping()))
+            reap(); /* the timer: a SIGCHLD may have been lost */
         if (ready <= 0)
             continue;
         for (size_t i = 0; i < n && !gateway_gone; i++) {

@@ -1,4 +1,4 @@
-/* An EXEC's request: argv, env and cwd checked as the gateway's schema states them, copied out
+/* An EXEC's request: argv, env, cwd and background checked as the gateway's schema states them, copied out
  * of the parsed payload so that nothing of the frame is kept. */
 #include "agent.h"
 
@@ -99,6 +99,11 @@ struct request *parse_exec(const char *payload, size_t n, bool *last, char *erro
         }
         *last = last_value->type == J_TRUE;
     }
+    struct jval *background = jget(root, "background");
+    if (background && background->type != J_TRUE && background->type != J_FALSE) {
+        problem = "background must be a boolean";
+        goto done;
+    }
     bool unencodable = cwd->unencodable;
     for (struct jval *a = argv->child; a; a = a->next)
         unencodable |= a->unencodable;
@@ -134,6 +139,7 @@ struct request *parse_exec(const char *payload, size_t n, bool *last, char *erro
     }
     r->env[r->envc] = NULL;
     r->cwd = xstrndup(cwd->str, cwd->len);
+    r->background = background && background->type == J_TRUE;
 done:
     if (problem)
         snprintf(error, error_size, "%s", problem);

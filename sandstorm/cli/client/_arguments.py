@@ -74,6 +74,12 @@ def add_commands(
         action="store_true",
         help="do not forward this terminal's stdin (the program reads EOF)",
     )
+    streaming.add_argument(
+        "--background",
+        action="store_true",
+        help="processes the program leaves running (`server &`) run on after it ends, until "
+        "the sandbox ends; by default they are killed with it",
+    )
 
     run = sub.add_parser(
         "run",

@@ -141,6 +141,7 @@ async def cmd_run(client: AsyncClient, args: argparse.Namespace) -> int:
         "wait": False,
         "stdin_open": forward_stdin,
         "keep_alive": keep_alive,
+        "background": args.background,
     }
     session = Session(forward_stdin=forward_stdin)
     return await session.run(client, body, keep=keep)
@@ -152,6 +153,7 @@ async def cmd_exec(client: AsyncClient, args: argparse.Namespace) -> int:
         "environment": dict(args.env),
         "cwd": args.cwd,
         "timeout": args.timeout,
+        "background": args.background,
     }
     session = Session(forward_stdin=not args.no_stdin)
     return await session.exec(client, args.sandbox_id, fields)

@@ -14,7 +14,7 @@ import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar, get_args
+from typing import ClassVar, Final, get_args
 
 import msgspec
 import trio
@@ -43,6 +43,7 @@ CONTROL_TIMEOUT_S = 15.0
 # How long a checkpointed sandbox may take to stop and let runsc delete its container.
 CHECKPOINT_EXIT_S = 1.0
 STATE_MARK = "_sandbox:"  # in runsc's state file names, between container and sandbox id
+HOST_TASKS_PER_PROCESS: Final = 24  # host tasks allowed per in-sandbox process (host_limits)
 
 
 class RunscError(RuntimeStartError):
@@ -268,10 +269,15 @@ class GvisorRuntime(ShimmedRuntime):
 
     @staticmethod
     def host_limits(spec: SandboxSpec) -> Limits:
-        """Under the ptrace platform every process in the sandbox costs several host tasks (its
-        stub and their threads), so the host guard sits well above the in-sandbox process
-        limit, which is what a fork bomb meets."""
-        return Limits(spec.cpu_limit, spec.memory_limit, spec.pids_limit * 8 + 256)
+        """Under the ptrace platform every process in the sandbox costs many host tasks (its
+        address space's stub process, one stub thread per sentry thread that has run it, and
+        those sentry threads), so the host guard sits far above the in-sandbox process limit,
+        which is what a fork bomb must meet first: at the host guard the sentry itself can no
+        longer start a thread, and the whole sandbox dies. docs/security.md has the measured
+        cost per process."""
+        return Limits(
+            spec.cpu_limit, spec.memory_limit, spec.pids_limit * HOST_TASKS_PER_PROCESS + 256
+        )
 
     def adjust_limits(self, old: SandboxSpec, new: SandboxSpec) -> None:
         """Set a live sandbox's host limits from ``old`` to ``new`` (a warm pool claim). The

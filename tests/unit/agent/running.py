@@ -79,10 +79,16 @@ class Agent:
         return number
 
     async def start(
-        self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | Path = "/"
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | Path = "/",
+        background: bool = False,
     ) -> int:
         number = self.new_channel()
-        await self.channel.send_exec(number, argv, ENV if env is None else env, str(cwd))
+        env = ENV if env is None else env
+        await self.channel.send_exec(number, argv, env, str(cwd), background=background)
         return number
 
     async def wait_started(self, number: int) -> int:

@@ -54,7 +54,7 @@ async def test_exit_does_not_wait_for_a_background_process_holding_the_pipes(
 ) -> None:
     with trio.fail_after(TIMEOUT):
         async with running_agent(tmp_path) as agent:
-            number = await agent.start(["sh", "-c", "sleep 100 & echo $!"])
+            number = await agent.start(["sh", "-c", "sleep 100 & echo $!"], background=True)
             result = await agent.finish(number)  # the sleep still holds stdout and stderr
             assert result.exit is not None
             assert result.exit.exit_code == 0
@@ -62,6 +62,35 @@ async def test_exit_does_not_wait_for_a_background_process_holding_the_pipes(
             assert not is_dead(background)
         # The agent killed the group on shutdown.
         await wait_dead(background)
+
+
+async def test_what_an_exec_leaves_behind_is_killed_when_it_ends(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with running_agent(tmp_path) as agent:
+            number = await agent.start(["sh", "-c", "sleep 100 & sleep 100 & echo $!"])
+            result = await agent.finish(number)
+            assert result.exit is not None and result.exit.exit_code == 0
+            await wait_dead(int(result.stdout))
+            # The agent goes on: the next exec runs.
+            again = await agent.finish(await agent.start(["echo", "next"]))
+            assert again.stdout == b"next\n"
+
+
+async def test_orphans_the_exec_left_in_its_group_are_swept_away(tmp_path: Path) -> None:
+    """Each sleep is orphaned at once (its subshell exits): re-parented to the agent, still in
+    the exec's group, and killed with it when the shell ends."""
+    with trio.fail_after(TIMEOUT):
+        async with running_agent(tmp_path) as agent:
+            script = "for i in $(seq 40); do (sleep 100 &); done; echo $$"
+            result = await agent.finish(await agent.start(["sh", "-c", script]))
+            assert result.exit is not None and result.exit.exit_code == 0
+            group = int(result.stdout)
+            while True:  # the group empties within the deadline
+                try:
+                    os.killpg(group, 0)
+                except ProcessLookupError:
+                    break
+                await trio.sleep(0.05)
 
 
 async def test_eof_kills_running_execs_and_exits(tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ async def test_exec_payloads_are_parsed_as_strictly_as_python_json(tmp_path: Pat
                 b'{"argv": ["true"], "env": {}, "cwd": "/"} x': "Extra data",
                 b'{"argv": ["true"], "env": {}, "cwd": "/", "x": %s}' % nested: "nested",
                 b'{"argv": ["true"], "env": {}, "cwd": "/", "last": 1}': "last must be",
+                b'{"argv": ["true"], "env": {}, "cwd": "/", "background": "y"}': "background must",
                 b'{"argv": ["true"], "env": [], "cwd": "/"}': "env must be an object",
                 b'{"argv": ["true"], "env": {"A=B": "1"}, "cwd": "/"}': "variable name",
                 b'{"argv": ["true"], "env": {"A": 1}, "cwd": "/"}': "env values",
