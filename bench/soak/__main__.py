@@ -59,10 +59,10 @@ def parse(argv: list[str]) -> tuple[Settings, Path | None]:
     vm_workers = args.vm_workers if args.vm_workers is not None else max(1, args.concurrency // 8)
     pool = [{"runtime": "gvisor", "memory_limit": 128 << 20, "size": args.warm_pool}]
     settings = Settings(
-        seconds=args.minutes * 60,
+        seconds=0 if args.vm_runs else args.minutes * 60,
         concurrency=args.concurrency,
         vm_workers=vm_workers,
-        faults=faults,
+        faults=[] if args.vm_runs else faults,
         first_fault_s=args.first_fault,
         fault_every_s=args.fault_every,
         fault_hold_s=args.fault_hold,

@@ -106,6 +106,7 @@ def summarize(
         "fault_checks": len(record.fault_checks),
         "gateway_crashes": len(crashes),
         "leaks": len(leaks.found) + len(leaks.cleanup),
+        "vm_runs_failed": record.counts.get("vm_runs_failed", 0),
     }
     return {
         "settings": settings,
@@ -138,6 +139,11 @@ def text(summary: dict[str, Any]) -> str:
     out = [f"soak: {summary['settings']}"]
     out.append(f"requests: {summary['requests']}  by status: {summary['requests_by_status']}")
     out.append(f"counts: {summary['counts']}")
+    if summary["settings"]["vm_runs"]:
+        counts = summary["counts"]
+        out.append(
+            f"vm runs: {counts.get('vm_runs', 0)} in a row, {counts.get('vm_runs_ok', 0)} succeeded"
+        )
     out.append("faults: " + ", ".join(f"{f['kind']}@{f['at_s']}s" for f in summary["faults"]))
     for row in summary["errors"]:
         cause = row["explained_by"] or "UNEXPLAINED"
