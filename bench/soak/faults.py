@@ -15,6 +15,7 @@ it causes are expected:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import time
@@ -56,7 +57,12 @@ async def schedule(
     n = 0
     while faults and at < soak.stop_at - GRACE_S:
         await trio.sleep_until(trio.current_time() + max(0.0, at - time.monotonic()))
-        await inject(soak, data, faults[n % len(faults)], hold_s)
+        fault = faults[n % len(faults)]
+        try:
+            await inject(soak, data, fault, hold_s)
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            # Reported, never silent: the soak fails on it, with the rest of its findings.
+            soak.record.fault_checks.append(f"{fault}: the injection failed: {exc!r}")
         n += 1
         at = max(at + every, time.monotonic() + 1)
 
@@ -194,9 +200,20 @@ async def disk_full(soak: Soak, data: DataDir, hold_s: float) -> None:
     filler = data.mount / "filler"
     window = soak.record.open_window("disk_full")
     try:
-        stat = os.statvfs(data.mount)
         with filler.open("wb") as f:
-            os.posix_fallocate(f.fileno(), 0, stat.f_bavail * stat.f_frsize)
+            size = 0
+            # The gateway writes meanwhile: what was free a moment ago may not be any more.
+            for _ in range(50):
+                stat = os.statvfs(data.mount)
+                free = stat.f_bavail * stat.f_frsize
+                if free == 0:
+                    break
+                try:
+                    os.posix_fallocate(f.fileno(), size, free)
+                    size += free
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
         await trio.sleep(hold_s)
     finally:
         filler.unlink(missing_ok=True)
