@@ -23,6 +23,7 @@ import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import ClassVar
 
 import trio
@@ -291,8 +292,8 @@ class ShimmedRuntime(SandboxRuntime):
             # Never delete through a mount: it reaches the host's files (raises if one stays).
             detached = await trio.to_thread.run_sync(unmount_all, directory)
             released += [f"read-only mount {point}" for point in detached]
-            await trio.to_thread.run_sync(shutil.rmtree, directory)
-            released.append(f"{self.directory_word} {directory}")
+            if await trio.to_thread.run_sync(_remove_tree, directory):
+                released.append(f"{self.directory_word} {directory}")
         return released
 
     @abc.abstractmethod
@@ -304,6 +305,25 @@ class ShimmedRuntime(SandboxRuntime):
         """After the shim is gone: free what the runtime may have left (a boot killed half-way);
         what was released."""
         return []
+
+
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType]
+
+
+def _remove_tree(directory: Path) -> bool:
+    """Remove ``directory`` and everything in it; False if it was gone already. What vanishes
+    meanwhile (a second teardown of the same sandbox) is released, not an error."""
+
+    def missing_is_released(_function: object, _path: str, info: _ExcInfo) -> None:
+        if not isinstance(info[1], FileNotFoundError):
+            raise info[1]
+
+    try:
+        os.lstat(directory)
+    except FileNotFoundError:
+        return False
+    shutil.rmtree(directory, onerror=missing_is_released)
+    return True
 
 
 async def _attach(

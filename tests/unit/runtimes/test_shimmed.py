@@ -153,6 +153,30 @@ async def test_teardown_through_the_channel_ends_the_shim(
         assert not paths.directory.exists() and not paths.socket.exists()
 
 
+async def test_teardowns_that_race_both_succeed_and_free_everything(
+    runtime: GvisorRuntime, data_dir: Path
+) -> None:
+    """Two teardowns of one sandbox at once (or one finding parts already gone) each release
+    what is left, and neither fails on what the other took."""
+    spec = make_spec(data_dir)
+    with trio.fail_after(60):
+        instance = await runtime.start(spec)
+        await instance.channel.wait_hello()
+        released: list[list[str]] = []
+
+        async def destroy() -> None:
+            released.append(await runtime.destroy(spec.sandbox_id))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(destroy)
+        everything = [item for items in released for item in items]
+        assert any(item.startswith("runsc container") for item in everything), released
+        assert any(item.startswith("bundle directory") for item in everything), released
+        assert await runtime.destroy(spec.sandbox_id) == []  # nothing left to release
+        await instance.wait()
+
+
 async def test_backpressure_at_journal_max(data_dir: Path, cgroup_parent: str) -> None:
     journal_max = 256 * 1024
     rt = make_runtime(data_dir, cgroup_parent, journal_max=journal_max)
