@@ -128,9 +128,13 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     # long to finish; then every sandbox is destroyed, or left running for the next gateway
     # ("keep": the actors detach, nothing is torn down).
     shutdown_grace_s: Annotated[float, Meta(ge=0)] = 10.0
-    # "keep" by default: an upgrade or restart loses no sandbox (each is held by its shim and
-    # the next gateway takes it over). Until then nothing enforces their keep_alive or lifetime.
+    # After SIGTERM (what service managers and `kill` send): "keep" by default, so an upgrade
+    # or restart loses no sandbox (each is held by its shim and the next gateway takes it over).
+    # Until then nothing enforces their keep_alive or lifetime.
     on_shutdown: Literal["destroy", "keep"] = "keep"
+    # After SIGINT (Ctrl-C in the terminal that runs `sandstorm serve`): "destroy" by default,
+    # as whoever stops a program in a terminal expects everything it started to stop with it.
+    on_interrupt: Literal["destroy", "keep"] = "destroy"
     # Warm pool (actors/pool.py): sandboxes booted ahead of demand, one class per entry; the
     # default is one class of the default limits. Pool sandboxes count against max_sandboxes
     # and memory_budget (and give way when a request needs the room).

@@ -80,7 +80,16 @@ async def _wait_for_signals(gateway: Gateway, drain: trio.Event) -> None:
         async for signum in signals:
             name = signal.Signals(signum).name
             if not drain.is_set():
-                log.info("received %s: draining (send it again to skip the grace period)", name)
+                if signum == signal.SIGINT:
+                    gateway.interrupted()
+                log.info(
+                    "received %s: draining, then the sandboxes are %s (send it again to skip "
+                    "the grace period)",
+                    name,
+                    "destroyed"
+                    if gateway.on_shutdown == "destroy"
+                    else "kept for the next gateway",
+                )
                 drain.set()
             else:
                 log.warning("received %s again: ending the grace period now", name)

@@ -51,6 +51,9 @@ class Gateway:
         self.metrics = Metrics()
         # Set on SIGTERM/SIGINT: not ready any more, new work refused (see drain()).
         self.draining = False
+        # What happens to the sandboxes when this gateway stops: on_shutdown, or on_interrupt
+        # once interrupted() was called.
+        self.on_shutdown = config.on_shutdown
         self._grace: trio.CancelScope | None = None
 
     def languages(self) -> list[LanguageInfo]:
@@ -146,14 +149,15 @@ class Gateway:
                 yield self
             finally:
                 self.router = None
-                if self.config.on_shutdown == "keep":
+                if self.on_shutdown == "keep":
                     router.detach_all()  # the next gateway takes them over
                 nursery.cancel_scope.cancel()
 
     async def drain(self) -> None:
         """Shut down gently (SIGTERM): refuse new sandboxes and execs (503), give running execs
         ``shutdown_grace_s`` to finish (less if :meth:`cut_grace` is called), then destroy every
-        sandbox (``on_shutdown = "destroy"``) while clients can still read the results. With
+        sandbox (``on_shutdown``, see :meth:`interrupted`, is "destroy") while clients can
+        still read the results. With
         "keep" the sandboxes are left as they are; the actors detach when ``running()`` exits."""
         self.draining = True
         router = self.router
@@ -168,8 +172,13 @@ class Gateway:
         running = sum(r.running for a in router.sandboxes.values() for r in a.execs.values())
         if running:
             log.warning("grace period over with %d execs still running", running)
-        if self.config.on_shutdown == "destroy":
+        if self.on_shutdown == "destroy":
             await router.destroy_all()
+
+    def interrupted(self) -> None:
+        """The stop is an interrupt (SIGINT): the sandboxes follow ``on_interrupt``, not
+        ``on_shutdown``. Call before :meth:`drain`."""
+        self.on_shutdown = self.config.on_interrupt
 
     def cut_grace(self) -> None:
         if self._grace is not None:

@@ -3,6 +3,7 @@ execs get the grace period, then sandboxes are destroyed (or left for the next g
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -118,3 +119,29 @@ async def test_sigterm_with_keep_leaves_sandboxes_for_the_next_gateway(
             )
             assert again.json()["result"]["stdout"] == "kept\n", again.text
             assert (await gw.client.get("/ready")).status_code == 200
+
+
+async def test_ctrl_c_stops_the_gateway_and_its_sandboxes(
+    runsc_required: None, data_dir: Path, cgroup_parent: str, tmp_path: Path
+) -> None:
+    """Ctrl-C in the terminal that runs ``sandstorm serve`` (SIGINT) destroys the sandboxes
+    even though SIGTERM would keep them: nothing is left running with no gateway to end it."""
+    with trio.fail_after(90):
+        async with (
+            gateway_process(
+                data_dir, tmp_path, cgroup_parent=cgroup_parent, shutdown_grace_s=1.0,
+                on_shutdown="keep",
+            ) as gp,
+            httpx.AsyncClient(base_url=gp.url, timeout=60) as client,
+        ):  # fmt: skip
+            created = await client.post(
+                "/v1/sandboxes/run", json={"command": ["true"], "keep_alive": 600}
+            )
+            sid = created.json()["id"]
+            assert (await host_state(data_dir, cgroup_parent)).mentioning(sid)
+            gp.signal(signal.SIGINT)
+            assert await gp.wait() == 0, gp.stderr.decode()[-3000:]
+        left = await settled_state(data_dir, cgroup_parent, HostState.is_empty, seconds=10)
+    assert left.is_empty(), left
+    messages = [line["message"] for line in gp.log_lines()]
+    assert any("SIGINT" in m and "destroyed" in m for m in messages), messages
