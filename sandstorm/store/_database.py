@@ -64,7 +64,10 @@ class Database:
                 value = work(db)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # SQLite may have rolled back already (SQLITE_FULL, SQLITE_IOERR): the error
+                # to report is the one that ended the transaction, not ROLLBACK's own.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
             return value
         finally:

@@ -3,7 +3,9 @@ tenants and records."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -205,3 +207,32 @@ def test_records_hold_no_secret_columns(store: Store) -> None:
     }
     for forbidden in ("environment", "code", "stdin", "argv", "command", "secret", "key"):
         assert forbidden not in columns
+
+
+def test_a_full_disk_is_the_error_reported_and_the_store_recovers(tmp_path: Path) -> None:
+    """On a full file system SQLite may end the transaction itself: the caller must see the
+    disk error (which the web layer turns into a retryable 503), not a failed ROLLBACK."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        store = Store(small).open()
+        try:
+            filler = small / "filler"
+            with open(filler, "wb") as f, contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            big = "x" * 200_000
+            with pytest.raises(sqlite3.OperationalError, match="full"):
+                for _ in range(50):
+                    store.record_audit(
+                        AuditRecord(time=time.time(), tenant="a", action=big, outcome="201")
+                    )
+            filler.unlink()
+            store.record_audit(AuditRecord(time=time.time(), tenant="a", action="run", outcome="1"))
+            assert "1" in [r.outcome for r in store.audit("a")]
+        finally:
+            store.close()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
