@@ -86,7 +86,9 @@ async def restart(soak: Soak, window: Window) -> None:
 
 
 async def watch_gateway(soak: Soak) -> None:
-    """A gateway that exits without the soak's doing is noted, and started again."""
+    """A gateway that exits without the soak's doing is noted, and started again. Its window
+    opens when it was last seen alive: it died at some point since."""
+    alive_at = time.monotonic()
     while True:
         await trio.sleep(0.5)
         if soak.up and soak.gateway.proc is not None:
@@ -95,8 +97,10 @@ async def watch_gateway(soak: Soak) -> None:
                 window = soak.record.open_window(
                     "gateway_crash", soak.gateway.unexpected_exits[-1][:300]
                 )
+                window.start = alive_at
                 soak.up = False
                 await restart(soak, window)
+        alive_at = time.monotonic()
 
 
 async def sandbox_kill(soak: Soak, target: str) -> None:

@@ -145,12 +145,20 @@ def text(summary: dict[str, Any]) -> str:
             f"vm runs: {counts.get('vm_runs', 0)} in a row, {counts.get('vm_runs_ok', 0)} succeeded"
         )
     out.append("faults: " + ", ".join(f"{f['kind']}@{f['at_s']}s" for f in summary["faults"]))
+    # Explained failures by kind (each is in the JSON); unexplained ones one by one.
+    explained = Counter(
+        (row["status"] or "no answer", row["code"], row["message"][:80], row["explained_by"])
+        for row in summary["errors"]
+        if row["explained_by"]
+    )
+    for (status, code, message, cause), count in sorted(explained.items(), key=str):
+        out.append(f"  {count:5d} x {status} {code}: {message} -> {cause}")
     for row in summary["errors"]:
-        cause = row["explained_by"] or "UNEXPLAINED"
-        out.append(
-            f"  {row['status'] or 'no answer'} {row['method']} {row['path']} "
-            f"[{row['kind']}] {row['code']}: {row['message'][:200]} -> {cause}"
-        )
+        if not row["explained_by"]:
+            out.append(
+                f"  {row['status'] or 'no answer'} {row['method']} {row['path']} "
+                f"[{row['kind']}] {row['code']}: {row['message'][:200]} -> UNEXPLAINED"
+            )
     for row in summary["hung"]:
         out.append(
             f"  HUNG {row['method']} {row['path']} [{row['kind']}] "
