@@ -213,6 +213,9 @@ void check_start(struct exec *ex);
 void finish(struct exec *ex, int status, const struct rusage *usage);
 void start_exec(uint32_t channel, struct request *r, struct exec *ex);
 void kill_exec_groups(void);
+/* A finished exec's group gets its SIGKILL every SWEEP_INTERVAL_MS for up to SWEEP_S. */
+#define SWEEP_INTERVAL_MS 10
+#define SWEEP_S 2.0
 bool sweeping(void);
 void sweep(void);
 void on_exec(uint32_t channel, const char *payload, size_t n);

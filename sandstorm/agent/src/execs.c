@@ -7,7 +7,11 @@ static uint32_t *used_channels; /* sorted */
 static size_t used_count, used_cap;
 static pid_t *finished_pgids; /* background execs' groups: they may still hold processes */
 static size_t finished_count, finished_cap;
-static pid_t *swept_pgids; /* finished execs' groups that are being emptied */
+struct swept {
+    pid_t pgid;
+    double until; /* then the group is left for the shutdown's kill (remember_group) */
+};
+static struct swept *swept; /* finished execs' groups that are being emptied */
 static size_t swept_count, swept_cap;
 
 struct exec *exec_new(uint32_t channel) {
@@ -101,18 +105,22 @@ static void remember_group(pid_t pgid) {
     finished_pgids[finished_count++] = pgid;
 }
 
-/* An exec is over and asked for nothing to outlive it: SIGKILL to its group now, and again on
- * every pass of the loop (sweep) until the group is empty. One signal is not enough: a process
- * forking as it lands can leave a child the signal missed (a fork bomb does little else), and
- * killed processes stay in the group until reaped. Processes that left the group (setsid,
- * setpgid) are not the exec's any more and live on. */
+/* An exec is over and asked for nothing to outlive it: SIGKILL to its group now and, if the
+ * group still has members, again on every pass of the loop (sweep) until it is empty. One
+ * signal is not enough: a process forking as it lands can leave a child the signal missed (a
+ * fork bomb does little else), and killed processes stay in the group until reaped. A group
+ * that outlasts SWEEP_S (a process stuck in the kernel) is left to the shutdown's kill.
+ * Processes that left the group (setsid, setpgid) are not the exec's any more and live on.
+ * A swept group's id cannot be taken by a new group while it has members; between its last
+ * reaping and the next pass the pid space would have to wrap around. */
 static void sweep_group(pid_t pgid) {
-    kill(-pgid, SIGKILL);
+    if (kill(-pgid, SIGKILL) < 0 && errno == ESRCH)
+        return; /* nothing was left behind: the usual case */
     if (swept_count == swept_cap) {
         swept_cap = swept_cap ? swept_cap * 2 : 16;
-        swept_pgids = xrealloc(swept_pgids, swept_cap * sizeof *swept_pgids);
+        swept = xrealloc(swept, swept_cap * sizeof *swept);
     }
-    swept_pgids[swept_count++] = pgid;
+    swept[swept_count++] = (struct swept){pgid, monotonic() + SWEEP_S};
 }
 
 bool sweeping(void) {
@@ -122,9 +130,14 @@ bool sweeping(void) {
 /* Another SIGKILL to each group being emptied; forgets those that are gone. */
 void sweep(void) {
     size_t kept = 0;
-    for (size_t i = 0; i < swept_count; i++)
-        if (kill(-swept_pgids[i], SIGKILL) == 0 || errno == EPERM)
-            swept_pgids[kept++] = swept_pgids[i];
+    for (size_t i = 0; i < swept_count; i++) {
+        if (kill(-swept[i].pgid, SIGKILL) < 0 && errno == ESRCH)
+            continue;
+        if (monotonic() >= swept[i].until)
+            remember_group(swept[i].pgid);
+        else
+            swept[kept++] = swept[i];
+    }
     swept_count = kept;
 }
 
@@ -133,7 +146,7 @@ void kill_exec_groups(void) {
     for (size_t i = 0; i < finished_count; i++)
         kill(-finished_pgids[i], SIGKILL);
     for (size_t i = 0; i < swept_count; i++)
-        kill(-swept_pgids[i], SIGKILL);
+        kill(-swept[i].pgid, SIGKILL);
     for (struct exec *ex = execs; ex; ex = ex->next)
         kill(-ex->pid, SIGKILL);
 }

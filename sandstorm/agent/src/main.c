@@ -47,14 +47,13 @@ static void drain_wakeups(void) {
     }
 }
 
-/* Milliseconds until the zygote needs attention (its start, a held exec's check), or -1. */
-/* How often a group being emptied gets its SIGKILL again (execs.c: sweep). */
-#define SWEEP_INTERVAL_MS 10
 /* How long a child's exit can go unseen while execs run. A SIGCHLD can be lost: gVisor drops a
  * signal once the user's pending signals reach RLIMIT_SIGPENDING, and the agent shares its user
  * with the sandbox's code, which can queue that many. So the loop also reaps on this timer. */
 #define REAP_INTERVAL_MS 250
 
+/* Milliseconds until the loop must run without an event: the next sweep, the reaping timer, or
+ * the zygote (its start, a held exec's check); -1 for none. */
 static int poll_timeout(void) {
     int ms = -1;
     if (sweeping())
