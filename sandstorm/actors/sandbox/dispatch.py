@@ -229,12 +229,17 @@ class AgentDispatch(RecoveryRecords):
                     num, plan.argv, plan.env, plan.cwd, last=last, background=plan.background
                 )
             )
-            if plan.stdin:
-                stdin = plan.stdin
-                await self._to_agent(lambda ch: ch.send_stdin(num, stdin))
-            if plan.close_stdin:
-                tracker.stdin_closed = True
-                await self._to_agent(lambda ch: ch.send_stdin_close(num))
+            try:
+                if plan.stdin:
+                    stdin = plan.stdin
+                    await self._to_agent(lambda ch: ch.send_stdin(num, stdin))
+                if plan.close_stdin:
+                    tracker.stdin_closed = True
+                    await self._to_agent(lambda ch: ch.send_stdin_close(num))
+            except SandboxNotRunning:
+                # The exec has started and the sandbox died under it (its program took the
+                # memory): its verdict comes with the sandbox's failure, as for any exec.
+                pass
         except BaseException:
             # Never leave an exec that looks running with nobody watching it.
             if tracker.running:
