@@ -164,13 +164,17 @@ def text(summary: dict[str, Any]) -> str:
             f"  HUNG {row['method']} {row['path']} [{row['kind']}] "
             f"after {row['took_s']} s (budget {row['budget_s']} s)"
         )
+    explained_anomalies = Counter(
+        (row["what"][:100], row["explained_by"])
+        for row in summary["anomalies"]
+        if row["explained_by"] and row not in summary["lost_output"]
+    )
+    for (what, cause), count in sorted(explained_anomalies.items(), key=str):
+        out.append(f"  {count:5d} x {what} -> {cause}")
     for row in summary["anomalies"]:
-        cause = (
-            "LOST OUTPUT"
-            if row in summary["lost_output"]
-            else (row["explained_by"] or "UNEXPECTED")
-        )
-        out.append(f"  {row['kind']} at {row['at_s']} s: {row['what'][:300]} -> {cause}")
+        if row in summary["lost_output"] or not row["explained_by"]:
+            cause = "LOST OUTPUT" if row in summary["lost_output"] else "UNEXPECTED"
+            out.append(f"  {row['kind']} at {row['at_s']} s: {row['what'][:300]} -> {cause}")
     out += [f"  FAULT CHECK {c}" for c in summary["fault_checks"]]
     out += [f"  GATEWAY EXIT {e[:500]}" for e in summary["gateway_exits_unexpected"]]
     leaks = summary["leaks"]
