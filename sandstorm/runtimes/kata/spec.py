@@ -83,9 +83,11 @@ def oci_spec(
     config = oci_config(spec, cgroups_path)
     process = config["process"]
     assert isinstance(process, dict)
-    # RLIMIT_NPROC counts every process of uid 1000 on the kernel, other sandboxes' too; the
-    # process limit is the cgroup's pids limit instead (in the guest, for Kata).
-    process["rlimits"] = [r for r in process["rlimits"] if r["type"] != "RLIMIT_NPROC"]
+    # RLIMIT_NPROC and RLIMIT_SIGPENDING count for every process of uid 1000 on the kernel,
+    # other sandboxes' too: the process limit is the cgroup's pids limit instead (in the guest,
+    # for Kata), and the kernel's own pending-signal limit stays (it never drops a SIGCHLD).
+    per_user = ("RLIMIT_NPROC", "RLIMIT_SIGPENDING")
+    process["rlimits"] = [r for r in process["rlimits"] if r["type"] not in per_user]
     config["root"] = {"path": str(rootfs), "readonly": False}
     mounts = config["mounts"]
     assert isinstance(mounts, list)
