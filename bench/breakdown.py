@@ -89,7 +89,7 @@ def instrument() -> None:
             marks.setdefault("exit", time.perf_counter())
         dispatch(self, kind, channel, payload)
 
-    sandbox.SandboxActor._dispatch = timed_dispatch  # type: ignore[method-assign]
+    sandbox.SandboxActor._dispatch = timed_dispatch  # type: ignore[method-assign, assignment]
 
 
 def phases(start: float, end: float, entry: str) -> dict[str, float] | None:
