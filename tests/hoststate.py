@@ -141,23 +141,32 @@ def _is_shim(cmdline: bytes) -> bool:
     return shim_argv_directory(cmdline.split(b"\0")) is not None
 
 
-def _processes(data_dir: Path, match: Callable[[bytes], bool]) -> frozenset[str]:
-    found: set[str] = set()
-    needle = str(data_dir).encode()
+def cmdlines() -> list[tuple[int, bytes]]:
+    """Every process's pid and raw command line (NUL-separated)."""
+    found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue  # gone meanwhile, or a kernel thread
-        if needle in cmdline and match(cmdline):
-            text = cmdline.replace(b"\0", b" ").decode(errors="replace")
-            # Long enough to hold the sandbox id (after a shim's launcher and paths), which
-            # is what HostState.mentioning looks for.
-            found.add(f"{entry}: {text[:2000]}")
-    return frozenset(found)
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    found.append((int(entry), f.read()))
+            except OSError:
+                continue  # gone meanwhile, or a kernel thread
+    return found
+
+
+def _processes(data_dir: Path, match: Callable[[bytes], bool]) -> frozenset[str]:
+    needle = str(data_dir).encode()
+    # Long enough to hold the sandbox id (after a shim's launcher and paths), which is what
+    # HostState.mentioning looks for.
+    return frozenset(
+        f"{pid}: {_readable(cmdline)[:2000]}"
+        for pid, cmdline in cmdlines()
+        if needle in cmdline and match(cmdline)
+    )
+
+
+def _readable(cmdline: bytes) -> str:
+    return cmdline.replace(b"\0", b" ").decode(errors="replace")
 
 
 async def settled_state(

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import trio
 
-from bench.soak.gateway import DataDir, cmdlines
+from bench.soak.gateway import DataDir
 from bench.soak.record import Client, Window
 from bench.soak.workload import BOOT_S, Soak, level
 from sandstorm.shim import shim_argv_directory
+from tests.hoststate import cmdlines
 
 #: After a fault ends, this long is still its doing (pooled connections found dead, a sandbox
 #: whose create straddled the restart).

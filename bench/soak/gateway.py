@@ -213,19 +213,6 @@ def _serving_url(log: Path) -> str:
     return ""
 
 
-def cmdlines() -> list[tuple[int, bytes]]:
-    """Every process's pid and raw command line (NUL-separated)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    found.append((int(entry), f.read()))
-            except OSError:
-                continue  # gone meanwhile, or a kernel thread
-    return found
-
-
 def process_usage(pid: int) -> tuple[int, int]:
     """Open fds and RSS bytes of ``pid``."""
     fds = len(os.listdir(f"/proc/{pid}/fd"))

@@ -7,16 +7,21 @@ grown past a margin over what it held after warming up."""
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from bench.soak.gateway import DataDir, Gateway, cmdlines, process_usage
+from bench.soak.gateway import DataDir, Gateway, process_usage
 from bench.soak.workload import Soak
-from tests.hoststate import HostState, cgroup_parent_dirs, host_mounts_under, settled_state
+from tests.hoststate import (
+    HostState,
+    cgroup_parent_dirs,
+    cmdlines,
+    host_mounts_under,
+    settled_state,
+)
 
 #: Open fds the gateway may hold beyond its warmed-up count (a pooled connection or two).
 FD_MARGIN = 16
@@ -68,9 +73,7 @@ async def delete_everything(soak: Soak, leaks: Leaks) -> None:
         listed = await client.request("cleanup.list", "GET", "/v1/sandboxes", budget=30)
         ids = set(soak.sandboxes)
         if listed is not None and listed.status_code == 200:
-            body = listed.json()
-            items = body if isinstance(body, list) else body.get("sandboxes", [])
-            ids |= {s["id"] for s in items if s.get("state") != "destroyed"}
+            ids |= {s["id"] for s in listed.json()["sandboxes"] if s["state"] != "destroyed"}
         for sid in sorted(ids):
             response = await client.request(
                 "cleanup.delete", "DELETE", f"/v1/sandboxes/{sid}", budget=30
@@ -79,14 +82,16 @@ async def delete_everything(soak: Soak, leaks: Leaks) -> None:
                 what = "no answer" if response is None else response.text[:300]
                 leaks.cleanup.append(f"DELETE {sid}: {what}")
         snaps = await client.request("cleanup.snapshots", "GET", "/v1/snapshots", budget=30)
+        snapshot_ids = set(soak.snapshots)
         if snaps is not None and snaps.status_code == 200:
-            body = snaps.json()
-            items = body if isinstance(body, list) else body.get("snapshots", [])
-            for snap in items:
-                sid = snap.get("snapshot_id") or snap.get("id")
-                await client.request(
-                    "cleanup.delete_snapshot", "DELETE", f"/v1/snapshots/{sid}", budget=30
-                )
+            snapshot_ids |= {s["snapshot_id"] for s in snaps.json()["snapshots"]}
+        for snapshot_id in sorted(snapshot_ids):
+            response = await client.request(
+                "cleanup.delete_snapshot", "DELETE", f"/v1/snapshots/{snapshot_id}", budget=30
+            )
+            if response is None or response.status_code not in (200, 404):
+                what = "no answer" if response is None else response.text[:300]
+                leaks.cleanup.append(f"DELETE {snapshot_id}: {what}")
     finally:
         await client.aclose()
 
@@ -126,7 +131,7 @@ async def check_after_shutdown(gateway: Gateway, data: DataDir, leaks: Leaks) ->
         if children:
             leaks.found.append(f"cgroups under {parent}: {children}")
         else:
-            _rmdir(Path(parent))  # the empty parent itself the gateway keeps, by design
+            await _rmdir(Path(parent))  # an empty parent a killed gateway left
     _compare_usage(leaks)
 
 
@@ -150,13 +155,13 @@ def processes_naming(directory: Path) -> list[str]:
     ]
 
 
-def _rmdir(path: Path) -> None:
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.05)
+async def _rmdir(path: Path) -> None:
+    with trio.move_on_after(2):
+        while True:
+            try:
+                path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:  # a task leaving it still counts for a moment (EBUSY)
+                await trio.sleep(0.05)

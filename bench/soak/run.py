@@ -34,7 +34,6 @@ class Settings:
     seed: int = 0
     vm_runs: int = 0  # > 0: only this many QEMU runs in a row, no workload, no faults
     warm_pool: list[dict[str, Any]] = field(default_factory=list)
-    keep_base: bool = False
 
 
 async def soak(settings: Settings) -> dict[str, Any]:

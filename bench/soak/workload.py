@@ -62,12 +62,12 @@ Scenario = Callable[[Soak, Client, str], Awaitable[None]]
 
 def level(runtime: str) -> dict[str, Any]:
     if runtime == "qemu":
-        return {
-            "isolation_level": "maximum",
-            "memory_limit": VM_MEMORY,
-            "timeout": VM_EXEC_TIMEOUT_MS,
-        }
+        return {"isolation_level": "maximum", "memory_limit": VM_MEMORY}
     return {"isolation_level": "standard", "memory_limit": GVISOR_MEMORY}
+
+
+def exec_timeout_ms(runtime: str) -> int:
+    return VM_EXEC_TIMEOUT_MS if runtime == "qemu" else EXEC_TIMEOUT_MS
 
 
 def run_budget(timeout_ms: int = EXEC_TIMEOUT_MS) -> float:
@@ -79,7 +79,13 @@ async def create(
 ) -> dict[str, Any] | None:
     """A run (``wait`` true unless ``extra`` says otherwise); its body when it was answered
     with 201/202, after checking its result against ``program``."""
-    body = {"timeout": EXEC_TIMEOUT_MS, **level(runtime), "keep_alive": 0, **program.body, **extra}
+    body = {
+        **level(runtime),
+        "timeout": exec_timeout_ms(runtime),
+        "keep_alive": 0,
+        **program.body,
+        **extra,
+    }
     start = time.monotonic()
     response = await client.request(
         kind, "POST", "/v1/sandboxes/run", json_body=body, budget=run_budget(body["timeout"])
@@ -185,7 +191,7 @@ async def session(soak: Soak, client: Client, runtime: str) -> None:
                 programs.echo("x" * soak.rng.randint(0, 5000)),
             ]
         )
-        timeout = VM_EXEC_TIMEOUT_MS if runtime == "qemu" else EXEC_TIMEOUT_MS
+        timeout = exec_timeout_ms(runtime)
         if not await exec_in(soak, client, sid, f"exec.{runtime}", program, timeout):
             break
         if soak.rng.random() < 0.4:

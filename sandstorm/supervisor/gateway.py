@@ -156,9 +156,9 @@ class Gateway:
     async def drain(self) -> None:
         """Shut down gently (SIGTERM): refuse new sandboxes and execs (503), give running execs
         ``shutdown_grace_s`` to finish (less if :meth:`cut_grace` is called), then destroy every
-        sandbox (``on_shutdown``, see :meth:`interrupted`, is "destroy") while clients can
-        still read the results. With
-        "keep" the sandboxes are left as they are; the actors detach when ``running()`` exits."""
+        sandbox when ``on_shutdown`` (see :meth:`interrupted`) is "destroy", while clients can
+        still read the results. With "keep" the sandboxes are left as they are; the actors
+        detach when ``running()`` exits."""
         self.draining = True
         router = self.router
         if router is None:

@@ -113,11 +113,9 @@ def create_app(gateway: Gateway) -> QuartTrio:
         if status == 413:
             message = f"request body is larger than {gateway.config.max_body_bytes} bytes"
         details: dict[str, object] = {"field": "body"} if status in (400, 413) else {}
-        response = error_response(status, code, message, details)
-        if status == 413:
-            # The body was refused unread: the connection cannot carry another request.
-            response.headers["Connection"] = "close"
-        return response
+        # A 413's body stays unread: the HTTP protocol (web/server.py) ends the connection
+        # after it and says so in the answer.
+        return error_response(status, code, message, details)
 
     @app.errorhandler(sqlite3.Error)
     @app.errorhandler(StoreError)

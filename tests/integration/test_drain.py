@@ -13,7 +13,7 @@ import httpx
 import trio
 
 from tests.hoststate import HostState, cgroup_parent_dirs, host_state, settled_state
-from tests.integration.gateway_process import gateway_process
+from tests.integration.gateway_process import GatewayProcess, gateway_process
 
 GRACE_S = 6.0
 
@@ -88,23 +88,33 @@ async def test_sigterm_drains_then_destroys(
     assert any("draining" in m for m in messages), messages
 
 
+async def _stop_with_a_kept_sandbox(
+    data_dir: Path, cgroup_parent: str, tmp_path: Path, signum: int
+) -> tuple[str, GatewayProcess]:
+    """A ``sandstorm serve`` with ``on_shutdown = "keep"`` and one kept sandbox, stopped by
+    ``signum``; the sandbox's id and the ended process."""
+    async with (
+        gateway_process(
+            data_dir, tmp_path, cgroup_parent=cgroup_parent, shutdown_grace_s=1.0,
+            on_shutdown="keep",
+        ) as gp,
+        httpx.AsyncClient(base_url=gp.url, timeout=60) as client,
+    ):  # fmt: skip
+        created = await client.post(
+            "/v1/sandboxes/run", json={"command": ["true"], "keep_alive": 600}
+        )
+        sid: str = created.json()["id"]
+        assert (await host_state(data_dir, cgroup_parent)).mentioning(sid)
+        gp.signal(signum)
+        assert await gp.wait() == 0, gp.stderr.decode()[-3000:]
+    return sid, gp
+
+
 async def test_sigterm_with_keep_leaves_sandboxes_for_the_next_gateway(
     data_dir: Path, cgroup_parent: str, tmp_path: Path, start_gateway: Callable[..., Any]
 ) -> None:
     with trio.fail_after(90):
-        async with (
-            gateway_process(
-                data_dir, tmp_path, cgroup_parent=cgroup_parent, shutdown_grace_s=1.0,
-                on_shutdown="keep",
-            ) as gp,
-            httpx.AsyncClient(base_url=gp.url, timeout=60) as client,
-        ):  # fmt: skip
-            created = await client.post(
-                "/v1/sandboxes/run", json={"command": ["true"], "keep_alive": 600}
-            )
-            sid = created.json()["id"]
-            gp.signal()
-            assert await gp.wait() == 0, gp.stderr.decode()[-3000:]
+        sid, _ = await _stop_with_a_kept_sandbox(data_dir, cgroup_parent, tmp_path, signal.SIGTERM)
         # Nothing was torn down: the sandbox still runs, held by its shim.
         held = await host_state(data_dir, cgroup_parent)
         assert any(sid in b for b in held.bundles), held
@@ -127,20 +137,7 @@ async def test_ctrl_c_stops_the_gateway_and_its_sandboxes(
     """Ctrl-C in the terminal that runs ``sandstorm serve`` (SIGINT) destroys the sandboxes
     even though SIGTERM would keep them: nothing is left running with no gateway to end it."""
     with trio.fail_after(90):
-        async with (
-            gateway_process(
-                data_dir, tmp_path, cgroup_parent=cgroup_parent, shutdown_grace_s=1.0,
-                on_shutdown="keep",
-            ) as gp,
-            httpx.AsyncClient(base_url=gp.url, timeout=60) as client,
-        ):  # fmt: skip
-            created = await client.post(
-                "/v1/sandboxes/run", json={"command": ["true"], "keep_alive": 600}
-            )
-            sid = created.json()["id"]
-            assert (await host_state(data_dir, cgroup_parent)).mentioning(sid)
-            gp.signal(signal.SIGINT)
-            assert await gp.wait() == 0, gp.stderr.decode()[-3000:]
+        _, gp = await _stop_with_a_kept_sandbox(data_dir, cgroup_parent, tmp_path, signal.SIGINT)
         left = await settled_state(data_dir, cgroup_parent, HostState.is_empty, seconds=10)
     assert left.is_empty(), left
     messages = [line["message"] for line in gp.log_lines()]

@@ -1,5 +1,5 @@
-/* An EXEC's request: argv, env, cwd and background checked as the gateway's schema states them, copied out
- * of the parsed payload so that nothing of the frame is kept. */
+/* An EXEC's request: argv, env, cwd and background checked as the gateway's schema states them,
+ * copied out of the parsed payload so that nothing of the frame is kept. */
 #include "agent.h"
 
 void request_free(struct request *r) {
