@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from bench.soak.gateway import DataDir, Gateway, process_usage
+from bench.soak.record import Client
 from bench.soak.workload import Soak
 from tests.hoststate import (
     HostState,
@@ -74,26 +75,24 @@ async def delete_everything(soak: Soak, leaks: Leaks) -> None:
         ids = set(soak.sandboxes)
         if listed is not None and listed.status_code == 200:
             ids |= {s["id"] for s in listed.json()["sandboxes"] if s["state"] != "destroyed"}
-        for sid in sorted(ids):
-            response = await client.request(
-                "cleanup.delete", "DELETE", f"/v1/sandboxes/{sid}", budget=30
-            )
-            if response is None or response.status_code not in (200, 404):
-                what = "no answer" if response is None else response.text[:300]
-                leaks.cleanup.append(f"DELETE {sid}: {what}")
+        await _delete_all(client, leaks, "/v1/sandboxes", ids)
         snaps = await client.request("cleanup.snapshots", "GET", "/v1/snapshots", budget=30)
         snapshot_ids = set(soak.snapshots)
         if snaps is not None and snaps.status_code == 200:
             snapshot_ids |= {s["snapshot_id"] for s in snaps.json()["snapshots"]}
-        for snapshot_id in sorted(snapshot_ids):
-            response = await client.request(
-                "cleanup.delete_snapshot", "DELETE", f"/v1/snapshots/{snapshot_id}", budget=30
-            )
-            if response is None or response.status_code not in (200, 404):
-                what = "no answer" if response is None else response.text[:300]
-                leaks.cleanup.append(f"DELETE {snapshot_id}: {what}")
+        await _delete_all(client, leaks, "/v1/snapshots", snapshot_ids)
     finally:
         await client.aclose()
+
+
+async def _delete_all(client: Client, leaks: Leaks, collection: str, ids: set[str]) -> None:
+    """DELETE ``collection/<id>`` for each id; what did not answer 200 (or 404) is noted."""
+    for item in sorted(ids):
+        path = f"{collection}/{item}"
+        response = await client.request("cleanup.delete", "DELETE", path, budget=30)
+        if response is None or response.status_code not in (200, 404):
+            what = "no answer" if response is None else response.text[:300]
+            leaks.cleanup.append(f"DELETE {path}: {what}")
 
 
 async def check_after_destroy(soak: Soak, data: DataDir, leaks: Leaks) -> None:
