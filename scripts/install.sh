@@ -145,8 +145,9 @@ fi
 # 4194304 is the kernel's maximum on 64-bit (systemd's default too). Kept across reboots.
 want_pid_max=4194304
 if (($(cat /proc/sys/kernel/pid_max) < want_pid_max)); then
-    if sysctl -qw kernel.pid_max="$want_pid_max" 2>/dev/null; then
+    if { echo "$want_pid_max" >/proc/sys/kernel/pid_max; } 2>/dev/null; then
         say "kernel.pid_max raised to $want_pid_max"
+        mkdir -p /etc/sysctl.d
         echo "kernel.pid_max = $want_pid_max" >/etc/sysctl.d/60-sandstorm.conf
     else
         say "warning: cannot raise kernel.pid_max (read-only here); fork bombs share the host's pids"
