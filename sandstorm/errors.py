@@ -64,6 +64,34 @@ class ExecNotRunning(GatewayError):
     code = "exec_not_running"
 
 
+class PermissionDenied(GatewayError):
+    """A file operation the sandbox's own user may not do (``EACCES``, ``EPERM``, ``EROFS``)."""
+
+    status = 403
+    code = "permission_denied"
+
+
+class FileNotFound(GatewayError):
+    status = 404
+    code = "file_not_found"
+
+
+class WrongFileType(GatewayError):
+    """A directory where a file is needed or the reverse, or a non-empty directory removed
+    without ``recursive``."""
+
+    status = 409
+    code = "wrong_file_type"
+
+
+class FileExists(GatewayError):
+    """The destination of a move (without ``overwrite``) or a mkdir (without ``parents``)
+    already exists."""
+
+    status = 409
+    code = "file_exists"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"
@@ -95,6 +123,20 @@ class AtCapacity(GatewayError):
     def __init__(self, message: str, *, retry_after: int = 1, **details: object) -> None:
         super().__init__(message, retry_after=retry_after, **details)
         self.retry_after = retry_after
+
+
+class InsufficientStorage(GatewayError):
+    """The sandbox ran out of room (memory for its filesystem, or its disk) mid-write."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
+class UnsafeArchive(GatewayError):
+    """A tar member that would land outside the target directory or make a device node."""
+
+    status = 400
+    code = "unsafe_archive"
 
 
 class SandboxFailed(GatewayError):

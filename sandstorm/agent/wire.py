@@ -79,6 +79,12 @@ class FrameKind(enum.IntEnum):
     WRITE_FILE = 13
     FILE_WRITTEN = 14
     QUIESCE = 15
+    FS = 16
+    FS_REPLY = 17
+    FS_DATA = 18
+    FS_END = 19
+    FS_CREDIT = 20
+    FS_EVENT = 21
 
 
 AGENT_TO_GATEWAY: Final = frozenset(
@@ -91,6 +97,10 @@ AGENT_TO_GATEWAY: Final = frozenset(
         FrameKind.PONG,
         FrameKind.ERROR,
         FrameKind.FILE_WRITTEN,
+        FrameKind.FS_REPLY,
+        FrameKind.FS_DATA,
+        FrameKind.FS_END,
+        FrameKind.FS_EVENT,
     }
 )
 GATEWAY_TO_AGENT: Final = frozenset(
@@ -102,6 +112,10 @@ GATEWAY_TO_AGENT: Final = frozenset(
         FrameKind.PING,
         FrameKind.WRITE_FILE,
         FrameKind.QUIESCE,
+        FrameKind.FS,
+        FrameKind.FS_DATA,
+        FrameKind.FS_END,
+        FrameKind.FS_CREDIT,
     }
 )
 #: Kinds that belong to an exec or request and therefore never use channel 0.
@@ -117,6 +131,12 @@ NEEDS_CHANNEL: Final = frozenset(
         FrameKind.STDIN_CLOSE,
         FrameKind.SIGNAL,
         FrameKind.WRITE_FILE,
+        FrameKind.FS,
+        FrameKind.FS_REPLY,
+        FrameKind.FS_DATA,
+        FrameKind.FS_END,
+        FrameKind.FS_CREDIT,
+        FrameKind.FS_EVENT,
     }
 )
 

@@ -1,0 +1,6 @@
+"""Files in a running sandbox, above the agent's file requests: paths as callers name them,
+and tar archives of a file or a directory, both ways (SPEC §8)."""
+
+from .paths import MAX_PATH_BYTES, sandbox_path
+
+__all__ = ["MAX_PATH_BYTES", "sandbox_path"]
