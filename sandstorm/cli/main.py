@@ -1,5 +1,6 @@
 """The ``sandstorm`` command: run the gateway, manage its images, and use a gateway as a client
-(run, exec, ls, rm, status, snapshot, snapshots, resume; see ``sandstorm.cli.client``)."""
+(run, exec, ls, rm, status, snapshot, snapshots, resume, cp, files; see
+``sandstorm.cli.client``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The client half of the ``sandstorm`` command: run code, exec, list, remove, snapshot, resume.
+"""The client half of the ``sandstorm`` command: run code, exec, list, remove, snapshot, resume,
+and copy files in and out of a sandbox (``cp``, ``files``).
 
 Every subcommand talks to a gateway through :mod:`sandstorm.sdk`; the gateway URL comes from
 ``--url`` or ``$SANDSTORM_URL`` (default http://localhost:3000), the API key from

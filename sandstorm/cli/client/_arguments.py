@@ -8,7 +8,9 @@ import re
 
 from sandstorm.api.types import ISOLATION_LEVELS, LANGUAGES, RUNTIME_NAMES
 
-COMMANDS = ("run", "exec", "ls", "rm", "status", "snapshot", "snapshots", "resume")
+COMMANDS = (
+    "run", "exec", "ls", "rm", "status", "snapshot", "snapshots", "resume", "cp", "files",
+)  # fmt: skip
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
@@ -147,3 +149,41 @@ def add_commands(
     resume = sub.add_parser("resume", parents=[common], help="start a sandbox from a snapshot")
     resume.add_argument("snapshot_id", metavar="SNAPSHOT")
     resume.add_argument("--keep-alive", type=int, default=300, metavar="SECONDS")
+    _add_file_commands(sub, common)
+
+
+def _add_file_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    cp = sub.add_parser(
+        "cp",
+        parents=[common],
+        help="copy files and directories in or out of a sandbox",
+        description="Copy between this machine and a sandbox, as docker cp does: "
+        "sandstorm cp ./data sbx_...:/workspace/data, sandstorm cp sbx_...:/workspace/out ./out. "
+        "A directory copied to an existing directory lands inside it; SRC/. copies only its "
+        "contents. '-' is stdin or stdout, for one file.",
+    )
+    cp.add_argument("source", metavar="SRC", help="local path, - (stdin) or sbx_...:/path")
+    cp.add_argument("destination", metavar="DST", help="local path, - (stdout) or sbx_...:/path")
+
+    files = sub.add_parser("files", parents=[common], help="list and change files in a sandbox")
+    files_sub = files.add_subparsers(dest="files_command", required=True, metavar="COMMAND")
+    ls = files_sub.add_parser("ls", parents=[common], help="list a directory")
+    ls.add_argument("path", metavar="sbx_...:/PATH")
+    ls.add_argument("--depth", type=int, default=1, help="levels to descend (1 to 16)")
+    ls.add_argument("--json", action="store_true", help="print the gateway's JSON")
+    stat = files_sub.add_parser("stat", parents=[common], help="show one entry (JSON)")
+    stat.add_argument("path", metavar="sbx_...:/PATH")
+    mkdir = files_sub.add_parser("mkdir", parents=[common], help="make directories")
+    mkdir.add_argument("paths", metavar="sbx_...:/PATH", nargs="+")
+    mkdir.add_argument(
+        "--parents", "-p", action="store_true", help="make missing parents; an existing one is fine"
+    )
+    rm = files_sub.add_parser("rm", parents=[common], help="remove files and directories")
+    rm.add_argument("paths", metavar="sbx_...:/PATH", nargs="+")
+    rm.add_argument("--recursive", "-r", action="store_true", help="remove directories whole")
+    mv = files_sub.add_parser("mv", parents=[common], help="rename or move within a sandbox")
+    mv.add_argument("source", metavar="sbx_...:/SRC")
+    mv.add_argument("destination", metavar="DST", help="the new path: /PATH or sbx_...:/PATH")
+    mv.add_argument("--force", "-f", action="store_true", help="replace what is at DST")

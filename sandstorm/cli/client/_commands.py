@@ -16,7 +16,16 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from sandstorm.api.types import LANGUAGES, SandboxStatus
-from sandstorm.cli.client._output import EXIT_FAILURE, EXIT_USAGE, note, short_time, table
+from sandstorm.cli.client._files import cmd_cp, cmd_files
+from sandstorm.cli.client._output import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    Failure,
+    UsageError,
+    note,
+    short_time,
+    table,
+)
 from sandstorm.cli.client._session import Session
 from sandstorm.sdk import AsyncClient, SandstormError, default_url
 
@@ -35,10 +44,6 @@ SHEBANGS: tuple[tuple[str, str], ...] = (
     ("bash", "bash"),
     ("sh", "sh"),
 )
-
-
-class UsageError(Exception):
-    """A bad command line: printed as ``sandstorm: …`` with exit code 2."""
 
 
 def main(args: argparse.Namespace) -> int:
@@ -67,6 +72,9 @@ def _report(exc: BaseException, url: str) -> int | None:
     if isinstance(exc, UsageError):
         note(str(exc))
         return EXIT_USAGE
+    if isinstance(exc, Failure):
+        note(str(exc))
+        return EXIT_FAILURE
     if isinstance(exc, SandstormError):
         note(exc.message)
         if exc.status == 401:
@@ -227,4 +235,6 @@ HANDLERS: dict[str, Callable[[AsyncClient, argparse.Namespace], Any]] = {
     "snapshot": cmd_snapshot,
     "snapshots": cmd_snapshots,
     "resume": cmd_resume,
+    "cp": cmd_cp,
+    "files": cmd_files,
 }

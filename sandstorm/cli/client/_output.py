@@ -11,6 +11,15 @@ EXIT_TIMEOUT = 124
 EXIT_SIGPIPE = 128 + signal.SIGPIPE
 
 
+class UsageError(Exception):
+    """A bad command line: printed as ``sandstorm: …`` with exit code 2."""
+
+
+class Failure(Exception):
+    """A failure on this side (a local file that cannot be read or written): printed as
+    ``sandstorm: …`` with exit code 1."""
+
+
 def note(message: str) -> None:
     """One line on stderr, apart from the program's own output by its ``sandstorm:`` prefix."""
     print(f"sandstorm: {message}", file=sys.stderr, flush=True)
