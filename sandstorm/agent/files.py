@@ -242,11 +242,14 @@ class AgentFiles:
             raise AgentProtocolError(f"frame kind {kind} is not a file frame")
         request.wake()
 
-    def fail_all(self, error: GatewayError) -> None:
+    def fail_all(self, error: GatewayError, *, keep_watches: bool = False) -> None:
         """The connection to the agent is gone: every request fails with ``error``, and so do
-        later ones."""
+        later ones until :meth:`reopen`. ``keep_watches``: watches stay (the agent keeps them
+        across a snapshot, and sends their events on the new connection)."""
         self._closed = error
         for request in self._requests.values():
+            if keep_watches and request.on_events is not None:
+                continue
             request.error = error
             request.wake()
 

@@ -134,11 +134,11 @@ bool field_int(const struct jval *root, const char *name, long long low, long lo
 /* ------------------------------------------------------------------ directories */
 
 /* mkdir -p: every missing component of path made with `mode` (subject to the umask); 0, or
- * -errno (-EEXIST when path or a parent is not a directory). */
+ * -errno (-ENOTDIR when path or a parent is not a directory). */
 int make_dirs(char *path, mode_t mode) {
     struct stat st;
     if (stat(path, &st) == 0)
-        return S_ISDIR(st.st_mode) ? 0 : -EEXIST;
+        return S_ISDIR(st.st_mode) ? 0 : -ENOTDIR;
     for (char *p = path + 1; *p; p++) {
         if (*p != '/')
             continue;
@@ -153,7 +153,7 @@ int make_dirs(char *path, mode_t mode) {
         return -errno;
     if (stat(path, &st) < 0)
         return -errno;
-    return S_ISDIR(st.st_mode) ? 0 : -EEXIST;
+    return S_ISDIR(st.st_mode) ? 0 : -ENOTDIR;
 }
 
 /* Removes `name` in dirfd and, if it is a directory (never followed), everything in it; 0 or

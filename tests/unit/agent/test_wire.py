@@ -68,7 +68,7 @@ def test_kind_numbers_and_directions() -> None:
     ]
     assert set(FrameKind) == AGENT_TO_GATEWAY | GATEWAY_TO_AGENT
     # File data and the end of a transfer travel both ways; nothing else does.
-    assert AGENT_TO_GATEWAY & GATEWAY_TO_AGENT == {FrameKind.FS_DATA, FrameKind.FS_END}
+    assert {FrameKind.FS_DATA, FrameKind.FS_END} == AGENT_TO_GATEWAY & GATEWAY_TO_AGENT
 
 
 def test_decode_exit() -> None:
