@@ -29,6 +29,7 @@ raises :class:`SandstormError` with the SPEC's code, message and details.
 """
 
 from sandstorm.api.files import ArchiveExtracted, FileEntry, FileList
+from sandstorm.api.types import FsEvent
 from sandstorm.sdk._archive import ArchiveError
 from sandstorm.sdk._async_client import AsyncClient
 from sandstorm.sdk._async_files import AsyncFiles
@@ -64,6 +65,7 @@ __all__ = [
     "FileEntry",
     "FileList",
     "Files",
+    "FsEvent",
     "FsEvents",
     "SandstormError",
     "Stream",

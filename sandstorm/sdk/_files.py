@@ -12,6 +12,7 @@ from typing import IO, Any, TypeVar
 import httpx
 
 from sandstorm.api.files import ArchiveExtracted, FileEntry, FileList
+from sandstorm.api.types import FsEvent
 from sandstorm.sdk import _file_calls as calls
 from sandstorm.sdk._archive import ChunkReader, extract_stream, tar_stream
 from sandstorm.sdk._http import SandstormError, decode, raise_for
@@ -145,7 +146,7 @@ class Files:
             chunks = response.iter_bytes()
             return extract_stream(ChunkReader(lambda: next(chunks, b"")), Path(local_dir))
 
-    def watch(self, path: str, *, recursive: bool = True) -> Iterator[Any]:
+    def watch(self, path: str, *, recursive: bool = True) -> Iterator[FsEvent]:
         """Yield the ``fs`` events under ``path`` (create, write, remove, rename) until the
         sandbox ends; leaving the loop sends ``unwatch`` and closes the stream."""
         return iterate_in_thread(

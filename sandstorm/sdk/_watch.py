@@ -7,12 +7,11 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed
 
-from sandstorm.api.types import ErrorEvent
+from sandstorm.api.types import ErrorEvent, FsEvent, WatchAcceptedEvent
 from sandstorm.sdk._http import SandstormError
 from sandstorm.sdk._stream import CLOSE_TIMEOUT_S, MAX_FRAME_BYTES, Stream, open_stream
 
@@ -37,8 +36,8 @@ def frame_error(event: ErrorEvent) -> SandstormError:
 
 
 class FsEvents:
-    """The ``fs`` events of one watch, in order; ends when the stream closes (the sandbox
-    ended). An ``error`` frame (the path is missing, say) raises :class:`SandstormError`."""
+    """The ``fs`` events of one watch, in order (``overflow`` on the watched path says changes
+    were lost); ends when the stream closes (the sandbox ended)."""
 
     def __init__(self, stream: Stream, watch_id: str) -> None:
         self.stream = stream
@@ -47,32 +46,38 @@ class FsEvents:
     def __aiter__(self) -> FsEvents:
         return self
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> FsEvent:
         async for frame in self.stream:
-            if isinstance(frame, ErrorEvent):
-                raise frame_error(frame)
-            if is_fs_event(frame, self.watch_id):
+            if isinstance(frame, FsEvent) and frame.watch == self.watch_id:
                 return frame
+            if isinstance(frame, ErrorEvent) and frame.id in (self.watch_id, None):
+                raise frame_error(frame)
         raise StopAsyncIteration
 
 
-def is_fs_event(frame: Any, watch_id: str) -> bool:
-    if isinstance(frame, dict):
-        return frame.get("type") == "fs" and frame.get("watch") == watch_id
-    return getattr(frame, "watch", None) == watch_id
+async def _accepted(stream: Stream, watch_id: str) -> None:
+    """Wait for the gateway's ``watch_accepted`` (the watch is in place from then on)."""
+    async for frame in stream:
+        if isinstance(frame, WatchAcceptedEvent) and frame.id == watch_id:
+            return
+        if isinstance(frame, ErrorEvent) and frame.id in (watch_id, None):
+            raise frame_error(frame)
+    raise SandstormError(502, "stream_closed", "the stream closed before the watch began", {})
 
 
 @asynccontextmanager
 async def watch_events(
     url: str, api_key: str | None, sandbox_id: str, path: str, *, recursive: bool
 ) -> AsyncIterator[FsEvents]:
-    """Open a stream on the sandbox, watch ``path`` on it, and hand over its events; on leaving,
-    send ``unwatch`` and close the stream."""
+    """Open a stream on the sandbox, watch ``path`` on it, and hand over its events once the
+    watch is in place (changes made after entering are seen); on leaving, send ``unwatch``
+    and close the stream. A path that cannot be watched raises :class:`SandstormError`."""
     async with open_stream(
         url, api_key, sandbox_id, LIVE_ONLY, message_queue_size=64, max_message_size=MAX_FRAME_BYTES
     ) as stream:
         watch_id = f"w{uuid.uuid4().hex}"
         await stream.watch(watch_id, path, recursive=recursive)
+        await _accepted(stream, watch_id)
         try:
             yield FsEvents(stream, watch_id)
         finally:
