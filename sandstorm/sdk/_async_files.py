@@ -5,7 +5,7 @@ threads, so the event loop never waits on the local disk for long."""
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -37,7 +37,7 @@ class AsyncFiles:
     async def _request(
         self, call: calls.FileCall[Any], content: Any = None, headers: dict[str, str] | None = None
     ) -> httpx.Response:
-        return await self._http.request(
+        request = self._http.build_request(
             call.method,
             call.url(self.sandbox_id),
             params=call.params,
@@ -45,6 +45,9 @@ class AsyncFiles:
             content=content,
             headers={**call.headers, **(headers or {})},
         )
+        if isinstance(content, AsyncIterable):
+            request.stream = _Body(content)
+        return await self._http.send(request)
 
     async def _call(
         self, call: calls.FileCall[T], content: Any = None, headers: dict[str, str] | None = None
@@ -136,6 +139,18 @@ class AsyncFiles:
         """``async with files.watch("/workspace") as events: async for event in events: …``;
         leaving sends ``unwatch`` and closes the stream."""
         return watch_events(self._url, self._api_key, self.sandbox_id, path, recursive=recursive)
+
+
+class _Body(httpx.AsyncByteStream):
+    """A streamed request body iterated as it is, not through httpx's own async generator: the
+    gateway may answer before taking it all (413, 507, ``unsafe_archive``), and an async
+    generator dropped unfinished is reported when it is collected."""
+
+    def __init__(self, chunks: AsyncIterable[bytes]) -> None:
+        self._chunks = chunks
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks.__aiter__()
 
 
 async def _next_or_end(chunks: AsyncIterator[bytes]) -> bytes:
