@@ -8,16 +8,19 @@ from __future__ import annotations
 import gzip as gz
 import io
 import random
+import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from sandstorm.agent.files import FileError
-from sandstorm.errors import FileNotFound, PermissionDenied, WrongFileType
+from sandstorm.errors import FileNotFound, PermissionDenied, UnsafeArchive, WrongFileType
 from sandstorm.files import archive_stream, extract_archive, open_archive
 from sandstorm.files._stream import OUT_CHUNK
+from tests.unit.agent.test_fs import agent_files
 from tests.unit.files.fakefs import (
     READ_CHUNK,
     TARGET,
@@ -47,7 +50,7 @@ def tree(tmp_path: Path) -> Path:
     return build_tree(tmp_path / "src")
 
 
-async def download(files: FakeFiles, path: str, *, gzip: bool = False) -> bytes:
+async def download(files: Any, path: str, *, gzip: bool = False) -> bytes:
     async with open_archive(files, path, gzip=gzip) as chunks:
         return b"".join([chunk async for chunk in chunks])
 
@@ -260,3 +263,44 @@ async def test_links_alone_get_the_directories_they_go_in() -> None:
     assert fake.node("/t/x/y/link").target == "../../f.txt"
     assert fake.node("/t/p/q/hard") is fake.node("/t/f.txt")
     assert fake.node("/t/r/hard-to-link") is fake.node("/t/x/y/link")
+
+
+# ---------------------------------------------------------------------- the real agent
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the agent targets Linux")
+async def test_round_trip_through_the_real_agent(tree: Path, tmp_path: Path) -> None:
+    target = tmp_path / "sandbox" / "dst"
+    target.mkdir(parents=True)
+    (target / "existing.txt").write_text("kept\n")
+    with trio.fail_after(TIMEOUT):
+        async with agent_files(tmp_path) as files:
+            body = body_of(make_tar(tree, "gnu-gz"))
+            assert await extract_archive(files, body, str(target)) == expected_counts(tree)
+            archive = await download(files, str(target / "tree"), gzip=True)
+    assert describe_host(target / "tree") == describe_host(tree)
+    assert sorted(p.name for p in target.iterdir()) == ["existing.txt", "tree"]
+    gnu_extract(archive, tmp_path / "out")
+    got = describe_host(tmp_path / "out" / "tree", hard_links=False)
+    assert got == describe_host(tree, hard_links=False)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the agent targets Linux")
+async def test_refusal_through_the_real_agent_leaves_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "sandbox" / "dst"
+    target.mkdir(parents=True)
+    (target / "existing.txt").write_text("kept\n")
+    archive = tar_of(
+        [
+            (member("ok/data.txt"), b"x" * 300_000),
+            (member("ok/link", tarfile.SYMTYPE, linkname="data.txt"), b""),
+            (member("s", tarfile.SYMTYPE, linkname="."), b""),
+            (member("p", tarfile.SYMTYPE, linkname="s/.."), b""),
+        ]
+    )
+    with trio.fail_after(TIMEOUT):
+        async with agent_files(tmp_path) as files:
+            with pytest.raises(UnsafeArchive) as caught:
+                await extract_archive(files, body_of(archive), str(target / "new"))
+    assert caught.value.details["member"] == "p"
+    assert sorted(p.name for p in (tmp_path / "sandbox").rglob("*")) == ["dst", "existing.txt"]
