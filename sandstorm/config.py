@@ -103,6 +103,8 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     stream_stall_timeout_s: Annotated[float, Meta(gt=0)] = 1.0
     max_client_frame_bytes: Annotated[int, Meta(ge=1024)] = 1 * MIB
     max_body_bytes: Positive = 16 * MIB
+    # A file or archive uploaded into a sandbox (streamed: the gateway never holds it whole).
+    max_upload_bytes: Positive = 1024 * MIB
     # A client that takes none of a response for this long is disconnected.
     write_timeout_s: Annotated[float, Meta(gt=0)] = 15.0
     # Admission control: refuse new sandboxes beyond these with 503 at_capacity. The budget

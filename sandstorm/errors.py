@@ -97,6 +97,11 @@ class PayloadTooLarge(GatewayError):
     code = "payload_too_large"
 
 
+class RangeNotSatisfiable(GatewayError):
+    status = 416
+    code = "range_not_satisfiable"
+
+
 class SnapshotUnsupported(GatewayError):
     status = 422
     code = "snapshot_unsupported"

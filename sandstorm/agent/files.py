@@ -109,6 +109,7 @@ class _Request:
     data: deque[bytes] = field(default_factory=deque)
     granted: int = 0  # credit given to the agent in all
     received: int = 0  # FS_DATA bytes it sent
+    taken: int = 0  # FS_DATA bytes the consumer has taken
     on_events: Callable[[list[FsEvent]], None] | None = None
     changed: trio.Event = field(default_factory=trio.Event)
 
@@ -123,7 +124,8 @@ class _Request:
 class Download:
     """A file being read: its ``entry``, the byte range (``offset``, ``length``) and, by
     iteration, the bytes of that range in order. Exhausting it checks that the agent ended the
-    read cleanly; leaving early cancels the read in the agent."""
+    read cleanly; leaving early (the context manager of :meth:`AgentFiles.read` closing) stops
+    the read in the agent."""
 
     def __init__(self, files: AgentFiles, request: _Request, reply: FsReply) -> None:
         assert reply.entry is not None
@@ -133,9 +135,14 @@ class Download:
         self._files = files
         self._request = request
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._files._drain(self._request, READ_WINDOW):
-            yield chunk
+    def __aiter__(self) -> Download:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._files._next_data(self._request, READ_WINDOW)
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
 
 
 class Walk:
@@ -149,13 +156,20 @@ class Walk:
         self.truncated = False
         self._files = files
         self._request = request
+        self._entries: deque[FsEntry] = deque()
 
-    async def __aiter__(self) -> AsyncIterator[FsEntry]:
-        async for chunk in self._files._drain(self._request, WALK_WINDOW):
-            for entry in decode_listing(chunk).entries:
-                yield entry
-        end = self._request.end
-        self.truncated = end is not None and end.truncated
+    def __aiter__(self) -> Walk:
+        return self
+
+    async def __anext__(self) -> FsEntry:
+        while not self._entries:
+            chunk = await self._files._next_data(self._request, WALK_WINDOW)
+            if chunk is None:
+                end = self._request.end
+                self.truncated = end is not None and end.truncated
+                raise StopAsyncIteration
+            self._entries.extend(decode_listing(chunk).entries)
+        return self._entries.popleft()
 
 
 class Watch:
@@ -228,11 +242,14 @@ class AgentFiles:
             raise AgentProtocolError(f"frame kind {kind} is not a file frame")
         request.wake()
 
-    def fail_all(self, error: GatewayError) -> None:
+    def fail_all(self, error: GatewayError, *, keep_watches: bool = False) -> None:
         """The connection to the agent is gone: every request fails with ``error``, and so do
-        later ones."""
+        later ones until :meth:`reopen`. ``keep_watches``: watches stay (the agent keeps them
+        across a snapshot, and sends their events on the new connection)."""
         self._closed = error
         for request in self._requests.values():
+            if keep_watches and request.on_events is not None:
+                continue
             request.error = error
             request.wake()
 
@@ -296,25 +313,26 @@ class AgentFiles:
         finally:
             self._requests.pop(request.channel, None)
 
-    async def _drain(self, request: _Request, window: int) -> AsyncIterator[bytes]:
-        """The request's FS_DATA in order, granting more credit as it is taken; raises the
-        error its FS_END reports."""
-        taken = 0
+    async def _next_data(self, request: _Request, window: int) -> bytes | None:
+        """The request's next FS_DATA payload, granting more credit as they are taken; None at
+        its FS_END, or the error that FS_END reports."""
         while True:
-            while request.data:
+            if request.data:
                 chunk = request.data.popleft()
-                taken += len(chunk)
-                yield chunk
-                if request.end is None and request.granted - taken <= window // 2:
-                    request.granted = taken + window
-                    await self._frame(FrameKind.FS_CREDIT, request.channel, encode_credit(window))
+                request.taken += len(chunk)
+                if request.end is None and request.granted - request.taken <= window // 2:
+                    # Back to a full window ahead of what is taken.
+                    more = request.taken + window - request.granted
+                    request.granted += more
+                    await self._frame(FrameKind.FS_CREDIT, request.channel, encode_credit(more))
+                return chunk
             if request.error is not None:
                 raise request.error
             if request.end is not None:
                 failure = request.end.failure
                 if failure is not None:
                     raise file_error(failure, request.path)
-                return
+                return None
             with trio.move_on_after(REPLY_TIMEOUT_S) as scope:
                 await request.wait()
             if scope.cancelled_caught:
@@ -402,7 +420,10 @@ class AgentFiles:
         request = self._open(path)
         committed = False
         try:
-            payload = encode_request("write", path=path, mode=mode, mtime=mtime, parents=parents)
+            mtime_ns = None if mtime is None else max(0, int(mtime * 1e9))
+            payload = encode_request(
+                "write", path=path, mode=mode, mtime_ns=mtime_ns, parents=parents
+            )
             await self._frame(FrameKind.FS, request.channel, payload)
             pending = bytearray()
             async for chunk in chunks:

@@ -297,14 +297,29 @@ class ExitEvent(_Event, frozen=True, tag="exit"):
     result: ExecResult
 
 
+class FsEvent(_Event, frozen=True, tag="fs"):
+    """A change under a ``watch`` (coalesced: one per path and kind per batch). ``rename`` has
+    ``to``; ``overflow`` (on the watched path) says changes were lost, so a client that mirrors
+    the tree lists it again."""
+
+    watch: str
+    op: Literal["create", "write", "remove", "rename", "overflow"]
+    path: str
+    to: str | None = None
+
+
 class LaggedEvent(Struct, frozen=True, kw_only=True, tag_field="type", tag="lagged"):
     missed_from: int
     missed_to: int
 
 
-class ErrorEvent(Struct, frozen=True, kw_only=True, tag_field="type", tag="error"):
+class ErrorEvent(
+    Struct, frozen=True, kw_only=True, tag_field="type", tag="error", omit_defaults=True
+):
     code: str
     message: str
+    #: The ``id`` of the client frame refused (a ``watch`` or an ``exec``), when it had one.
+    id: str | None = None
 
 
 class ExecAcceptedEvent(Struct, frozen=True, kw_only=True, tag_field="type", tag="exec_accepted"):
@@ -314,8 +329,15 @@ class ExecAcceptedEvent(Struct, frozen=True, kw_only=True, tag_field="type", tag
     exec_id: str
 
 
-StreamEvent = StatusEvent | ExecStartedEvent | StdoutEvent | StderrEvent | ExitEvent
-ServerFrame = StreamEvent | LaggedEvent | ErrorEvent | ExecAcceptedEvent
+class WatchAcceptedEvent(Struct, frozen=True, kw_only=True, tag_field="type", tag="watch_accepted"):
+    """Direct reply to a client ``watch`` frame: the watch is in place from here on."""
+
+    id: str
+    path: str
+
+
+StreamEvent = StatusEvent | ExecStartedEvent | StdoutEvent | StderrEvent | ExitEvent | FsEvent
+ServerFrame = StreamEvent | LaggedEvent | ErrorEvent | ExecAcceptedEvent | WatchAcceptedEvent
 
 
 # Client → server frames on the stream.
@@ -359,6 +381,20 @@ class ExecFrame(_ClientFrame, frozen=True, tag="exec"):
     background: bool = False
 
 
-ClientFrame = StdinFrame | StdinCloseFrame | SignalFrame | ExecFrame
+class WatchFrame(_ClientFrame, frozen=True, tag="watch"):
+    """Report changes under ``path`` (with ``recursive``, in every directory below it, those
+    made later included) as ``fs`` events tagged with ``id``, until ``unwatch`` or the end
+    of this connection."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    path: AbsPath
+    recursive: bool = False
+
+
+class UnwatchFrame(_ClientFrame, frozen=True, tag="unwatch"):
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+ClientFrame = StdinFrame | StdinCloseFrame | SignalFrame | ExecFrame | WatchFrame | UnwatchFrame
 
 JSON_ENCODER = msgspec.json.Encoder()

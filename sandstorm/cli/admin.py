@@ -150,13 +150,14 @@ def _audit(store: Store, args: argparse.Namespace) -> int:
                 "snapshot_id": r.snapshot_id,
                 "outcome": r.outcome,
                 "request_id": r.request_id,
+                "target": r.target,
             }
             for r in records
         ]
         print(json.dumps(rows, indent=1))
         return 0
     for r in records:
-        ids = " ".join(x for x in (r.sandbox_id, r.exec_id, r.snapshot_id) if x)
+        ids = " ".join(x for x in (r.sandbox_id, r.exec_id, r.snapshot_id, r.target) if x)
         print(
             f"{rfc3339_from_epoch(r.time)} {r.tenant or '-':<16} {r.action:<16} "
             f"{r.outcome:<24} {ids}"

@@ -147,7 +147,7 @@ class TenantTables(Database):
     ) -> list[AuditRecord]:
         query = (
             "SELECT seq, time, tenant, action, sandbox_id, exec_id, snapshot_id, outcome,"
-            " request_id FROM audit WHERE 1=1"
+            " request_id, target FROM audit WHERE 1=1"
         )
         args: list[object] = []
         if tenant is not None:
@@ -169,6 +169,7 @@ class TenantTables(Database):
                 snapshot_id=r[6],
                 outcome=r[7],
                 request_id=r[8],
+                target=r[9],
             )
             for r in self.db.execute(query, args).fetchall()
         ]
@@ -177,7 +178,7 @@ class TenantTables(Database):
 def insert_audit(db: sqlite3.Connection, record: AuditRecord) -> None:
     db.execute(
         "INSERT INTO audit(time, tenant, action, sandbox_id, exec_id, snapshot_id,"
-        " outcome, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        " outcome, request_id, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             record.time,
             record.tenant,
@@ -187,5 +188,6 @@ def insert_audit(db: sqlite3.Connection, record: AuditRecord) -> None:
             record.snapshot_id,
             record.outcome,
             record.request_id,
+            record.target,
         ),
     )

@@ -77,6 +77,8 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
     snapshot_id: str | None = None
     outcome: str
     request_id: str | None = None
+    #: What a file operation was about: its path (a move: "from -> to"); never content.
+    target: str | None = None
 
 
 class ProgressExec(msgspec.Struct, frozen=True, kw_only=True):

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 DB_NAME = "sandstorm.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE tenants (
@@ -75,7 +75,8 @@ CREATE TABLE audit (
     exec_id TEXT,
     snapshot_id TEXT,
     outcome TEXT NOT NULL,
-    request_id TEXT
+    request_id TEXT,
+    target TEXT
 );
 CREATE INDEX audit_time ON audit(time);
 CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
@@ -103,7 +104,7 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
             for statement in SCHEMA.split(";\n"):
                 if statement.strip():
                     db.execute(statement)
-        elif version < 2:
+        if 0 < version < 2:
             # Version 2: the actor's crash-recovery state (see SandboxProgress) and the
             # output of running execs saved with it, as raw bytes.
             db.execute("ALTER TABLE sandboxes ADD COLUMN progress TEXT")
@@ -112,7 +113,10 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
                 " stream INTEGER NOT NULL CHECK (stream IN (1, 2)), data BLOB NOT NULL)"
             )
             db.execute("CREATE INDEX exec_output_exec ON exec_output(exec_id)")
-        # Later versions: `if version < 3: ALTER TABLE …`, one step per version.
+        if 0 < version < 3:
+            # Version 3: the path a file operation was about (never its content).
+            db.execute("ALTER TABLE audit ADD COLUMN target TEXT")
+        # Later versions: `if 0 < version < 4: ALTER TABLE …`, one step per version.
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:

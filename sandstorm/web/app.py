@@ -20,6 +20,7 @@ from sandstorm.errors import (
     GatewayError,
     OriginNotAllowed,
     QuotaExceeded,
+    RangeNotSatisfiable,
     Unauthorized,
 )
 from sandstorm.logs import RequestIdMiddleware, bind
@@ -46,18 +47,24 @@ def error_response(status: int, code: str, message: str, details: dict[str, obje
 
 
 def create_app(gateway: Gateway) -> QuartTrio:
+    from sandstorm.web.bodies import GatewayHTTPConnection
     from sandstorm.web.console import blueprint as console_blueprint
+    from sandstorm.web.files import blueprint as files_blueprint
     from sandstorm.web.rest import blueprint
     from sandstorm.web.stream import blueprint as stream_blueprint
 
     app = QuartTrio("sandstorm")
+    # Upload routes get bodies that hold at most a megabyte their handler has not taken.
+    app.asgi_http_class = GatewayHTTPConnection
     app.config["SANDSTORM_GATEWAY"] = gateway
+    app.config["SANDSTORM_MAX_UPLOAD"] = gateway.config.max_upload_bytes
     # Quart refuses bodies above this from Content-Length, or while streaming, before reading
     # them whole (413).
     app.config["MAX_CONTENT_LENGTH"] = gateway.config.max_body_bytes
     app.config["BODY_TIMEOUT"] = 60
     app.register_blueprint(blueprint)
     app.register_blueprint(stream_blueprint)
+    app.register_blueprint(files_blueprint)
     app.register_blueprint(console_blueprint)
     # Outermost: every response carries X-Request-Id, errors and WebSocket upgrades included.
     app.asgi_app = RequestIdMiddleware(app.asgi_app)  # type: ignore[method-assign,assignment]
@@ -103,6 +110,8 @@ def create_app(gateway: Gateway) -> QuartTrio:
             response.headers["Retry-After"] = str(exc.retry_after)
         if isinstance(exc, Unauthorized):
             auth.challenge(response)
+        if isinstance(exc, RangeNotSatisfiable):
+            response.headers["Content-Range"] = f"bytes */{exc.details.get('size', 0)}"
         return response
 
     @app.errorhandler(HTTPException)

@@ -40,6 +40,11 @@ AUDITED = {
     "rest.snapshot_sandbox": "snapshot",
     "rest.resume_sandbox": "resume",
     "rest.delete_snapshot": "delete_snapshot",
+    "files.write_file": "files_write",
+    "files.make_directory": "files_mkdir",
+    "files.move_file": "files_move",
+    "files.delete_file": "files_delete",
+    "files.extract_archive": "files_extract",
 }
 WWW_AUTHENTICATE = 'Bearer realm="sandstorm"'
 # Responses above this are not read back for ids (a result can hold megabytes of output; the
@@ -133,6 +138,7 @@ async def audit(response: Response) -> Response:
         snapshot_id=path.get("snapshot_id") or found.snapshot_id or found.restored_from,
         outcome=outcome,
         request_id=current_request_id(),
+        target=g.get("audit_target"),
     )
     await record_audit(_gateway(), record)
     return response
@@ -156,6 +162,7 @@ async def audit_abandoned(exc: BaseException | None) -> None:
             snapshot_id=path.get("snapshot_id"),
             outcome="499 client_closed" if exc is None or _cancelled(exc) else "500 internal",
             request_id=current_request_id(),
+            target=g.get("audit_target"),
         )
     )
 

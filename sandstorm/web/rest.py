@@ -89,7 +89,7 @@ async def _sandbox(sandbox_id: str) -> SandboxActor | SandboxRecord:
         return record
 
 
-async def _live(sandbox_id: str) -> SandboxActor:
+async def live_sandbox(sandbox_id: str) -> SandboxActor:
     """The caller's sandbox held by the router; a stored one has ended (409)."""
     found = await _sandbox(sandbox_id)
     if not isinstance(found, SandboxActor):
@@ -134,7 +134,7 @@ async def exec_in_sandbox(sandbox_id: str) -> Response:
     # keep-alive connection stuck (Hypercorn stops reading it), so the next request hangs.
     raw = await _raw_body()
     router = _router()
-    await _live(sandbox_id)  # 404 before 400: an unknown sandbox is the first thing to say
+    await live_sandbox(sandbox_id)  # 404 before 400: an unknown sandbox is the first thing to say
     req = await _body(ExecRequest, raw=raw)
     actor, exec_id = await router.exec(sandbox_id, req, tenant=current_tenant())
     record = actor.execs[exec_id]
@@ -199,7 +199,7 @@ async def list_sandboxes() -> Response:
 @blueprint.post("/v1/sandboxes/<sandbox_id>/snapshot")
 async def snapshot_sandbox(sandbox_id: str) -> Response:
     raw = await _raw_body()  # before any answer (see exec_in_sandbox)
-    actor = await _live(sandbox_id)
+    actor = await live_sandbox(sandbox_id)
     req = await _body(SnapshotRequest, optional=True, raw=raw)
     meta = await actor.snapshot(req.leave_running)
     return _json(meta.info, 201)

@@ -34,9 +34,13 @@ from sandstorm.api.types import (
     SignalFrame,
     StdinCloseFrame,
     StdinFrame,
+    UnwatchFrame,
+    WatchAcceptedEvent,
+    WatchFrame,
 )
 from sandstorm.config import Config
 from sandstorm.errors import AtCapacity, GatewayError, InvalidRequest, SandboxNotRunning
+from sandstorm.files import sandbox_path
 from sandstorm.store import AuditRecord, Tenant
 from sandstorm.supervisor.gateway import Gateway
 from sandstorm.web.auth import current_request_id, current_tenant, record_audit
@@ -81,10 +85,17 @@ async def stream(sandbox_id: str) -> None:
         # A key offered as the subprotocol "bearer.<key>" must be echoed (RFC 6455).
         await websocket.accept(subprotocol=g.get("subprotocol"))
         gateway.metrics.streams_opened.inc()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_client, actor, config, tenant)
-            code = await _write_events(actor, subscriber, missed)
-            nursery.cancel_scope.cancel()
+        watches: set[str] = set()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_read_client, actor, config, tenant, watches)
+                code = await _write_events(actor, subscriber, missed)
+                nursery.cancel_scope.cancel()
+        finally:
+            # A connection's watches end with it (shielded and bounded in unwatch).
+            for watch_id in watches:
+                with contextlib.suppress(GatewayError):
+                    await actor.unwatch(watch_id)
         with contextlib.suppress(Exception), trio.move_on_after(LAGGED_SEND_TIMEOUT_S):
             await websocket.close(code)
     finally:
@@ -128,11 +139,14 @@ async def _write_events(
     return CLOSE_TRY_AGAIN_LATER
 
 
-async def _send_error(code: str, message: str) -> None:
-    await websocket.send(JSON_ENCODER.encode(ErrorEvent(code=code, message=message)).decode())
+async def _send_error(code: str, message: str, frame_id: str | None = None) -> None:
+    error = ErrorEvent(code=code, message=message, id=frame_id)
+    await websocket.send(JSON_ENCODER.encode(error).decode())
 
 
-async def _read_client(actor: SandboxActor, config: Config, tenant: Tenant) -> None:
+async def _read_client(
+    actor: SandboxActor, config: Config, tenant: Tenant, watches: set[str]
+) -> None:
     """Apply client frames; a bad frame gets an ``error`` frame and the socket stays usable."""
     while True:
         message = await websocket.receive()
@@ -153,10 +167,13 @@ async def _read_client(actor: SandboxActor, config: Config, tenant: Tenant) -> N
             await _send_error("invalid_frame", exc.message)
             continue
         try:
+            if isinstance(frame, (WatchFrame, UnwatchFrame)):
+                await _apply_watch(actor, frame, watches)
+                continue
             exec_id = await _apply(actor, frame, tenant)
         except GatewayError as exc:
             await _audit(actor, frame, tenant, f"{exc.status} {exc.code}", None)
-            await _send_error(exc.code, exc.message)
+            await _send_error(exc.code, exc.message, getattr(frame, "id", None))
         else:
             await _audit(actor, frame, tenant, "ok", exec_id)
 
@@ -177,6 +194,23 @@ async def _audit(
             request_id=current_request_id(),
         )
         await record_audit(_gateway(), record)
+
+
+async def _apply_watch(
+    actor: SandboxActor, frame: WatchFrame | UnwatchFrame, watches: set[str]
+) -> None:
+    """Start or stop a watch of this connection; its ``fs`` events go into the log."""
+    if isinstance(frame, UnwatchFrame):
+        if frame.id not in watches:
+            raise InvalidRequest(f"this connection has no watch {frame.id!r}", field="id")
+        watches.discard(frame.id)
+        await actor.unwatch(frame.id)
+        return
+    path = sandbox_path(frame.path)
+    await actor.watch(frame.id, path, recursive=frame.recursive)
+    watches.add(frame.id)
+    accepted = WatchAcceptedEvent(id=frame.id, path=path)
+    await websocket.send(JSON_ENCODER.encode(accepted).decode())
 
 
 async def _apply(actor: SandboxActor, frame: ClientFrame, tenant: Tenant) -> str | None:

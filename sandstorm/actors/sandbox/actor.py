@@ -309,7 +309,7 @@ class SandboxActor(Snapshotting):
             # Read every time: a claimed pool sandbox's life starts again at its claim.
             lifetime_end = self.created_at + self.config.max_lifetime_s
             activity = self._activity = trio.Event()
-            busy = self._held or bool(self._by_channel)
+            busy = self._held or bool(self._by_channel) or self._file_requests > 0
             idle_end = self.last_active + self.params.keep_alive_s
             deadline = lifetime_end if busy else min(lifetime_end, idle_end)
             with trio.move_on_after(max(0.0, deadline - time.time())):

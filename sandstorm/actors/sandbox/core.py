@@ -26,6 +26,7 @@ from sandstorm.actors.execs import ExecTracker
 from sandstorm.actors.recorder import Recorder
 from sandstorm.actors.sandbox.params import SandboxParams
 from sandstorm.agent import AgentChannel, ExitInfo
+from sandstorm.agent.files import AgentFiles, Watch
 from sandstorm.api.timestamps import rfc3339, rfc3339_from_epoch
 from sandstorm.api.types import (
     ExitEvent,
@@ -120,6 +121,11 @@ class ActorCore:
         self._recorded: tuple[int, int, int] = (-1, -1, -1)
         # Bytes of each running exec's kept stdout and stderr already in the store.
         self._recorded_output: dict[str, tuple[int, int]] = {}
+        # File requests to the agent, on channels of their own (see ``files``); the number in
+        # progress holds the sandbox busy; the stream clients' watches by id (None: starting).
+        self.files = AgentFiles(self._to_agent, self._take_channel)
+        self._file_requests = 0
+        self._watches: dict[str, Watch | None] = {}
 
     # ------------------------------------------------------------------ reads (any task)
 
@@ -227,6 +233,12 @@ class ActorCore:
             self._fail_soon(f"the agent took nothing for {AGENT_SEND_TIMEOUT_S:.0f}s")
             raise SandboxNotRunning(f"sandbox {self.id} stopped responding")
 
+    def _take_channel(self) -> int:
+        """A channel number the agent has never seen (execs and file requests share them)."""
+        number = self._next_channel
+        self._next_channel += 1
+        return number
+
     def _fail_soon(self, reason: str) -> None:
         if self._nursery is not None:
             self.metrics.agent_failed("unresponsive")
@@ -299,6 +311,8 @@ class ActorCore:
         if self.state in ("destroyed", "failed"):
             return []
         released: list[str] = []
+        self.files.fail_all(SandboxNotRunning(f"sandbox {self.id} has ended", state=final))
+        self._watches.clear()
         with trio.CancelScope(shield=True):
             self.state = "stopping"
             self._emit_status()

@@ -31,6 +31,9 @@ from sandstorm.errors import InvalidRequest, QuotaExceeded, SandboxNotRunning
 from sandstorm.ids import new_id
 from sandstorm.runtimes.base import RuntimeInstance
 
+FILE_KINDS = frozenset(
+    {FrameKind.FS_REPLY, FrameKind.FS_DATA, FrameKind.FS_END, FrameKind.FS_EVENT}
+)
 # After a kill, how long the agent gets to report the exit before the gateway gives up on it.
 KILL_GRACE_S = 1.0
 # How long the agent gets to answer a PING when it failed to report a killed process.
@@ -136,6 +139,8 @@ class AgentDispatch(RecoveryRecords):
         elif kind == FrameKind.PONG:
             if (pong := self._pongs.pop(payload, None)) is not None:
                 pong.set()
+        elif kind in FILE_KINDS:
+            self.files.dispatch(kind, channel, payload)
         else:
             raise AgentProtocolError(f"unexpected frame kind {kind} from the agent")
 
@@ -192,8 +197,7 @@ class AgentDispatch(RecoveryRecords):
             )
         for path, content in plan.files.items():
             await self._write_file(path, content)
-        num = self._next_channel
-        self._next_channel += 1
+        num = self._take_channel()
         cap = self.config.result_output_cap
         tracker = ExecTracker(
             exec_id=new_id("exe"),
@@ -257,8 +261,7 @@ class AgentDispatch(RecoveryRecords):
             content[i : i + WRITE_FILE_CHUNK] for i in range(0, len(content), WRITE_FILE_CHUNK)
         ] or [b""]
         for index, chunk in enumerate(chunks):
-            num = self._next_channel
-            self._next_channel += 1
+            num = self._take_channel()
             send, recv = trio.open_memory_channel[tuple[bool, str | None]](1)
             self._file_waiters[num] = send
             append = index > 0

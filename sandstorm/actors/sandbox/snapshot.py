@@ -13,7 +13,7 @@ import contextlib
 
 import trio
 
-from sandstorm.actors.sandbox.dispatch import AgentDispatch
+from sandstorm.actors.sandbox.files import FileAccess
 from sandstorm.api.timestamps import rfc3339
 from sandstorm.api.types import SnapshotInfo
 from sandstorm.errors import (
@@ -31,7 +31,7 @@ CHECKPOINT_DRAIN_S = 10.0
 QUIESCE_TIMEOUT_S = 1.0  # the agent's answer to QUIESCE before the checkpoint
 
 
-class Snapshotting(AgentDispatch):
+class Snapshotting(FileAccess):
     async def _snapshot(self, leave_running: bool) -> SnapshotMeta:
         """The runtime's checkpoint (which stops the sandbox), publish the snapshot, then either
         restore the same sandbox from it (``leave_running``) or answer and tear it down right
@@ -51,6 +51,11 @@ class Snapshotting(AgentDispatch):
         self._emit_status()
         snapshot_id = new_id("snp")
         staging = self.catalog.staging_dir(snapshot_id)
+        # Reads and writes in flight cannot cross the checkpoint; watches live in the agent's
+        # memory, which the snapshot keeps, and go on after it.
+        self.files.fail_all(
+            SandboxNotRunning(f"sandbox {self.id} is being snapshotted"), keep_watches=True
+        )
         self._live = trio.Event()
         self._expect_eof = True
         self._incarnation_done = trio.Event()
@@ -80,6 +85,7 @@ class Snapshotting(AgentDispatch):
                 else:
                     self.state = previous
                     self._emit_status()
+                    self.files.reopen()
                     self._live.set()
             if isinstance(exc, (RuntimeStartError, OSError, trio.TooSlowError)):
                 raise RuntimeUnavailable(f"snapshot failed: {exc}") from exc
@@ -107,6 +113,7 @@ class Snapshotting(AgentDispatch):
             return meta
         assert self._nursery is not None
         self._nursery.start_soon(self._read_agent, instance)
+        self.files.reopen()
         self._live.set()
         self.state = "running" if self._by_channel else "idle"
         self._emit_status()

@@ -19,8 +19,10 @@
  *
  * The files, by concern: main.c (the poll loop, reaping, shutdown), frames.c (framing, dispatch),
  * json.c (JSON in and out), request.c (an EXEC's request), spawn.c (starting a process),
- * execs.c (an exec's life: pipes, output, EXIT), files.c (WRITE_FILE), oom.c (the kernel's OOM
- * count), zygote.c (the python zygote), util.c (memory, buffers, UTF-8, the clock).
+ * execs.c (an exec's life: pipes, output, EXIT), files.c (WRITE_FILE), fs.c (FS requests and
+ * those answered at once), transfer.c (reads, walks and writes), watch.c (inotify watches),
+ * oom.c (the kernel's OOM count), zygote.c (the python zygote), util.c (memory, buffers, UTF-8,
+ * the clock).
  */
 #ifndef SANDSTORM_AGENT_H
 #define SANDSTORM_AGENT_H
@@ -70,6 +72,12 @@
 #define WRITE_FILE 13
 #define FILE_WRITTEN 14
 #define QUIESCE 15
+#define FS 16
+#define FS_REPLY 17
+#define FS_DATA 18
+#define FS_END 19
+#define FS_CREDIT 20
+#define FS_EVENT 21
 
 #define MAX_GATEWAY_FRAME (1024 * 1024) /* largest payload accepted from the gateway */
 #define MAX_PING_PAYLOAD 64
@@ -226,6 +234,50 @@ void on_signal(uint32_t channel, const char *payload, size_t n);
 /* files.c: WRITE_FILE */
 
 void on_write_file(uint32_t channel, const char *payload, size_t n);
+
+/* fs.c, transfer.c, watch.c: FS requests (protocol/agent.md, "Files") */
+
+#define FS_CHUNK (256 * 1024) /* most bytes in one FS_DATA to the gateway (its frame limit) */
+#define MAX_CREDIT (64 * 1024 * 1024) /* most credit a transfer holds */
+#define MAX_WALK_DEPTH 64
+#define MAX_TREE_DEPTH 512 /* directories deep that a removal, a merge or a watch descends */
+#define MAX_ENTRIES_PER_FRAME 4096
+/* The longest entry in JSON: a path and a link target of PATH_MAX, every byte escaped. */
+#define MAX_ENTRY_JSON (2 * PATH_MAX * 6 + 256)
+#define TRANSFER_IDLE_S 300.0
+#define MAX_WATCHES 16
+#define MAX_WATCH_DIRS 4096
+#define MAX_WATCH_EVENTS 256 /* per FS_EVENT frame, the overflow event included */
+#define WATCH_FLUSH_MS 50
+
+void on_fs(uint32_t channel, const char *payload, size_t n);
+void fs_fail(uint32_t channel, int kind, int err, const char *path);
+void fs_fail_named(uint32_t channel, int kind, const char *name, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+bool entry_json(struct buf *b, const char *path);
+void entry_json_stat(struct buf *b, const char *path, const struct stat *st);
+void fs_reply_entry(uint32_t channel, const char *path);
+const char *field_path(const struct jval *root, const char *name);
+bool field_bool(const struct jval *root, const char *name);
+bool field_int(const struct jval *root, const char *name, long long low, long long high,
+               long long fallback, long long *out);
+int make_dirs(char *path, mode_t mode);
+int remove_tree(const char *path);
+void start_read(uint32_t channel, const struct jval *root);
+void start_walk(uint32_t channel, const struct jval *root);
+void start_write(uint32_t channel, const struct jval *root);
+void on_fs_data(uint32_t channel, const char *payload, size_t n);
+void on_fs_end(uint32_t channel, const char *payload, size_t n);
+void on_fs_credit(uint32_t channel, const char *payload, size_t n);
+bool transfers_ready(void);
+void pump_transfers(void);
+double transfers_next_due(void);
+void start_watch(uint32_t channel, const struct jval *root);
+void stop_watch(uint32_t channel);
+int watch_fds(int *fds, uint32_t *channels, int max);
+void watch_read(uint32_t channel);
+double watch_next_due(void);
+void watch_tick(void);
 
 /* oom.c: the kernel's count of OOM kills */
 

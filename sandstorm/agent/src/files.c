@@ -1,28 +1,6 @@
 /* WRITE_FILE: a file written as the agent's user, parents made as needed, its mode set. */
 #include "agent.h"
 
-static int mkdirs(char *path) {
-    /* mkdir -p of path's parent components, then path itself (0755, subject to the umask). */
-    struct stat st;
-    if (stat(path, &st) == 0)
-        return S_ISDIR(st.st_mode) ? 0 : -EEXIST;
-    for (char *p = path + 1; *p; p++) {
-        if (*p != '/')
-            continue;
-        *p = 0;
-        int rc = mkdir(path, 0755);
-        int saved = errno;
-        *p = '/';
-        if (rc < 0 && saved != EEXIST)
-            return -saved;
-    }
-    if (mkdir(path, 0755) < 0 && errno != EEXIST)
-        return -errno;
-    if (stat(path, &st) < 0)
-        return -errno;
-    return S_ISDIR(st.st_mode) ? 0 : -EEXIST;
-}
-
 static int b64value(unsigned char c) {
     if (c >= 'A' && c <= 'Z')
         return c - 'A';
@@ -115,7 +93,7 @@ static const char *write_file(const char *payload, size_t n, char *error, size_t
     char *slash = strrchr(path->str, '/');
     if (slash != path->str) {
         *slash = 0;
-        int rc = mkdirs(path->str);
+        int rc = make_dirs(path->str, 0755);
         if (rc < 0) {
             snprintf(error, size, "%s: %s", strerror(-rc), path->str);
             *slash = '/';

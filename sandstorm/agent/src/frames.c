@@ -99,6 +99,18 @@ static void dispatch(int kind, uint32_t channel, const char *payload, size_t n) 
     case QUIESCE:
         quiesce();
         break;
+    case FS:
+        on_fs(channel, payload, n);
+        break;
+    case FS_DATA:
+        on_fs_data(channel, payload, n);
+        break;
+    case FS_END:
+        on_fs_end(channel, payload, n);
+        break;
+    case FS_CREDIT:
+        on_fs_credit(channel, payload, n);
+        break;
     default:
         send_error(0, "unknown frame kind %d", kind);
     }

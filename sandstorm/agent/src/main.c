@@ -52,26 +52,32 @@ static void drain_wakeups(void) {
  * with the sandbox's code, which can queue that many. So the loop also reaps on this timer. */
 #define REAP_INTERVAL_MS 250
 
-/* Milliseconds until the loop must run without an event: the next sweep, the reaping timer, or
- * the zygote (its start, a held exec's check); -1 for none. */
+/* Milliseconds until the loop must run without an event: the next sweep, the reaping timer, the
+ * zygote (its start, a held exec's check), a watch's flush or a transfer's idle check; 0 while a
+ * transfer has data and credit to send; -1 for none. */
 static int poll_timeout(void) {
     int ms = -1;
     if (sweeping())
         ms = SWEEP_INTERVAL_MS;
     else if (execs)
         ms = REAP_INTERVAL_MS;
-    double due = zygote_next_due();
-    if (due >= 0) {
-        double left = (due - monotonic()) * 1000.0;
-        int zygote_ms = left <= 0 ? 0 : (int)left + 1;
-        if (ms < 0 || zygote_ms < ms)
-            ms = zygote_ms;
+    if (transfers_ready())
+        return 0;
+    double dues[] = {zygote_next_due(), watch_next_due(), transfers_next_due()};
+    for (size_t i = 0; i < sizeof dues / sizeof *dues; i++) {
+        if (dues[i] < 0)
+            continue;
+        double left = (dues[i] - monotonic()) * 1000.0;
+        int due_ms = left <= 0 ? 0 : (int)left + 1;
+        if (ms < 0 || due_ms < ms)
+            ms = due_ms;
     }
     return ms;
 }
 
 enum slot_kind {
     SLOT_GATEWAY, SLOT_WAKE, SLOT_ZYGOTE, SLOT_STDOUT, SLOT_STDERR, SLOT_START, SLOT_STDIN,
+    SLOT_WATCH,
 };
 
 struct slot {
@@ -103,6 +109,11 @@ static void run(void) {
         n = add_slot(n, SLOT_WAKE, 0, wake_r, POLLIN);
         if (zygote_fd() >= 0)
             n = add_slot(n, SLOT_ZYGOTE, 0, zygote_fd(), POLLIN);
+        int watch_fd[MAX_WATCHES];
+        uint32_t watch_channel[MAX_WATCHES];
+        int nwatch = watch_fds(watch_fd, watch_channel, MAX_WATCHES);
+        for (int i = 0; i < nwatch; i++)
+            n = add_slot(n, SLOT_WATCH, watch_channel[i], watch_fd[i], POLLIN);
         for (struct exec *ex = execs; ex; ex = ex->next) {
             if (ex->stdout_fd >= 0)
                 n = add_slot(n, SLOT_STDOUT, ex->channel, ex->stdout_fd, POLLIN);
@@ -117,6 +128,8 @@ static void run(void) {
         if (ready < 0 && errno != EINTR)
             break;
         zygote_tick();
+        watch_tick();
+        pump_transfers();
         if (sweeping())
             sweep();
         if (ready == 0 && (execs || sweeping()))
@@ -140,6 +153,10 @@ static void run(void) {
             if (s->kind == SLOT_ZYGOTE) {
                 if (zygote_fd() == s->fd)
                     zygote_message();
+                continue;
+            }
+            if (s->kind == SLOT_WATCH) {
+                watch_read(s->channel); /* a watch stopped earlier in this batch: ignored */
                 continue;
             }
             /* Something earlier in this batch may have finished the exec or closed the fd. */

@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.e
 PATH = "/usr/local/bin:/usr/bin:/bin"
 ENV = {"PATH": PATH, "LC_ALL": "C.UTF-8"}
 TIMEOUT = 10
+FS_KINDS = frozenset({FrameKind.FS_REPLY, FrameKind.FS_DATA, FrameKind.FS_END, FrameKind.FS_EVENT})
 
 
 Queue = tuple[trio.MemorySendChannel[Frame], trio.MemoryReceiveChannel[Frame]]
@@ -57,6 +58,8 @@ class Agent:
         self.log: list[Frame] = []
         self._queues: dict[int, Queue] = {}
         self._next_channel = 1
+        # Where FS_* frames go instead of the queues, once a test sets it (an AgentFiles).
+        self.fs_dispatch: Callable[[int, int, bytes], None] | None = None
 
     def _queue(self, number: int) -> Queue:
         if number not in self._queues:
@@ -66,6 +69,9 @@ class Agent:
     async def reader(self) -> None:
         while (frame := await self.channel.receive_frame()) is not None:
             self.log.append(frame)
+            if self.fs_dispatch is not None and frame.kind in FS_KINDS:
+                self.fs_dispatch(frame.kind, frame.channel, frame.payload)
+                continue
             self._queue(frame.channel)[0].send_nowait(frame)
         for send, _ in self._queues.values():
             send.close()

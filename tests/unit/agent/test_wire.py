@@ -59,9 +59,16 @@ def test_kind_numbers_and_directions() -> None:
         ("WRITE_FILE", 13),
         ("FILE_WRITTEN", 14),
         ("QUIESCE", 15),
+        ("FS", 16),
+        ("FS_REPLY", 17),
+        ("FS_DATA", 18),
+        ("FS_END", 19),
+        ("FS_CREDIT", 20),
+        ("FS_EVENT", 21),
     ]
     assert set(FrameKind) == AGENT_TO_GATEWAY | GATEWAY_TO_AGENT
-    assert not AGENT_TO_GATEWAY & GATEWAY_TO_AGENT
+    # File data and the end of a transfer travel both ways; nothing else does.
+    assert {FrameKind.FS_DATA, FrameKind.FS_END} == AGENT_TO_GATEWAY & GATEWAY_TO_AGENT
 
 
 def test_decode_exit() -> None:

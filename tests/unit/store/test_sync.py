@@ -179,6 +179,11 @@ def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
         " REAL, reason TEXT, last_event_seq INTEGER NOT NULL DEFAULT 0, agent_offset INTEGER"
         " NOT NULL DEFAULT 0)"
     )
+    db.execute(
+        "CREATE TABLE audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, tenant"
+        " TEXT, action TEXT NOT NULL, sandbox_id TEXT, exec_id TEXT, snapshot_id TEXT, outcome"
+        " TEXT NOT NULL, request_id TEXT)"
+    )
     db.execute("PRAGMA user_version = 1")
     db.commit()
     db.close()
@@ -187,6 +192,7 @@ def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
         columns = {r[1] for r in store.db.execute("PRAGMA table_info(sandboxes)")}
         assert "progress" in columns
         assert store.exec_output("exe_none") == (b"", b"")
+        assert "target" in {r[1] for r in store.db.execute("PRAGMA table_info(audit)")}
     finally:
         store.close()
 

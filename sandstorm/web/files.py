@@ -1,0 +1,269 @@
+"""File routes of SPEC §8: a running sandbox's files read, written, listed, moved and removed
+through its agent, inside the sandbox, as its user. The gateway never opens a host path here.
+
+Bytes stream both ways: an upload goes to the agent as it arrives (``bodies.BoundedBody`` holds
+at most a megabyte the sandbox has not taken), a download is sent as the agent reads it (it
+reads only what its credit allows, see ``agent/files.py``). Errors are known before the first
+byte of an answer: a download's file is looked at (``stat``) before the answer starts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Final
+
+import msgspec
+from quart import Blueprint, Response, current_app, g, request
+
+from sandstorm.actors.sandbox import SandboxActor
+from sandstorm.agent.fs_wire import FsEntry
+from sandstorm.api.decoding import decode_request
+from sandstorm.api.files import (
+    MAX_LIST_DEPTH,
+    MAX_LIST_ENTRIES,
+    FileEntry,
+    FileList,
+    MoveRequest,
+)
+from sandstorm.api.timestamps import rfc3339_from_epoch
+from sandstorm.config import Config
+from sandstorm.errors import InvalidRequest, PayloadTooLarge, RangeNotSatisfiable, WrongFileType
+from sandstorm.files import sandbox_path
+from sandstorm.web.rest import _json, _raw_body, live_sandbox
+
+blueprint = Blueprint("files", __name__)
+_MOVE = msgspec.json.Decoder(MoveRequest)
+_RANGE: Final = re.compile(r"^bytes=(\d*)-(\d*)$")
+_TRUE = ("1", "true", "yes")
+_FALSE = ("", "0", "false", "no")
+
+
+def _config() -> Config:
+    config: Config = current_app.config["SANDSTORM_GATEWAY"].config
+    return config
+
+
+def file_entry(entry: FsEntry) -> FileEntry:
+    return FileEntry(
+        name=entry.name,
+        path=entry.path,
+        type=entry.type,
+        size=entry.size,
+        mode=f"{entry.mode:04o}",
+        mtime=rfc3339_from_epoch(entry.mtime),
+        target=entry.target,
+    )
+
+
+def _path(field: str = "path") -> str:
+    path = sandbox_path(request.args.get(field), field)
+    g.audit_target = path
+    return path
+
+
+def _flag(name: str) -> bool:
+    raw = request.args.get(name, "").lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise InvalidRequest(f"{name} must be true or false", field=name)
+
+
+def _int(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer", field=name) from None
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be in {low}..{high}", field=name)
+    return value
+
+
+def _mode(default: int) -> int:
+    raw = request.args.get("mode")
+    if raw is None or raw == "":
+        return default
+    problem = "mode must be octal permission bits within 0000..0777, e.g. 0644"
+    try:
+        mode = int(raw, 8)
+    except ValueError:
+        raise InvalidRequest(problem, field="mode") from None
+    if not 0 <= mode <= 0o777:  # no setuid, setgid or sticky bit
+        raise InvalidRequest(problem, field="mode")
+    return mode
+
+
+def _range(size: int) -> tuple[int, int] | None:
+    """The byte range a ``Range: bytes=a-b`` header asks of a file of ``size`` bytes as
+    (offset, length); None for no header, another unit or several ranges (the whole file is
+    sent, as RFC 9110 allows). Raises :class:`RangeNotSatisfiable`."""
+    raw = request.headers.get("Range")
+    if raw is None or (match := _RANGE.match(raw.strip().replace(" ", ""))) is None:
+        return None
+    first, last = match.groups()
+    if first == "" and last == "":
+        return None
+    if first == "":  # the last N bytes
+        length = min(int(last), size)
+        if length == 0:
+            raise RangeNotSatisfiable(f"range {raw} of a {size}-byte file", size=size)
+        return size - length, length
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or end < start:
+        raise RangeNotSatisfiable(f"range {raw} of a {size}-byte file", size=size)
+    return start, end - start + 1
+
+
+class _UploadBody:
+    """The request's body as chunks, counted against ``max_upload_bytes`` (a chunked body has
+    no declared length to refuse it by)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._total = 0
+        self._body = request.body
+
+    def __aiter__(self) -> _UploadBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk: bytes = await self._body.__anext__()
+        self._total += len(chunk)
+        if self._total > self._limit:
+            raise PayloadTooLarge(
+                f"upload is larger than max_upload_bytes ({self._limit} bytes)",
+                field="body",
+                limit=self._limit,
+            )
+        return chunk
+
+
+def upload_body() -> _UploadBody:
+    """The request's body to stream into the sandbox; a declared length over
+    ``max_upload_bytes`` is refused (413) before any of it is read."""
+    limit = _config().max_upload_bytes
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(
+            f"upload of {declared} bytes is larger than max_upload_bytes ({limit} bytes)",
+            field="body",
+            limit=limit,
+        )
+    return _UploadBody(limit)
+
+
+# ---------------------------------------------------------------------------- content
+
+
+@blueprint.get("/v1/sandboxes/<sandbox_id>/files/content")
+async def read_file(sandbox_id: str) -> Response:
+    actor = await live_sandbox(sandbox_id)
+    path = _path()
+    async with actor.file_access() as files:
+        entry = await files.stat(path)
+        if entry.type == "symlink":
+            # What the link names is sent; stat follows it through the read itself.
+            async with files.read(path, length=0) as opened:
+                entry = opened.entry
+    if entry.type == "dir":
+        raise WrongFileType(f"{path} is a directory", path=path)
+    if entry.type != "file":
+        raise WrongFileType(f"{path} is not a regular file", path=path)
+    wanted = _range(entry.size)
+    offset, length = wanted if wanted is not None else (0, entry.size)
+    response = Response(
+        _download(actor, path, offset, length),
+        status=206 if wanted is not None else 200,
+        content_type="application/octet-stream",
+    )
+    response.headers["Content-Length"] = str(length)
+    response.headers["Accept-Ranges"] = "bytes"
+    if wanted is not None:
+        response.headers["Content-Range"] = f"bytes {offset}-{offset + length - 1}/{entry.size}"
+    response.timeout = None  # as long as the client keeps taking it
+    return response
+
+
+async def _download(
+    actor: SandboxActor, path: str, offset: int, length: int
+) -> AsyncIterator[bytes]:
+    """The bytes of the range, as the agent reads them. A file that shrank since its ``stat``
+    ends the answer short, which breaks its connection: the client sees the truncation."""
+    async with actor.file_access() as files, files.read(path, offset=offset, length=length) as d:
+        async for chunk in d:
+            yield chunk
+
+
+@blueprint.put("/v1/sandboxes/<sandbox_id>/files/content")
+async def write_file(sandbox_id: str) -> Response:
+    actor = await live_sandbox(sandbox_id)
+    path = _path()
+    mode = _mode(0o644)
+    body = upload_body()
+    async with actor.file_access() as files:
+        entry = await files.write(path, body, mode=mode)
+    return _json(file_entry(entry), 201)
+
+
+# ---------------------------------------------------------------------------- the tree
+
+
+@blueprint.get("/v1/sandboxes/<sandbox_id>/files/list")
+async def list_files(sandbox_id: str) -> Response:
+    actor = await live_sandbox(sandbox_id)
+    path = _path()
+    depth = _int("depth", 1, 1, MAX_LIST_DEPTH)
+    async with (
+        actor.file_access() as files,
+        files.walk(path, depth=depth, max_entries=MAX_LIST_ENTRIES) as walk,
+    ):
+        entries = [file_entry(entry) async for entry in walk]
+    return _json(FileList(path=path, entries=entries, truncated=walk.truncated))
+
+
+@blueprint.get("/v1/sandboxes/<sandbox_id>/files/stat")
+async def stat_file(sandbox_id: str) -> Response:
+    actor = await live_sandbox(sandbox_id)
+    path = _path()
+    async with actor.file_access() as files:
+        return _json(file_entry(await files.stat(path)))
+
+
+@blueprint.post("/v1/sandboxes/<sandbox_id>/files/mkdir")
+async def make_directory(sandbox_id: str) -> Response:
+    await _raw_body()  # before any answer (see rest.exec_in_sandbox)
+    actor = await live_sandbox(sandbox_id)
+    path = _path()
+    parents = _flag("parents")
+    mode = _mode(0o755)
+    async with actor.file_access() as files:
+        return _json(file_entry(await files.mkdir(path, parents=parents, mode=mode)), 201)
+
+
+@blueprint.post("/v1/sandboxes/<sandbox_id>/files/move")
+async def move_file(sandbox_id: str) -> Response:
+    raw = await _raw_body()
+    actor = await live_sandbox(sandbox_id)
+    move: MoveRequest = await decode_request(_MOVE, raw)
+    source = sandbox_path(move.from_, "from")
+    target = sandbox_path(move.to, "to")
+    g.audit_target = f"{source} -> {target}"
+    async with actor.file_access() as files:
+        entry = await files.move(source, target, overwrite=move.overwrite)
+    return _json(file_entry(entry))
+
+
+@blueprint.delete("/v1/sandboxes/<sandbox_id>/files")
+async def delete_file(sandbox_id: str) -> Response:
+    actor = await live_sandbox(sandbox_id)
+    path = _path()
+    recursive = _flag("recursive")
+    async with actor.file_access() as files:
+        await files.remove(path, recursive=recursive)
+    return Response(b"", status=204)
