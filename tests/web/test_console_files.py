@@ -99,8 +99,8 @@ async def test_file_panel_browses_downloads_uploads_makes_and_deletes(
         # The run's files are listed once it ends, directories first.
         file_row(page, "report.bin").wait_for()
         assert page.locator("#files-path").text_content() == "/workspace"
-        seen["names"] = page.locator("#files-list tr").evaluate_all(
-            "(rows) => rows.map((r) => r.dataset.name)"
+        seen["rows"] = page.locator("#files-list tr").evaluate_all(
+            "(rows) => rows.map((r) => [r.dataset.type, r.dataset.name])"
         )
         seen["report_cells"] = file_row(page, "report.bin").locator("td").all_text_contents()
         sandbox_id = page.locator("#s-sandbox").text_content() or ""
@@ -178,8 +178,10 @@ async def test_file_panel_browses_downloads_uploads_makes_and_deletes(
         return seen
 
     seen = await in_browser(gw, scenario)
-    assert seen["names"][0] == "charts", seen["names"]  # a directory comes first
-    assert "report.bin" in seen["names"]
+    rows = [tuple(row) for row in seen["rows"]]
+    assert ("dir", "charts") in rows and ("file", "report.bin") in rows, rows
+    types = [kind for kind, _ in rows]
+    assert types == sorted(types, key=lambda kind: kind != "dir"), rows  # directories first
     name, kind, size, modified, actions = seen["report_cells"]
     assert (name, kind, size) == ("report.bin", "file", "1.0 KiB")
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", modified), modified
@@ -198,7 +200,9 @@ async def test_file_panel_browses_downloads_uploads_makes_and_deletes(
         "Delete /workspace/plots and everything in it?",
         "Delete /workspace/report.bin?",
     ]
-    assert sorted(seen["left"]["stdout"].split()) == ["charts", "dropped.bin", "dropped.txt"]
+    left = set(seen["left"]["stdout"].split())
+    assert {"charts", "dropped.bin", "dropped.txt"} <= left, left
+    assert not {"report.bin", "plots"} & left, left
     assert seen["same_sandbox"]
     assert seen["panel_off"] and seen["rows_after_end"] == 0
     assert (await gw.status(seen["sandbox"]))["state"] == "destroyed"

@@ -16,8 +16,9 @@ function parentOf(path) {
   return cut <= 0 ? "/" : path.slice(0, cut);
 }
 
-function formatTime(seconds) {
-  const d = new Date(seconds * 1000);
+// An entry's RFC 3339 mtime in the browser's time zone, to the second.
+function formatTime(mtime) {
+  const d = new Date(mtime);
   const pad = (n) => String(n).padStart(2, "0");
   return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} `
     + `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
