@@ -269,3 +269,27 @@ async def test_another_tenants_sandbox_is_an_unknown_id(g: RunningGateway) -> No
                 method, _files(unknown, what), params={"path": "/workspace/x"}, content=b"x"
             )
             _error(response, 404, "not_found")
+
+
+async def test_uploaded_files_are_in_a_snapshot_and_its_resume(g: RunningGateway) -> None:
+    with trio.fail_after(g.seconds(120)):
+        sid = await _sandbox(g)
+        data = os.urandom(200_000)
+        put = await g.client.put(
+            _files(sid, "/content"), params={"path": "/workspace/kept.bin"}, content=data
+        )
+        assert put.status_code == 201, put.text
+        snap = await g.client.post(f"/v1/sandboxes/{sid}/snapshot", json={})
+        assert snap.status_code == 201, snap.text
+        resumed = await g.client.post(
+            "/v1/sandboxes/resume", json={"snapshot_id": snap.json()["snapshot_id"]}
+        )
+        assert resumed.status_code == 201, resumed.text
+        rid = resumed.json()["id"]
+        got = await g.client.get(_files(rid, "/content"), params={"path": "/workspace/kept.bin"})
+        assert (got.status_code, got.content) == (200, data)
+        # And the resumed sandbox takes new files as any other.
+        more = await g.client.put(
+            _files(rid, "/content"), params={"path": "/workspace/more"}, content=b"more"
+        )
+        assert more.status_code == 201, more.text
