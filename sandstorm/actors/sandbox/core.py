@@ -56,6 +56,10 @@ AGENT_SEND_TIMEOUT_S = 10.0
 # Memory an upload leaves free in a sandbox whose files live in its memory: what may be on its
 # way to the agent and not yet written (the shim holds up to 16 MiB), and a margin.
 UPLOAD_HEADROOM = 32 * 1024 * 1024
+# How far past its last progress record a gateway that takes a sandbox over numbers its
+# channels: beyond any the crashed gateway could have used (the journal it replays may still
+# hold their frames).
+CHANNELS_AFTER_TAKE_OVER = 1 << 20
 
 
 class ActorCore:
@@ -253,9 +257,15 @@ class ActorCore:
             )
 
     def _take_channel(self) -> int:
-        """A channel number the agent has never seen (execs and file requests share them)."""
+        """A channel number the agent has never seen (execs and file requests share them).
+
+        File requests record no progress of their own, so a gateway that takes the sandbox
+        over after a crash starts :data:`CHANNELS_AFTER_TAKE_OVER` past the last record; one is
+        asked for well before that many are used."""
         number = self._next_channel
         self._next_channel += 1
+        if number - self._recorded[2] >= CHANNELS_AFTER_TAKE_OVER // 2:
+            self._progress_wanted.set()
         return number
 
     def _fail_soon(self, reason: str) -> None:
