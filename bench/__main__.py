@@ -1,4 +1,4 @@
-"""``python -m bench [--scenario NAME…] [--quick] [--json FILE] [--plot FILE.png]``
+"""``python -m bench [--scenario NAME…] [--quick] [--file-mib N] [--json FILE] [--plot FILE.png]``
 
 Starts a real gateway (Hypercorn on a free port, real runsc) in this process and runs each
 scenario against it and against the raw runtime, interleaved (A B A B…) so that both see the same
@@ -18,6 +18,7 @@ from typing import Any, get_args
 
 import trio
 
+from bench.files import FILE_MIB, QUICK_FILE_MIB
 from bench.harness import Interrupted, bench_context, loadavg, machine
 from bench.scenarios import ROUNDS, SCENARIOS
 from bench.targets import verdict
@@ -25,14 +26,15 @@ from sandstorm.config import DEFAULT_GVISOR_PLATFORM, GvisorPlatform
 
 
 async def run_all(
-    names: list[str], quick: bool, gvisor_platform: str | None = None
+    names: list[str], quick: bool, gvisor_platform: str | None = None, file_mib: int | None = None
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The rows of every scenario that ran, and why each one that failed did: a failed
     scenario (a request refused under load) does not cost the others' results."""
     rows: dict[str, Any] = {}
     failed: dict[str, str] = {}
     ran: set[object] = set()
-    async with bench_context(quick, gvisor_platform) as ctx:
+    mib = file_mib or (QUICK_FILE_MIB if quick else FILE_MIB)
+    async with bench_context(quick, gvisor_platform, mib) as ctx:
         for name in names:
             scenario = SCENARIOS[name]
             if scenario in ran:
@@ -56,7 +58,7 @@ async def run_all(
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print(f"{'scenario':<18} {'side':<8} {'unit':<5} {'p50':>9} {'p90':>9} {'p99':>9} "
+    print(f"{'scenario':<20} {'side':<8} {'unit':<5} {'p50':>9} {'p90':>9} {'p99':>9} "
           f"{'ratio':>7}  target")  # fmt: skip
     for name, r in results.items():
         for side in ("gateway", "raw"):
@@ -67,11 +69,17 @@ def print_table(results: dict[str, Any]) -> None:
                 if r["target"] is not None:
                     met = "met" if r["target"]["met"] else "MISSED"
                     target = f"{met} ({r['target']['target']})"
-            print(f"{name:<18} {side:<8} {r['unit']:<5} {s['p50']:>9.2f} {s['p90']:>9.2f} "
+            if s["n"] == 0:  # a row measured through the gateway only
+                print(f"{name:<20} {side:<8} {r['unit']:<5} {'-':>9} {'-':>9} {'-':>9}")
+                continue
+            print(f"{name:<20} {side:<8} {r['unit']:<5} {s['p50']:>9.2f} {s['p90']:>9.2f} "
                   f"{s['p99']:>9.2f} {ratio:>7}  {target}")  # fmt: skip
         extra = ", ".join(f"{k}={v}" for k, v in r["extra"].items())
         for line in ([extra] if extra else []) + r["notes"]:
-            print(f"{'':<18} note: {line}")
+            print(f"{'':<20} note: {line}")
+
+
+SIDES = (("gateway", "gateway"), ("raw", "raw runsc"))
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -85,8 +93,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 4 * rows), squeeze=False)
     flat = [ax for row in axes for ax in row]
     for ax, (name, r) in zip(flat, results.items(), strict=False):
-        samples = [r["samples"]["gateway"], r["samples"]["raw"]]
-        ax.boxplot(samples, tick_labels=["gateway", "raw runsc"])
+        sides = [(label, r["samples"][side]) for side, label in SIDES if r["samples"][side]]
+        ax.boxplot([samples for _, samples in sides], tick_labels=[label for label, _ in sides])
         title = name
         if r["target"] is not None:
             title += " (target " + ("met" if r["target"]["met"] else "missed") + ")"
@@ -114,11 +122,17 @@ def main(argv: list[str] | None = None) -> int:
         choices=get_args(GvisorPlatform),
         help="runsc --platform for both sides (default: the gateway's, gvisor_platform)",
     )
+    parser.add_argument(
+        "--file-mib",
+        type=int,
+        help=f"MiB moved by files-upload/-download (default {FILE_MIB}, {QUICK_FILE_MIB} "
+        "with --quick)",
+    )
     args = parser.parse_args(argv)
     names = list(dict.fromkeys(args.scenario or SCENARIOS))
     load_before = loadavg()
     try:
-        results, failed = trio.run(run_all, names, args.quick, args.gvisor_platform)
+        results, failed = trio.run(run_all, names, args.quick, args.gvisor_platform, args.file_mib)
     except BaseExceptionGroup as group:
         interrupted, rest = group.split(Interrupted)
         if interrupted is None or rest is not None:
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
     print_table(results)
     for name, why in failed.items():
-        print(f"{name:<18} FAILED: {why}")
+        print(f"{name:<20} FAILED: {why}")
     if args.json:
         # The host's load average before and after: other work on the machine shows here.
         about = {**machine(), "loadavg_before": load_before, "loadavg_after": loadavg()}

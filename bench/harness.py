@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import secrets
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -29,6 +31,7 @@ from sandstorm.runtimes.gvisor import GvisorRuntime
 from sandstorm.runtimes.oci import oci_config
 from sandstorm.sdk import AsyncClient
 
+ROOT = Path(__file__).resolve().parents[1]
 IMAGE_DATA_DIR = Path(os.environ.get("SANDSTORM_DATA_DIR", "/var/lib/sandstorm"))
 PING = int(FrameKind.PING)
 
@@ -38,7 +41,10 @@ class Series:
     samples: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
+        """Percentiles of the samples; of none (a row with no raw side), n = 0 and zeros."""
         s = sorted(self.samples)
+        if not s:
+            return {"n": 0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "min": 0.0, "max": 0.0}
 
         def pct(p: float) -> float:
             return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
@@ -116,6 +122,8 @@ class Context:
     workdir: Path
     cgroup_parent: str
     quick: bool
+    # The size of the file the upload and download scenarios move (bench.files).
+    file_mib: int = 256
 
     async def wait_gone(
         self, sandbox_id: str, client: AsyncClient | None = None, poll_s: float = 0.01
@@ -142,9 +150,33 @@ class Context:
         async with _gateway(config) as clients:
             yield clients
 
+    async def client_process(self, module: str, *args: str, limit_s: float) -> Any:
+        """Run ``python -m <module> URL <args…> limit_s`` (a client of the gateway in a process
+        of its own, with ``self.client``'s URL and key; killed and reaped after ``limit_s`` +
+        15 seconds, having given up by itself after ``limit_s``): its last JSON line."""
+        env = dict(os.environ)
+        if self.client.api_key:
+            env["SANDSTORM_API_KEY"] = self.client.api_key
+        cmd = [sys.executable, "-m", module, self.client.url, *args, str(limit_s)]
+        with trio.fail_after(limit_s + 15):
+            done = await trio.run_process(
+                cmd, cwd=ROOT, env=env, capture_stdout=True, capture_stderr=True, check=False
+            )
+        if done.returncode != 0:
+            why = done.stderr.decode(errors="replace").strip()[-2000:]
+            raise RuntimeError(f"{module} {' '.join(args)} exited {done.returncode}: {why}")
+        return json.loads(done.stdout.decode().splitlines()[-1])
+
     def runsc_cmd(self, *args: str) -> list[str]:
         """A runsc command line with the same global flags as the gateway's."""
         return [self.runsc, "--root", str(self.workdir / "root"),
+                f"--platform={self.config.gvisor_platform}", "--network=none",
+                "--overlay2=root:memory", *args]  # fmt: skip
+
+    def gateway_runsc_cmd(self, *args: str) -> list[str]:
+        """A runsc command line on the gateway's own state root: ``exec`` into one of its
+        sandboxes (container id = sandbox id), as the raw twin of a request to that sandbox."""
+        return [self.runsc, "--root", str(Path(self.config.data_dir) / "runsc"),
                 f"--platform={self.config.gvisor_platform}", "--network=none",
                 "--overlay2=root:memory", *args]  # fmt: skip
 
@@ -239,7 +271,9 @@ class Context:
 
 
 @asynccontextmanager
-async def bench_context(quick: bool, gvisor_platform: str | None = None) -> AsyncIterator[Context]:
+async def bench_context(
+    quick: bool, gvisor_platform: str | None = None, file_mib: int = 256
+) -> AsyncIterator[Context]:
     """A gateway of its own (and its raw counterpart's flags), on ``gvisor_platform`` when
     given, else the gateway's default."""
     if load_manifest(IMAGE_DATA_DIR) is None:
@@ -273,6 +307,7 @@ async def bench_context(quick: bool, gvisor_platform: str | None = None) -> Asyn
                 work,
                 parent,
                 quick,
+                file_mib,
             )
     finally:
         for name in (parent, f"{parent}-warm"):
@@ -345,6 +380,19 @@ def _runsc() -> str:
         if os.access(path, os.X_OK):
             return path
     raise SystemExit("runsc not found")
+
+
+def status_mib(field: str, status: str | None = None) -> float:
+    """A ``VmRSS``/``VmHWM``-like line of ``/proc/self/status`` (or of ``status``, its text) in
+    MiB; 0 when absent. The gateway runs in this process, together with the bench's own
+    client, so a figure of this process overstates the gateway's a little."""
+    if status is None:
+        status = Path("/proc/self/status").read_text()
+    for line in status.splitlines():
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value.split()[0]) / 1024  # kB
+    return 0.0
 
 
 def loadavg() -> list[float]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from bench.harness import Context, RawContainer, Result
+from bench.harness import Context, RawContainer, Result, status_mib
 from sandstorm.runtimes.base import HOST_ENV
 from sandstorm.runtimes.cgroups import SandboxCgroups
 
@@ -83,15 +83,6 @@ async def concurrency(ctx: Context, rounds: int) -> dict[str, Result]:
     return rows
 
 
-def _rss_mib() -> float:
-    """This process's resident set: the gateway runs in it (together with the bench's own
-    client, so this overstates the gateway a little)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def _available_mib() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -125,7 +116,7 @@ async def footprint(ctx: Context, rounds: int) -> dict[str, Result]:
     limiter = trio.CapacityLimiter(8)
 
     await _settle()
-    result.extra["gateway_rss_idle_mib"] = round(_rss_mib(), 1)
+    result.extra["gateway_rss_idle_mib"] = round(status_mib("VmRSS"), 1)
     before = _available_mib()
     ids: list[str] = []
 
@@ -138,7 +129,7 @@ async def footprint(ctx: Context, rounds: int) -> dict[str, Result]:
             for _ in range(count):
                 nursery.start_soon(start_one)
         await _settle()
-        result.extra["gateway_rss_mib"] = round(_rss_mib(), 1)
+        result.extra["gateway_rss_mib"] = round(status_mib("VmRSS"), 1)
         result.extra["gateway_host_mib_per_sandbox"] = round((before - _available_mib()) / count, 2)
         result.gateway.samples.extend(cgroups.memory_bytes(i) / MIB for i in ids)
         result.extra["gateway_idle_cpu_ms_per_s"] = await _idle_cpu_ms_per_s(cgroups, ids)

@@ -1,23 +1,20 @@
 """The latency scenarios: each measures the gateway and its raw-runsc counterpart, interleaved.
 
 Every scenario returns its rows by name (most return one row named like the scenario);
-``bench.scale`` and ``bench.snapshots`` hold the scenarios that need more machinery.
+``bench.scale``, ``bench.snapshots`` and ``bench.files`` hold the scenarios that need more
+machinery.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
 
 import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.files import files_qemu, files_small, files_transfer, files_tree
 from bench.harness import Context, Result
 from bench.scale import concurrency, footprint
 from bench.snapshots import snapshot_and_resume
@@ -26,7 +23,6 @@ from sandstorm.config import WarmPoolClass
 from sandstorm.sdk import AsyncClient
 
 HELLO = "print('Hello, World!')"
-ROOT = Path(__file__).resolve().parents[1]
 Rows = dict[str, Result]
 
 
@@ -140,29 +136,6 @@ async def exec_python(ctx: Context, rounds: int) -> Rows:
     return await _exec(ctx, rounds, "exec-python", python=True)
 
 
-async def _stream_client(ctx: Context, sandbox_id: str, *args: str, limit_s: float) -> Any:
-    """Run ``bench.stream_client`` on the sandbox (its own process, the same URL and key as
-    ``ctx.client``; at most ``limit_s`` seconds, then it is killed and reaped): its JSON line."""
-    env = dict(os.environ)
-    if ctx.client.api_key:
-        env["SANDSTORM_API_KEY"] = ctx.client.api_key
-    cmd = [sys.executable, "-m", "bench.stream_client", ctx.client.url, sandbox_id, *args]
-    # The child gives up after ``limit_s`` itself; this bound is for a child that hangs.
-    with trio.fail_after(limit_s + 15):
-        done = await trio.run_process(
-            [*cmd, str(limit_s)],
-            cwd=ROOT,
-            env=env,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    if done.returncode != 0:
-        why = done.stderr.decode(errors="replace").strip()[-2000:]
-        raise RuntimeError(f"bench.stream_client {' '.join(args)} exited {done.returncode}: {why}")
-    return json.loads(done.stdout.decode().splitlines()[-1])
-
-
 async def stream_first_byte(ctx: Context, rounds: int) -> Rows:
     """From a write inside the sandbox to its frame at a WebSocket client, vs to a host process
     reading runsc's stdout pipe directly.
@@ -174,7 +147,9 @@ async def stream_first_byte(ctx: Context, rounds: int) -> Rows:
     sandbox = await ctx.client.run(command=["true"], keep_alive=600)
     try:
         for i in range(rounds):
-            out = await _stream_client(ctx, sandbox.id, "first-byte", f"r{i}", limit_s=60)
+            out = await ctx.client_process(
+                "bench.stream_client", sandbox.id, "first-byte", f"r{i}", limit_s=60
+            )
             result.gateway.samples.extend(out["samples_ms"])
             buffer = b""
 
@@ -204,8 +179,13 @@ async def stream_throughput(ctx: Context, rounds: int) -> Rows:
     sandbox = await ctx.client.run(command=["true"], keep_alive=600)
     try:
         for i in range(rounds):
-            out = await _stream_client(
-                ctx, sandbox.id, "throughput", f"t{i}", str(megabytes), limit_s=300
+            out = await ctx.client_process(
+                "bench.stream_client",
+                sandbox.id,
+                "throughput",
+                f"t{i}",
+                str(megabytes),
+                limit_s=300,
             )
             assert out["received"] == megabytes * 2**20, out
             result.gateway.samples.append(out["received"] / out["elapsed_s"] / 1e6)
@@ -239,6 +219,11 @@ SCENARIOS: dict[str, Callable[[Context, int], Awaitable[Rows]]] = {
     "snapshot": snapshot_and_resume,
     "resume": snapshot_and_resume,
     "footprint": footprint,
+    "files-upload": files_transfer,
+    "files-download": files_transfer,
+    "files-small": files_small,
+    "files-tree": files_tree,
+    "files-qemu": files_qemu,
 }
 
 # Rounds per scenario: a full run, and a --quick smoke run.
@@ -255,4 +240,11 @@ ROUNDS = {
     "snapshot": (20, 1),
     "resume": (20, 1),
     "footprint": (1, 1),
+    # 256 MiB each way a round (--file-mib; 16 with --quick).
+    "files-upload": (5, 1),
+    "files-download": (5, 1),
+    "files-small": (50, 3),
+    "files-tree": (20, 2),
+    # QEMU under TCG here moves ~15-40 MB/s: a round of 256 MiB each way takes ~25 s.
+    "files-qemu": (3, 1),
 }

@@ -18,9 +18,11 @@ client's WebSocket parsing would take CPU from the gateway it measures.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -118,25 +120,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
+def run_client(
+    prog: str, work: Callable[[], Awaitable[dict[str, Any]]], timeout_s: float, missing: str
+) -> int:
+    """Run a bench client's ``work`` for at most ``timeout_s``: print its JSON line and return
+    0, or print why it failed on stderr (``missing`` "within …" when it ran out of time) and
+    return 1."""
+
+    async def bounded() -> dict[str, Any]:
+        try:
+            with trio.fail_after(timeout_s):
+                return await work()
+        except trio.TooSlowError:
+            raise TimeoutError(f"{missing} within {timeout_s} s") from None
+
     try:
-        with trio.fail_after(args.timeout_s):
-            if args.mode == "throughput":
-                return await throughput(args.url, args.sandbox_id, args.request_id, args.megabytes)
-            return await first_byte(args.url, args.sandbox_id, args.request_id)
-    except trio.TooSlowError:
-        raise StreamFailed(f"no exit event within {args.timeout_s} s") from None
+        out = trio.run(bounded)
+    except Exception as exc:
+        print(f"{prog}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(out), flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # exits 2 on a bad command line
-    try:
-        out = trio.run(_run, args)
-    except Exception as exc:
-        print(f"bench.stream_client: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(out), flush=True)
-    return 0
+    if args.mode == "throughput":
+        work = functools.partial(
+            throughput, args.url, args.sandbox_id, args.request_id, args.megabytes
+        )
+    else:
+        work = functools.partial(first_byte, args.url, args.sandbox_id, args.request_id)
+    return run_client("bench.stream_client", work, args.timeout_s, "no exit event")
 
 
 if __name__ == "__main__":

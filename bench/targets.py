@@ -41,6 +41,9 @@ TARGETS: dict[str, Target] = {
     "snapshot": Target("≤ 1.2x raw", ratio_max=1.2),
     "resume": Target("≤ 1.2x raw", ratio_max=1.2),
     "footprint": Target("gateway RSS ≤ 150 MiB", extra_max=("gateway_rss_mib", 150)),
+    "files-upload": Target("≥ 150 MB/s, ≥ 0.5x raw", p50_min=150, ratio_min=0.5),
+    "files-download": Target("≥ 150 MB/s, ≥ 0.5x raw", p50_min=150, ratio_min=0.5),
+    "files-small": Target("p50 ≤ 8 ms", p50_max=8),
 }
 
 

@@ -185,15 +185,22 @@ class RawResponse:
 
 
 async def send_raw_request(
-    url: str, path: str, body: bytes, *, chunked: bool = False, chunk_size: int = 256 * 1024
+    url: str,
+    path: str,
+    body: bytes,
+    *,
+    chunked: bool = False,
+    chunk_size: int = 256 * 1024,
+    method: str = "POST",
 ) -> RawResponse:
-    """POST `body` over a plain socket while reading the answer, which may come before the body
-    is sent whole (413). httpx cannot do this cleanly: it abandons its own async generator over
-    the body, which the garbage collector later reports as an unraisable warning."""
+    """``method`` (POST) `body` over a plain socket while reading the answer, which may come
+    before the body is sent whole (413). httpx cannot do this cleanly: it abandons its own
+    async generator over the body, which the garbage collector later reports as an unraisable
+    warning."""
     host, port = url.removeprefix("http://").split(":")
     framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}"
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         f"{framing}\r\n\r\n"
     ).encode()
     stream = await trio.open_tcp_stream(host, int(port))

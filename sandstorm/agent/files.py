@@ -195,9 +195,17 @@ class AgentFiles:
     file behind).
     """
 
-    def __init__(self, send: Send, next_channel: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        send: Send,
+        next_channel: Callable[[], int],
+        *,
+        write_guard: Callable[[], None] | None = None,
+    ) -> None:
         self._send = send
         self._next_channel = next_channel
+        # Called before each FS_DATA of a write; raises to stop it (the sandbox has no room).
+        self._write_guard = write_guard
         self._requests: dict[int, _Request] = {}
         self._closed: GatewayError | None = None
 
@@ -293,6 +301,11 @@ class AgentFiles:
         done = request.streams and request.end is not None
         if request.error is None and not done and request.reply is not None:
             await self._tell_end(request.channel, b"")
+
+    async def _data(self, channel: int, piece: bytes) -> None:
+        if self._write_guard is not None:
+            self._write_guard()
+        await self._frame(FrameKind.FS_DATA, channel, piece)
 
     async def _tell_end(self, channel: int, payload: bytes) -> None:
         """FS_END to a request the gateway gives up; shielded and bounded, errors ignored (a
@@ -433,10 +446,10 @@ class AgentFiles:
                 while len(pending) >= FS_DATA_CHUNK:
                     piece = bytes(pending[:FS_DATA_CHUNK])
                     del pending[:FS_DATA_CHUNK]
-                    await self._frame(FrameKind.FS_DATA, request.channel, piece)
+                    await self._data(request.channel, piece)
             if request.reply is None and request.error is None:
                 if pending:
-                    await self._frame(FrameKind.FS_DATA, request.channel, bytes(pending))
+                    await self._data(request.channel, bytes(pending))
                 await self._frame(FrameKind.FS_END, request.channel)
                 committed = True
             return _entry(await self._reply(request))

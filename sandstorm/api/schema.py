@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from sandstorm import __version__
+from sandstorm.api.files import ArchiveExtracted, FileEntry, FileList, MoveRequest
 from sandstorm.api.types import (
     DeleteResponse,
     ErrorDetail,
@@ -44,15 +45,21 @@ PROTOCOL_DIR = Path(__file__).resolve().parents[2] / "protocol"
 REF = "#/components/schemas/"
 
 _ERRORS = {
-    "400": "invalid_request: malformed JSON, wrong type or out-of-range value (details.field)",
-    "403": "mount_not_allowed",
-    "404": "not_found",
-    "409": "sandbox_not_running",
+    "400": "invalid_request: malformed JSON, wrong type or out-of-range value (details.field);"
+    " unsafe_archive (details.member)",
+    "403": "mount_not_allowed; permission_denied (a file the sandbox's user may not touch)",
+    "404": "not_found; file_not_found",
+    "409": "sandbox_not_running; wrong_file_type, file_exists, file_operation_failed (files)",
     "413": "payload_too_large",
+    "416": "range_not_satisfiable (Content-Range: bytes */size)",
     "422": "snapshot_unsupported",
     "429": "quota_exceeded (Retry-After)",
     "503": "runtime_unavailable or at_capacity (Retry-After)",
+    "507": "insufficient_storage: the sandbox ran out of room; nothing was written",
 }
+#: A query parameter: name, JSON Schema type, required.
+Query = tuple[str, str, bool]
+PATH_QUERY: Query = ("path", "string", True)
 
 
 def _ref(t: type[Any]) -> dict[str, str]:
@@ -67,23 +74,37 @@ def _op(
     body_required: bool = True,
     errors: tuple[str, ...] = (),
     params: tuple[str, ...] = (),
+    query: tuple[Query, ...] = (),
+    raw_body: str | None = None,
 ) -> dict[str, Any]:
+    """One operation. A response's schema of None is one without a body; a media type other
+    than JSON is given as the schema's ``"media"`` (a raw stream of bytes)."""
     op: dict[str, Any] = {"summary": summary, "responses": {}}
-    if params:
-        op["parameters"] = [
-            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-            for p in params
-        ]
+    parameters = [
+        {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params
+    ] + [
+        {"name": name, "in": "query", "required": required, "schema": {"type": kind}}
+        for name, kind, required in query
+    ]
+    if parameters:
+        op["parameters"] = parameters
     if body is not None:
         op["requestBody"] = {
             "required": body_required,
             "content": {"application/json": {"schema": _ref(body)}},
         }
-    for status, (description, schema) in responses.items():
-        op["responses"][status] = {
-            "description": description,
-            "content": {"application/json": {"schema": schema}},
+    if raw_body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {raw_body: {"schema": {"type": "string", "format": "binary"}}},
         }
+    for status, (description, schema) in responses.items():
+        op["responses"][status] = {"description": description}
+        if isinstance(schema, dict) and "media" in schema:
+            binary = {"type": "string", "format": "binary"}
+            op["responses"][status]["content"] = {m: {"schema": binary} for m in schema["media"]}
+        elif schema is not None:
+            op["responses"][status]["content"] = {"application/json": {"schema": schema}}
     for status in errors:
         op["responses"][status] = {
             "description": _ERRORS[status],
@@ -96,7 +117,8 @@ def openapi() -> dict[str, Any]:
     types: list[Any] = [
         RunRequest, ExecRequest, SnapshotRequest, ResumeRequest, RunResponse, ExecResponse,
         ExecSummary, SandboxStatus, SandboxList, DeleteResponse, SnapshotInfo, SnapshotList,
-        SnapshotDeleted, RuntimeInfo, LanguageInfo, Health, Ready, ErrorResponse,
+        SnapshotDeleted, RuntimeInfo, LanguageInfo, Health, Ready, ErrorResponse, FileEntry,
+        FileList, MoveRequest, ArchiveExtracted,
     ]  # fmt: skip
     _, components = msgspec.json.schema_components(types, ref_template=REF + "{name}")
     sid = ("sandbox_id",)
@@ -162,6 +184,7 @@ def openapi() -> dict[str, Any]:
             "get": _op("Languages of the image",
                        {"200": ("list", {"type": "array", "items": _ref(LanguageInfo)})})
         },
+        **_file_paths(),
         "/health": {"get": _op("Liveness", {"200": ("alive", _ref(Health))})},
         "/ready": {
             "get": _op("Readiness",
@@ -174,6 +197,59 @@ def openapi() -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": components},
     }
+
+
+def _file_paths() -> dict[str, Any]:
+    """SPEC §8: the files of a running sandbox."""
+    sid = ("sandbox_id",)
+    base = "/v1/sandboxes/{sandbox_id}/files"
+    entry = _ref(FileEntry)
+    octets = {"media": ["application/octet-stream"]}
+    tars = {"media": ["application/x-tar", "application/gzip"]}
+    read_errors = ("400", "403", "404", "409")
+    write_errors = ("400", "403", "404", "409", "413", "507")
+    return {
+        f"{base}/content": {
+            "get": _op("Download a file (Range: bytes=a-b gives 206)",
+                       {"200": ("the file", octets), "206": ("the range asked for", octets)},
+                       errors=(*read_errors, "416"), params=sid, query=(PATH_QUERY,)),
+            "put": _op("Upload the body to a file, atomically, parents made",
+                       {"201": ("written", entry)}, errors=write_errors, params=sid,
+                       query=(PATH_QUERY, ("mode", "string", False)),
+                       raw_body="application/octet-stream"),
+        },
+        f"{base}/list": {
+            "get": _op("List a directory (depth 1..16, at most 10,000 entries)",
+                       {"200": ("the listing", _ref(FileList))}, errors=read_errors,
+                       params=sid, query=(PATH_QUERY, ("depth", "integer", False))),
+        },
+        f"{base}/stat": {
+            "get": _op("One entry", {"200": ("the entry", entry)}, errors=read_errors,
+                       params=sid, query=(PATH_QUERY,)),
+        },
+        f"{base}/mkdir": {
+            "post": _op("Make a directory", {"201": ("made", entry)}, errors=write_errors,
+                        params=sid, query=(PATH_QUERY, ("parents", "boolean", False),
+                                           ("mode", "string", False))),
+        },
+        f"{base}/move": {
+            "post": _op("Rename or move a file or directory", {"200": ("moved", entry)},
+                        body=MoveRequest, errors=read_errors, params=sid),
+        },
+        base: {
+            "delete": _op("Remove a file, a link or a directory (recursive on request)",
+                          {"204": ("removed", None)}, errors=read_errors, params=sid,
+                          query=(PATH_QUERY, ("recursive", "boolean", False))),
+        },
+        f"{base}/archive": {
+            "get": _op("A file or directory as a tar stream", {"200": ("the archive", tars)},
+                       errors=read_errors, params=sid,
+                       query=(PATH_QUERY, ("format", "string", False))),
+            "put": _op("Extract a tar (or gzip of a tar) into a directory, all or nothing",
+                       {"201": ("extracted", _ref(ArchiveExtracted))}, errors=write_errors,
+                       params=sid, query=(PATH_QUERY,), raw_body="application/x-tar"),
+        },
+    }  # fmt: skip
 
 
 def stream_schema() -> dict[str, Any]:

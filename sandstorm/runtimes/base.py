@@ -138,6 +138,11 @@ class SandboxRuntime(abc.ABC):
     #: as the kernel's OOM kill. Not for VMs: their host cgroup holds guest RAM that is always
     #: at its peak; their agent reports the guest kernel's OOM kills instead.
     allocations_fail_at_limit: ClassVar[bool] = False
+    #: Whether the sandbox's writable filesystem is kept in its host cgroup's memory (gVisor's
+    #: memory-backed overlay): filling it ends the whole sandbox for want of memory instead of
+    #: failing a write with ENOSPC, so the gateway keeps an upload's room itself (see
+    #: ``actors/sandbox/files.py``). A VM's guest filesystem has a size and answers ENOSPC.
+    files_in_host_memory: ClassVar[bool] = False
 
     cgroups: SandboxCgroups
 

@@ -44,7 +44,7 @@ AUDITED = {
     "files.make_directory": "files_mkdir",
     "files.move_file": "files_move",
     "files.delete_file": "files_delete",
-    "files.extract_archive": "files_extract",
+    "files.extract_archive_into": "files_extract",
 }
 WWW_AUTHENTICATE = 'Bearer realm="sandstorm"'
 # Responses above this are not read back for ids (a result can hold megabytes of output; the

@@ -22,6 +22,7 @@ from sandstorm.api.decoding import decode_request
 from sandstorm.api.files import (
     MAX_LIST_DEPTH,
     MAX_LIST_ENTRIES,
+    ArchiveExtracted,
     FileEntry,
     FileList,
     MoveRequest,
@@ -29,7 +30,7 @@ from sandstorm.api.files import (
 from sandstorm.api.timestamps import rfc3339_from_epoch
 from sandstorm.config import Config
 from sandstorm.errors import InvalidRequest, PayloadTooLarge, RangeNotSatisfiable, WrongFileType
-from sandstorm.files import sandbox_path
+from sandstorm.files import extract_archive, open_archive, sandbox_path
 from sandstorm.web.rest import _json, _raw_body, live_sandbox
 
 blueprint = Blueprint("files", __name__)
@@ -267,3 +268,50 @@ async def delete_file(sandbox_id: str) -> Response:
     async with actor.file_access() as files:
         await files.remove(path, recursive=recursive)
     return Response(b"", status=204)
+
+
+# ---------------------------------------------------------------------------- archives
+
+#: Most bytes of tar a gzip upload may unpack to, per byte of ``max_upload_bytes`` (a bound on
+#: the work a small, very compressible body can ask for).
+UNPACK_RATIO: Final = 4
+_ARCHIVE_TYPES: Final = {"tar": "application/x-tar", "tar.gz": "application/gzip"}
+
+
+@blueprint.get("/v1/sandboxes/<sandbox_id>/files/archive")
+async def read_archive(sandbox_id: str) -> Response:
+    actor = await live_sandbox(sandbox_id)
+    path = _path()
+    form = request.args.get("format") or "tar"
+    if form not in _ARCHIVE_TYPES:
+        raise InvalidRequest("format must be tar or tar.gz", field="format")
+    async with actor.file_access() as files:
+        await files.stat(path)  # a missing path is a 404 before the answer starts
+    response = Response(_archive(actor, path, form == "tar.gz"), content_type=_ARCHIVE_TYPES[form])
+    name = (path.rstrip("/").rsplit("/", 1)[-1] or "root") + "." + form
+    response.headers["Content-Disposition"] = f'attachment; filename="{_quoted(name)}"'
+    response.timeout = None
+    return response
+
+
+def _quoted(name: str) -> str:
+    return "".join(c if c.isprintable() and c not in '"\\' else "_" for c in name)
+
+
+async def _archive(actor: SandboxActor, path: str, gzip: bool) -> AsyncIterator[bytes]:
+    async with actor.file_access() as files, open_archive(files, path, gzip=gzip) as chunks:
+        async for chunk in chunks:
+            yield chunk
+
+
+@blueprint.put("/v1/sandboxes/<sandbox_id>/files/archive")
+async def extract_archive_into(sandbox_id: str) -> Response:
+    actor = await live_sandbox(sandbox_id)
+    path = _path()
+    body = upload_body()
+    limit = _config().max_upload_bytes
+    async with actor.file_access() as files:
+        count, size = await extract_archive(
+            files, body, path, max_unpacked_bytes=limit * UNPACK_RATIO
+        )
+    return _json(ArchiveExtracted(path=path, files=count, bytes=size), 201)

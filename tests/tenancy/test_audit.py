@@ -181,3 +181,43 @@ async def test_a_call_whose_client_leaves_before_the_answer_is_still_recorded(
             await trio.sleep(0.1)
     assert [(r.action, r.outcome) for r in got] == [("run", "499 client_closed")], got
     assert got[0].tenant == "default"
+
+
+async def test_file_writes_moves_and_deletes_are_audited_with_their_path(
+    gw: RunningGateway,
+) -> None:
+    secret = b"never-in-the-log-" + secrets.token_hex(8).encode()
+    with trio.fail_after(120):
+        _, key = await make_key(gw.data_dir, "filer")
+        async with client_for(gw, key) as a:
+            run = await a.post("/v1/sandboxes/run", json={"command": ["true"], "keep_alive": 60})
+            sid = run.json()["id"]
+            files = f"/v1/sandboxes/{sid}/files"
+            put = await a.put(f"{files}/content", params={"path": "/workspace/s"}, content=secret)
+            assert put.status_code == 201
+            made = await a.post(f"{files}/mkdir", params={"path": "/workspace/made"})
+            assert made.status_code == 201
+            moved = await a.post(
+                f"{files}/move", json={"from": "/workspace/s", "to": "/workspace/made/s"}
+            )
+            assert moved.status_code == 200
+            missing = await a.delete(files, params={"path": "/workspace/nope"})
+            assert missing.status_code == 404
+            gone = await a.delete(files, params={"path": "/workspace/made", "recursive": "true"})
+            assert gone.status_code == 204
+            read = await a.get(f"{files}/list", params={"path": "/workspace"})
+            assert read.status_code == 200  # reads are not audited
+        got = [
+            (r.action, r.sandbox_id, r.target, r.outcome)
+            for r in await trio.to_thread.run_sync(_records, gw.data_dir)
+            if r.action.startswith("files_")
+        ]
+        assert got == [
+            ("files_write", sid, "/workspace/s", "201"),
+            ("files_mkdir", sid, "/workspace/made", "201"),
+            ("files_move", sid, "/workspace/s -> /workspace/made/s", "200"),
+            ("files_delete", sid, "/workspace/nope", "404 file_not_found"),
+            ("files_delete", sid, "/workspace/made", "204"),
+        ]
+        for path in gw.data_dir.glob(f"{DB_NAME}*"):
+            assert secret not in path.read_bytes()

@@ -136,6 +136,7 @@ async def test_page_and_assets_are_served_with_a_strict_policy(gw: RunningGatewa
     expected = {
         "/": "text/html",
         "/static/console.js": "text/javascript",
+        "/static/files.js": "text/javascript",
         "/static/console.css": "text/css",
         "/static/favicon.svg": "image/svg+xml",
     }
@@ -190,6 +191,9 @@ async def test_run_streams_output_live_takes_stdin_and_shows_the_verdict(
         page.press("#stdin", "Enter")
         wait_output(page, "echo: hello sandbox")
         wait_verdict(page, "ok")
+        # The sandbox outlives the run (for the file panel and the next run) until ended.
+        page.wait_for_function("() => document.getElementById('s-state').textContent === 'idle'")
+        page.click("#end-sandbox")
         page.wait_for_function(
             "() => document.getElementById('s-state').textContent === 'destroyed'"
         )
@@ -219,7 +223,7 @@ async def test_run_streams_output_live_takes_stdin_and_shows_the_verdict(
     assert re.fullmatch(r"\d+(\.\d+)? (ms|s)", seen["cpu"]), seen
     assert re.fullmatch(r"\d+(\.\d+)? (B|KiB|MiB)", seen["rss"]), seen
     assert seen["runtime"] == "gvisor (standard, default)"
-    # The console freed the sandbox once the run ended.
+    # "End sandbox" freed it.
     assert (await gw.status(seen["sandbox"]))["state"] == "destroyed"
 
 

@@ -269,3 +269,62 @@ async def test_another_tenants_sandbox_is_an_unknown_id(g: RunningGateway) -> No
                 method, _files(unknown, what), params={"path": "/workspace/x"}, content=b"x"
             )
             _error(response, 404, "not_found")
+
+
+async def test_uploaded_files_are_in_a_snapshot_and_its_resume(g: RunningGateway) -> None:
+    with trio.fail_after(g.seconds(120)):
+        sid = await _sandbox(g)
+        data = os.urandom(200_000)
+        put = await g.client.put(
+            _files(sid, "/content"), params={"path": "/workspace/kept.bin"}, content=data
+        )
+        assert put.status_code == 201, put.text
+        snap = await g.client.post(f"/v1/sandboxes/{sid}/snapshot", json={})
+        assert snap.status_code == 201, snap.text
+        resumed = await g.client.post(
+            "/v1/sandboxes/resume", json={"snapshot_id": snap.json()["snapshot_id"]}
+        )
+        assert resumed.status_code == 201, resumed.text
+        rid = resumed.json()["id"]
+        got = await g.client.get(_files(rid, "/content"), params={"path": "/workspace/kept.bin"})
+        assert (got.status_code, got.content) == (200, data)
+        # And the resumed sandbox takes new files as any other.
+        more = await g.client.put(
+            _files(rid, "/content"), params={"path": "/workspace/more"}, content=b"more"
+        )
+        assert more.status_code == 201, more.text
+
+
+async def test_abandoned_transfers_leave_nothing_and_the_sandbox_serves_on(
+    g: RunningGateway,
+) -> None:
+    with trio.fail_after(g.seconds(90)):
+        sid = await _sandbox(g)
+        await _sh(g, sid, "head -c 30000000 /dev/zero > /workspace/big")
+        host, port = g.url.removeprefix("http://").split(":")
+        target = _files(sid, "/content")
+        for _ in range(5):
+            # A client that takes the start of a download and goes; one that sends part of an
+            # upload and goes.
+            for head, body in (
+                (f"GET {target}?path=/workspace/big HTTP/1.1\r\nHost: x\r\n\r\n", b""),
+                (
+                    f"PUT {target}?path=/workspace/half HTTP/1.1\r\nHost: x\r\n"
+                    "Content-Length: 1000000\r\n\r\n",
+                    b"x" * 100_000,
+                ),
+            ):
+                async with await trio.open_tcp_stream(host, int(port)) as stream:
+                    await stream.send_all(head.encode() + body)
+                    if not body:
+                        assert b" 200 " in await stream.receive_some(65536)
+                    else:
+                        await trio.sleep(0.1)
+        # Nothing half-written anywhere, and the sandbox serves files and execs as before.
+        with trio.fail_after(10):
+            while (await _sh(g, sid, "find /workspace -name '.sandstorm-*' -o -name half"))[
+                "stdout"
+            ]:
+                await trio.sleep(0.2)
+        got = await g.client.get(_files(sid, "/stat"), params={"path": "/workspace/big"})
+        assert got.json()["size"] == 30_000_000

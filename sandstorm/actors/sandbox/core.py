@@ -39,7 +39,7 @@ from sandstorm.api.types import (
     Verdict,
 )
 from sandstorm.config import Config
-from sandstorm.errors import AtCapacity, GatewayError, SandboxNotRunning
+from sandstorm.errors import AtCapacity, GatewayError, InsufficientStorage, SandboxNotRunning
 from sandstorm.metrics import Metrics
 from sandstorm.runtimes.base import RuntimeInstance, SandboxRuntime
 from sandstorm.store.snapshots import SnapshotCatalog
@@ -53,6 +53,13 @@ STOP_GRACE_S = 0.5
 # How long a send to the agent may take; an agent that stops reading its channel fails its
 # sandbox (code in the sandbox runs as the agent's user and can stop it).
 AGENT_SEND_TIMEOUT_S = 10.0
+# Memory an upload leaves free in a sandbox whose files live in its memory: what may be on its
+# way to the agent and not yet written (the shim holds up to 16 MiB), and a margin.
+UPLOAD_HEADROOM = 32 * 1024 * 1024
+# How far past its last progress record a gateway that takes a sandbox over numbers its
+# channels: beyond any the crashed gateway could have used (the journal it replays may still
+# hold their frames).
+CHANNELS_AFTER_TAKE_OVER = 1 << 20
 
 
 class ActorCore:
@@ -123,7 +130,7 @@ class ActorCore:
         self._recorded_output: dict[str, tuple[int, int]] = {}
         # File requests to the agent, on channels of their own (see ``files``); the number in
         # progress holds the sandbox busy; the stream clients' watches by id (None: starting).
-        self.files = AgentFiles(self._to_agent, self._take_channel)
+        self.files = AgentFiles(self._to_agent, self._take_channel, write_guard=self._check_room)
         self._file_requests = 0
         self._watches: dict[str, Watch | None] = {}
 
@@ -233,10 +240,32 @@ class ActorCore:
             self._fail_soon(f"the agent took nothing for {AGENT_SEND_TIMEOUT_S:.0f}s")
             raise SandboxNotRunning(f"sandbox {self.id} stopped responding")
 
+    def _check_room(self) -> None:
+        """Before each piece of a file written into the sandbox: refuse it when the sandbox's
+        filesystem lives in its memory (``files_in_host_memory``) and the piece could take the
+        memory it has left. A full filesystem there would end the sandbox; refused, the write
+        fails with 507 and the sandbox goes on."""
+        if not self.runtime.files_in_host_memory:
+            return
+        limit = self.params.spec.memory_limit
+        used = self.runtime.usage(self.id).memory_bytes
+        if used + UPLOAD_HEADROOM > limit:
+            raise InsufficientStorage(
+                f"sandbox {self.id} has no room left: its files live in its memory, which is"
+                f" {used} of {limit} bytes (memory_limit) in use",
+                memory_limit=limit,
+            )
+
     def _take_channel(self) -> int:
-        """A channel number the agent has never seen (execs and file requests share them)."""
+        """A channel number the agent has never seen (execs and file requests share them).
+
+        File requests record no progress of their own, so a gateway that takes the sandbox
+        over after a crash starts :data:`CHANNELS_AFTER_TAKE_OVER` past the last record; one is
+        asked for well before that many are used."""
         number = self._next_channel
         self._next_channel += 1
+        if number - self._recorded[2] >= CHANNELS_AFTER_TAKE_OVER // 2:
+            self._progress_wanted.set()
         return number
 
     def _fail_soon(self, reason: str) -> None:

@@ -26,6 +26,7 @@ from sandstorm.agent import (
     decode_file_written,
     decode_started,
 )
+from sandstorm.agent.files import FileError
 from sandstorm.api.types import ExecStartedEvent
 from sandstorm.errors import InvalidRequest, QuotaExceeded, SandboxNotRunning
 from sandstorm.ids import new_id
@@ -34,6 +35,8 @@ from sandstorm.runtimes.base import RuntimeInstance
 FILE_KINDS = frozenset(
     {FrameKind.FS_REPLY, FrameKind.FS_DATA, FrameKind.FS_END, FrameKind.FS_EVENT}
 )
+# What an agent that knows no file frames answers to the first of them.
+OLD_AGENT_REFUSAL = f"unknown frame kind {int(FrameKind.FS)}"
 # After a kill, how long the agent gets to report the exit before the gateway gives up on it.
 KILL_GRACE_S = 1.0
 # How long the agent gets to answer a PING when it failed to report a killed process.
@@ -128,6 +131,15 @@ class AgentDispatch(RecoveryRecords):
             if tracker is not None and tracker.running:
                 # Why an exec could not start, told to its reader on its own stderr.
                 self._output(tracker, FrameKind.STDERR, f"sandstorm: {err.message}\n".encode())
+            elif channel == 0 and err.message == OLD_AGENT_REFUSAL:
+                # An agent from before file requests (a sandbox taken over from an older
+                # gateway): they fail at once, not after a timeout.
+                self.files.fail_all(
+                    FileError(
+                        f"sandbox {self.id} runs an agent without file requests; "
+                        "a new sandbox has them"
+                    )
+                )
             elif self._failure_logged < MAX_LOGGED_AGENT_ERRORS:
                 self._failure_logged += 1
                 log.info("sandbox %s agent says: %r", self.id, err.message[:200])

@@ -18,7 +18,12 @@ import trio
 
 from sandstorm.actors.events import EventLog
 from sandstorm.actors.execs import ExecTracker, OutputBuffer
-from sandstorm.actors.sandbox.core import AGENT_SEND_TIMEOUT_S, ActorCore, log
+from sandstorm.actors.sandbox.core import (
+    AGENT_SEND_TIMEOUT_S,
+    CHANNELS_AFTER_TAKE_OVER,
+    ActorCore,
+    log,
+)
 from sandstorm.api.timestamps import rfc3339
 from sandstorm.api.types import ExecResult
 from sandstorm.runtimes.base import JournaledChannel
@@ -184,7 +189,7 @@ class RecoveryRecords(ActorCore):
         self.created_at = record.created_at
         self.last_active = progress.last_active
         self._held = False  # the request that created it is gone with the old gateway
-        self._next_channel = progress.next_channel
+        self._next_channel = progress.next_channel + CHANNELS_AFTER_TAKE_OVER
         self.events = EventLog(self.config.replay_buffer_bytes, last_seq=progress.event_seq)
         rows = {row.id: row for row in recovered.execs}
         for row in recovered.execs:

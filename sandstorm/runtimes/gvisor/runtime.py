@@ -54,6 +54,7 @@ class GvisorRuntime(ShimmedRuntime):
     name = "gvisor"
     isolation_levels: ClassVar[tuple[IsolationLevel, ...]] = ("standard", "strong")
     capabilities = RuntimeCapabilities(snapshot=True, exec=True, streaming=True, network=False)
+    files_in_host_memory = True
     # This runsc's sentry sizes itself to the host cgroup's limit: code that allocates past it
     # gets ENOMEM (MemoryError, bad_alloc, a failed mmap) and the sandbox lives on.
     allocations_fail_at_limit = True

@@ -2,8 +2,12 @@
 //
 // Flow: POST /v1/sandboxes/run (wait: false, stdin_open: true) -> open the sandbox's WebSocket
 // stream with since=0 (a replay from seq 1, so nothing between the POST and the connect is
-// lost) -> render the run's events -> on `exit` show the result and DELETE the sandbox.
-// Program output only ever reaches the page as text nodes, never as markup.
+// lost) -> render the run's events -> on `exit` show the result. The sandbox stays for the file
+// panel and the next run, which is an exec in it (the stream then resumes after the last seq
+// seen), until "End sandbox", the isolation level changes, the page goes or keep_alive runs out.
+// Program output and file names only ever reach the page as text nodes, never as markup.
+
+import { createFilePanel } from "/static/files.js";
 
 const SNIPPETS = {
   python: [
@@ -46,7 +50,7 @@ const SNIPPETS = {
   ].join("\n"),
 };
 const INDENT = { python: "    ", javascript: "  ", bash: "  ", sh: "  " };
-const KEEP_ALIVE_S = 60;
+const KEEP_ALIVE_S = 600; // idle seconds before the gateway ends the console's sandbox
 const MAX_OUTPUT_CHARS = 2_000_000; // beyond this the pane stops growing (the run goes on)
 
 const $ = (id) => document.getElementById(id);
@@ -73,12 +77,15 @@ const ui = {
   rss: $("m-rss"),
   runtime: $("m-runtime"),
   sandbox: $("s-sandbox"),
+  endSandbox: $("end-sandbox"),
   exec: $("s-exec"),
   state: $("s-state"),
 };
 
 // The run in progress (null when idle).
 let current = null;
+// The sandbox the runs share: { id, isolation, lastSeq, runtime, runtimeTitle }, or null.
+let sandbox = null;
 // Drafts per language, so switching languages does not lose an edit.
 const drafts = {};
 let escapePressed = false;
@@ -108,34 +115,49 @@ function onApiKeyChange() {
   loadLanguages();
 }
 
-async function api(method, path, body) {
-  const init = { method, headers: authHeaders() };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
+// A fetch with the API key. An unreachable gateway or an HTTP error throws an Error whose message
+// is the gateway's own, with `status` and the error `code` (null when the body has none).
+async function request(method, path, { body, headers = {} } = {}) {
+  const init = { method, headers: { ...authHeaders(), ...headers } };
+  if (body !== undefined) init.body = body;
   let response;
   try {
     response = await fetch(path, init);
   } catch (err) {
     throw new Error(`cannot reach the gateway (${err.message})`);
   }
-  const text = await response.text();
-  let data = null;
-  try {
-    data = text ? JSON.parse(text) : null;
-  } catch {
-    data = null;
-  }
   if (!response.ok) {
-    const detail = data && data.error;
+    let detail = null;
+    try {
+      detail = JSON.parse(await response.text()).error || null;
+    } catch {
+      detail = null;
+    }
     const message = detail ? `${detail.message} (${detail.code}, HTTP ${response.status})`
       : `HTTP ${response.status} ${response.statusText}`;
     const error = new Error(message);
     error.status = response.status;
+    error.code = detail ? detail.code : null;
     throw error;
   }
-  return data;
+  return response;
+}
+
+// A JSON request; the parsed answer (null for an empty one).
+async function api(method, path, body) {
+  const options = body === undefined ? {}
+    : { body: JSON.stringify(body), headers: { "Content-Type": "application/json" } };
+  const text = await (await request(method, path, options)).text();
+  try {
+    return text ? JSON.parse(text) : null;
+  } catch {
+    return null;
+  }
+}
+
+// The error a route gives once its sandbox has ended (DELETE, keep_alive, lifetime, failure).
+function sandboxGone(err) {
+  return err.code === "not_found" || err.code === "sandbox_not_running";
 }
 
 function showError(message) {
@@ -243,6 +265,7 @@ function showResult(result) {
 
 function setRunning(running) {
   ui.run.disabled = running || !languagesLoaded;
+  ui.endSandbox.disabled = running || !sandbox;
   ui.stop.disabled = !running;
   ui.stdin.disabled = !running;
   ui.stdinSend.disabled = !running;
@@ -309,38 +332,80 @@ async function run() {
   };
   current = run;
   setRunning(true);
-  let body;
+  const program = { code: ui.code.value, language: ui.language.value, wait: false, stdin_open: true };
+  const isolation = ui.isolation.value;
+  let body = null;
   try {
-    body = await api("POST", "/v1/sandboxes/run", {
-      code: ui.code.value,
-      language: ui.language.value,
-      isolation_level: ui.isolation.value,
-      wait: false,
-      stdin_open: true,
-      keep_alive: KEEP_ALIVE_S,
-    });
+    if (sandbox && sandbox.isolation !== isolation) await endSandbox();
+    if (sandbox) body = await execIn(sandbox, program);
+    if (!body) body = await startSandbox(program, isolation);
   } catch (err) {
     showError(err.message);
     setVerdict("failed", "not started");
-    setState("–");
+    setState(sandbox ? "idle" : "–");
     run.finished = true;
     setRunning(false);
     return;
   }
-  run.id = body.id;
+  run.id = sandbox.id;
   run.execId = body.exec_id;
-  ui.sandbox.textContent = body.id;
+  ui.sandbox.textContent = sandbox.id;
   ui.exec.textContent = body.exec_id;
-  ui.runtime.textContent = `${body.runtime} (${body.isolation_level}, ${body.selection})`;
-  ui.runtime.title = `isolation ${body.isolation_level}: runtime ${body.runtime} chosen by ${body.selection}`;
-  setState(body.state);
+  ui.runtime.textContent = sandbox.runtime;
+  ui.runtime.title = sandbox.runtimeTitle;
+  setState(body.state || "running");
   setVerdict("running", "running");
-  openStream(run);
+  openStream(run, sandbox.lastSeq);
 }
 
-function openStream(run) {
+async function startSandbox(program, isolation) {
+  const body = await api("POST", "/v1/sandboxes/run", {
+    ...program, isolation_level: isolation, keep_alive: KEEP_ALIVE_S,
+  });
+  sandbox = {
+    id: body.id,
+    isolation,
+    lastSeq: 0,
+    runtime: `${body.runtime} (${body.isolation_level}, ${body.selection})`,
+    runtimeTitle: `isolation ${body.isolation_level}: runtime ${body.runtime} chosen by ${body.selection}`,
+  };
+  files.setSandbox(body.id);
+  return body;
+}
+
+// The next run in the sandbox the console already has; null when that sandbox has ended.
+async function execIn(box, program) {
+  try {
+    return await api("POST", `/v1/sandboxes/${encodeURIComponent(box.id)}/exec`, program);
+  } catch (err) {
+    if (!sandboxGone(err)) throw err;
+    forgetSandbox(box.id);
+    return null;
+  }
+}
+
+function forgetSandbox(id) {
+  if (!sandbox || sandbox.id !== id) return;
+  sandbox = null;
+  files.setSandbox(null);
+  ui.endSandbox.disabled = true;
+}
+
+async function endSandbox() {
+  if (!sandbox) return;
+  const { id } = sandbox;
+  forgetSandbox(id);
+  try {
+    const deleted = await api("DELETE", `/v1/sandboxes/${encodeURIComponent(id)}`);
+    if (!sandbox) setState(deleted.state);
+  } catch (err) {
+    showError(`could not destroy ${id}: ${err.message}`);
+  }
+}
+
+function openStream(run, since) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const url = `${scheme}//${location.host}/v1/sandboxes/${encodeURIComponent(run.id)}/stream?since=0`;
+  const url = `${scheme}//${location.host}/v1/sandboxes/${encodeURIComponent(run.id)}/stream?since=${since}`;
   const key = apiKey();
   const ws = key ? new WebSocket(url, [`bearer.${key}`]) : new WebSocket(url);
   run.ws = ws;
@@ -357,6 +422,7 @@ function openStream(run) {
     } catch {
       return;
     }
+    if (sandbox && sandbox.id === run.id && frame.seq > sandbox.lastSeq) sandbox.lastSeq = frame.seq;
     onFrame(run, frame);
   });
   ws.addEventListener("close", (event) => {
@@ -403,12 +469,13 @@ async function finish(run, result) {
   if (current === run) setRunning(false);
   const ws = run.ws;
   if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
-  // Free the sandbox now rather than when keep_alive runs out.
+  if (current !== run) return;
+  files.refresh();
   try {
-    const deleted = await api("DELETE", `/v1/sandboxes/${encodeURIComponent(run.id)}`);
-    if (current === run) setState(deleted.state);
+    const status = await api("GET", `/v1/sandboxes/${encodeURIComponent(run.id)}/status`);
+    if (current === run) setState(status.state);
   } catch (err) {
-    if (current === run) showError(`could not destroy ${run.id}: ${err.message}`);
+    if (sandboxGone(err)) forgetSandbox(run.id);
   }
 }
 
@@ -532,10 +599,22 @@ async function loadHealth() {
   }
 }
 
+const files = createFilePanel({
+  request,
+  api,
+  showError,
+  formatBytes,
+  onSandboxGone(id) {
+    forgetSandbox(id);
+    setState("destroyed");
+  },
+});
+
 function init() {
   ui.apiKey.value = apiKey();
   ui.apiKey.addEventListener("change", onApiKeyChange);
   ui.run.addEventListener("click", run);
+  ui.endSandbox.addEventListener("click", endSandbox);
   ui.stop.addEventListener("click", stop);
   ui.clear.addEventListener("click", clearOutput);
   ui.stdinForm.addEventListener("submit", sendStdin);
@@ -549,10 +628,10 @@ function init() {
       if (!ui.run.disabled) run();
     }
   });
-  // Leaving the page mid-run: do not leave the sandbox to its keep_alive.
+  // Leaving the page: do not leave the sandbox to its keep_alive.
   window.addEventListener("pagehide", () => {
-    if (current && current.id && !current.finished) {
-      fetch(`/v1/sandboxes/${encodeURIComponent(current.id)}`, {
+    if (sandbox) {
+      fetch(`/v1/sandboxes/${encodeURIComponent(sandbox.id)}`, {
         method: "DELETE", keepalive: true, headers: authHeaders(),
       });
     }

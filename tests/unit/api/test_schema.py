@@ -32,6 +32,15 @@ def test_openapi_names_every_route_of_the_spec() -> None:
         ("get", "/v1/languages"),
         ("get", "/health"),
         ("get", "/ready"),
+        ("get", "/v1/sandboxes/{sandbox_id}/files/content"),
+        ("put", "/v1/sandboxes/{sandbox_id}/files/content"),
+        ("get", "/v1/sandboxes/{sandbox_id}/files/list"),
+        ("get", "/v1/sandboxes/{sandbox_id}/files/stat"),
+        ("post", "/v1/sandboxes/{sandbox_id}/files/mkdir"),
+        ("post", "/v1/sandboxes/{sandbox_id}/files/move"),
+        ("delete", "/v1/sandboxes/{sandbox_id}/files"),
+        ("get", "/v1/sandboxes/{sandbox_id}/files/archive"),
+        ("put", "/v1/sandboxes/{sandbox_id}/files/archive"),
     }
     found = {(method, path) for path, ops in doc["paths"].items() for method in ops}
     assert found == expected
@@ -40,5 +49,8 @@ def test_openapi_names_every_route_of_the_spec() -> None:
 def test_stream_schema_covers_every_frame_type() -> None:
     schema = json.loads((PROTOCOL_DIR / "stream.schema.json").read_text())
     text = json.dumps(schema)
-    for tag in ("status", "exec_started", "stdout", "stderr", "exit", "lagged", "error"):
+    for tag in (
+        "status", "exec_started", "stdout", "stderr", "exit", "lagged", "error", "fs",
+        "watch_accepted",
+    ):  # fmt: skip
         assert f'"{tag}"' in text
