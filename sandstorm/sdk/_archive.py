@@ -21,7 +21,8 @@ _GZIP_WBITS = 31
 
 
 class ArchiveError(Exception):
-    """A local tree that cannot be archived as read (a file changed size while being sent)."""
+    """A local tree that cannot be archived as read (a file shrank while being sent), or a
+    downloaded archive that is not the one directory asked for."""
 
 
 def _members(root: Path) -> Iterator[tuple[Path, str, os.stat_result]]:
@@ -129,11 +130,46 @@ class ChunkReader:
         return out
 
 
-def extract_stream(reader: ChunkReader, destination: Path) -> int:
+def extract_stream(reader: ChunkReader, destination: Path, *, top: str | None = None) -> int:
     """Extract a tar (gzip'd or not) read from ``reader`` into ``destination`` (made, with
-    its parents, when missing) with the ``data`` filter; returns how many members it held.
-    A member the filter refuses raises ``tarfile.FilterError`` naming it."""
+    its parents, when missing) with the ``data`` filter; returns how many members it wrote.
+    A member the filter refuses raises ``tarfile.FilterError`` naming it.
+
+    ``top``: the archive holds one directory of that name (as ``tar -c top`` makes it) whose
+    contents go into ``destination``; anything else in it raises :class:`ArchiveError`."""
     destination.mkdir(parents=True, exist_ok=True)
+    written = 0
+
+    def under_destination(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+        nonlocal written
+        if top is not None:
+            stripped = _strip_top(member, top)
+            if stripped is None:
+                return None
+            member = stripped
+        safe = tarfile.data_filter(member, path)
+        written += 1
+        return safe
+
     with tarfile.open(fileobj=reader, mode="r|*") as archive:  # type: ignore[call-overload]
-        archive.extractall(destination, filter="data")
-        return len(archive.getmembers())
+        archive.extractall(destination, filter=under_destination)
+    return written
+
+
+def _strip_top(member: tarfile.TarInfo, top: str) -> tarfile.TarInfo | None:
+    """``member`` renamed from ``top/x`` to ``x``; None for ``top`` itself (the destination
+    stands for it)."""
+    name = member.name.rstrip("/")
+    if name == top:
+        if not member.isdir():
+            raise ArchiveError(f"{top} is not a directory")
+        return None
+    prefix = top + "/"
+    if not name.startswith(prefix):
+        raise ArchiveError(f"archive member {member.name!r} is not under {top!r}")
+    linkname = member.linkname
+    if member.islnk():
+        if not linkname.startswith(prefix):
+            raise ArchiveError(f"hard link {member.name!r} points outside {top!r}")
+        linkname = linkname[len(prefix) :]
+    return member.replace(name=name[len(prefix) :], linkname=linkname, deep=False)

@@ -5,6 +5,7 @@ threads, so the event loop never waits on the local disk for long."""
 from __future__ import annotations
 
 import builtins
+import functools
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -132,8 +133,10 @@ class AsyncFiles:
             def next_chunk() -> bytes:
                 return trio.from_thread.run(_next_or_end, chunks)
 
-            reader = ChunkReader(next_chunk)
-            return await trio.to_thread.run_sync(extract_stream, reader, Path(local_dir))
+            reader, top = ChunkReader(next_chunk), calls.archive_top(remote_dir)
+            return await trio.to_thread.run_sync(
+                functools.partial(extract_stream, reader, Path(local_dir), top=top)
+            )
 
     def watch(self, path: str, *, recursive: bool = True) -> AbstractAsyncContextManager[FsEvents]:
         """``async with files.watch("/workspace") as events: async for event in events: …``;

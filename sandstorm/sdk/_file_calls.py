@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import stat
 from collections.abc import AsyncIterable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -83,6 +84,11 @@ def remove(path: str, recursive: bool) -> FileCall[None]:
 
 def archive(path: str, compress: bool) -> FileCall[None]:
     return FileCall("GET", "/archive", {"path": path, "format": _format(compress)}, None)
+
+
+def archive_top(path: str) -> str:
+    """The name a directory's archive puts its members under: its own name (``.`` for ``/``)."""
+    return posixpath.basename(posixpath.normpath(path)) or "."
 
 
 def extract(path: str, compress: bool) -> FileCall[ArchiveExtracted]:

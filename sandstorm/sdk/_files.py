@@ -140,11 +140,13 @@ class Files:
 
     def download_dir(self, remote_dir: str, local_dir: LocalPath, *, compress: bool = True) -> int:
         """Copy the tree below ``remote_dir`` into ``local_dir`` (made when missing), extracting
-        the tar as it arrives with the ``data`` filter; returns how many entries it held. A
-        member that would land outside ``local_dir`` raises ``tarfile.FilterError``."""
+        the tar as it arrives with the ``data`` filter; returns how many entries it wrote. A
+        member that would land outside ``local_dir`` raises ``tarfile.FilterError``; a
+        ``remote_dir`` that is a file raises :class:`ArchiveError`."""
         with self._download(calls.archive(remote_dir, compress)) as response:
             chunks = response.iter_bytes()
-            return extract_stream(ChunkReader(lambda: next(chunks, b"")), Path(local_dir))
+            reader, top = ChunkReader(lambda: next(chunks, b"")), calls.archive_top(remote_dir)
+            return extract_stream(reader, Path(local_dir), top=top)
 
     def watch(self, path: str, *, recursive: bool = True) -> Iterator[FsEvent]:
         """Yield the ``fs`` events under ``path`` (create, write, remove, rename) until the

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sandstorm.sdk._archive import CHUNK, ChunkReader, extract_stream, tar_stream
+from sandstorm.sdk._archive import CHUNK, ArchiveError, ChunkReader, extract_stream, tar_stream
 from tests.file_trees import make_tree, tree_of
 
 
@@ -25,6 +25,35 @@ def test_a_tree_round_trips_through_the_stream(tmp_path: Path, compress: bool) -
     count = extract_stream(_reader(iter(chunks)), tmp_path / "out" / "made")
     assert count == 7
     assert tree_of(tmp_path / "out" / "made") == tree_of(tmp_path / "src")
+
+
+def _archive_of(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar of directories (names ending in ``/``) and files."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members:
+            member = tarfile.TarInfo(name.rstrip("/"))
+            if name.endswith("/"):
+                member.type = tarfile.DIRTYPE
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_a_named_top_directory_is_extracted_as_the_destination(tmp_path: Path) -> None:
+    data = _archive_of([("data/", b""), ("data/sub/", b""), ("data/sub/f", b"x"), ("data/g", b"y")])
+    count = extract_stream(_reader(iter([data])), tmp_path / "out", top="data")
+    assert count == 3
+    assert tree_of(tmp_path / "out") == {"g": (b"y", False), "sub": "dir", "sub/f": (b"x", False)}
+
+
+@pytest.mark.parametrize("members", [[("data", b"a file")], [("data/", b""), ("other/f", b"x")]])
+def test_anything_but_the_top_directory_is_refused(
+    tmp_path: Path, members: list[tuple[str, bytes]]
+) -> None:
+    with pytest.raises(ArchiveError):
+        extract_stream(_reader(iter([_archive_of(members)])), tmp_path, top="data")
+    assert not (tmp_path / "other").exists()
 
 
 def test_members_are_relative_and_parents_come_first(tmp_path: Path) -> None:
