@@ -2,8 +2,9 @@
 
 ``cp`` copies as ``docker cp`` does: a directory copied to a path that does not exist becomes
 that path; copied to an existing directory, it lands inside it under its own name; a source
-ending in ``/.`` copies the directory's contents only. A file copied to an existing directory
-lands inside it. ``-`` is stdin (as the source) or stdout (as the destination) for one file.
+ending in ``/.`` copies the directory's contents only. A file copied to an existing directory,
+or to a destination ending in ``/``, lands inside it. ``-`` is stdin (as the source) or stdout
+(as the destination) for one file.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ _TYPE_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK
 
 @dataclass(frozen=True)
 class Remote:
-    """``sbx_…:/path``: a path in a sandbox; ``contents`` when it ended in ``/.``."""
+    """``sbx_…:/path``: a path in a sandbox; ``contents`` when it ended in ``/.``, ``directory``
+    when it ended in ``/`` (a file copied there goes inside it)."""
 
     sandbox_id: str
     path: str
     contents: bool = False
+    directory: bool = False
 
 
 def parse_remote(text: str) -> Remote | None:
@@ -48,9 +51,8 @@ def parse_remote(text: str) -> Remote | None:
     sandbox_id, path = match.groups()
     if not path.startswith("/"):
         raise UsageError(f"the path in {text!r} must be absolute (sbx_…:/workspace/…)")
-    contents = path.endswith("/.")
-    normal = posixpath.normpath(path)
-    return Remote(sandbox_id, "/" + normal.lstrip("/"), contents)
+    normal = "/" + posixpath.normpath(path).lstrip("/")
+    return Remote(sandbox_id, normal, path.endswith("/."), path.endswith("/"))
 
 
 def remote_arg(text: str) -> Remote:
@@ -110,11 +112,10 @@ async def _upload(files: AsyncFiles, source: str, destination: Remote) -> None:
             target = posixpath.join(target, local.resolve().name)
         elif existing not in (None, "dir"):
             raise UsageError(f"cannot copy a directory onto the file {destination.path}")
-        await files.mkdir(target, parents=True)
         await files.upload_dir(local, target)
         return
     target = destination.path
-    if existing == "dir":
+    if existing == "dir" or destination.directory:
         target = posixpath.join(target, local.name)
     # Opened in a thread, as the SDK reads it: a file on a slow disk never stalls Trio.
     with await trio.to_thread.run_sync(local.open, "rb") as f:
@@ -137,7 +138,8 @@ async def _download(files: AsyncFiles, source: Remote, destination: str) -> None
             raise UsageError(f"cannot copy a directory onto the file {destination}")
         await files.download_dir(source.path, local)
         return
-    if local.is_dir():
+    if local.is_dir() or destination.endswith("/"):
+        local.mkdir(parents=True, exist_ok=True)
         local = local / posixpath.basename(source.path)
     await _download_file(files, source.path, local, int(entry.mode, 8))
 
