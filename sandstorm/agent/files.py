@@ -56,6 +56,8 @@ __all__ = ["AgentFiles", "Download", "FileError", "Walk", "Watch", "file_error"]
 READ_WINDOW: Final = 4 * 1024 * 1024
 #: Bytes of listing a walk may send ahead of its consumer.
 WALK_WINDOW: Final = 1024 * 1024
+#: Bytes of a write between two checks of the sandbox's room (see ``write_guard``).
+GUARD_EVERY: Final = 4 * 1024 * 1024
 #: How long the agent gets to answer one request (a recursive remove of a large tree is slow).
 REPLY_TIMEOUT_S: Final = 120.0
 
@@ -302,11 +304,6 @@ class AgentFiles:
         if request.error is None and not done and request.reply is not None:
             await self._tell_end(request.channel, b"")
 
-    async def _data(self, channel: int, piece: bytes) -> None:
-        if self._write_guard is not None:
-            self._write_guard()
-        await self._frame(FrameKind.FS_DATA, channel, piece)
-
     async def _tell_end(self, channel: int, payload: bytes) -> None:
         """FS_END to a request the gateway gives up; shielded and bounded, errors ignored (a
         sandbox that is gone has nothing left to stop)."""
@@ -429,34 +426,56 @@ class AgentFiles:
         once complete (a symlink at ``path`` is followed), so a reader sees the old file or the
         whole new one, and a failed or cancelled write leaves no file behind. Parents are
         made with ``parents``. The agent answers early when it fails (out of room): the rest of
-        ``chunks`` is then not read."""
+        ``chunks`` is then not read.
+
+        Frames go out :data:`FS_DATA_CHUNK` bytes of data at a time, the request with the first
+        and the end with the last: a small file is one write to the agent."""
         request = self._open(path)
-        committed = False
+        mtime_ns = None if mtime is None else max(0, int(mtime * 1e9))
+        opening = encode_request("write", path=path, mode=mode, mtime_ns=mtime_ns, parents=parents)
+        queued: list[tuple[FrameKind, int, bytes]] = [(FrameKind.FS, request.channel, opening)]
+        opened = committed = False
+        written = 0
         try:
-            mtime_ns = None if mtime is None else max(0, int(mtime * 1e9))
-            payload = encode_request(
-                "write", path=path, mode=mode, mtime_ns=mtime_ns, parents=parents
-            )
-            await self._frame(FrameKind.FS, request.channel, payload)
             pending = bytearray()
             async for chunk in chunks:
                 if request.reply is not None or request.error is not None:
                     break  # failed early: the reply says why
                 pending += chunk
                 while len(pending) >= FS_DATA_CHUNK:
-                    piece = bytes(pending[:FS_DATA_CHUNK])
+                    queued.append(
+                        (FrameKind.FS_DATA, request.channel, bytes(pending[:FS_DATA_CHUNK]))
+                    )
                     del pending[:FS_DATA_CHUNK]
-                    await self._data(request.channel, piece)
+                    written = await self._flush(queued, written)
+                    opened = True
             if request.reply is None and request.error is None:
                 if pending:
-                    await self._data(request.channel, bytes(pending))
-                await self._frame(FrameKind.FS_END, request.channel)
-                committed = True
+                    queued.append((FrameKind.FS_DATA, request.channel, bytes(pending)))
+                queued.append((FrameKind.FS_END, request.channel, b""))
+                await self._flush(queued, written)
+                opened = committed = True
             return _entry(await self._reply(request))
         finally:
             forgotten = self._requests.pop(request.channel, None) is not None
-            if forgotten and not committed and request.reply is None and request.error is None:
+            unanswered = request.reply is None and request.error is None
+            if forgotten and opened and not committed and unanswered:
                 await self._tell_end(request.channel, _ABORT)
+
+    async def _flush(self, queued: list[tuple[FrameKind, int, bytes]], written: int) -> int:
+        """Send the queued frames of a write in one go, after the room check when they take it
+        past another :data:`GUARD_EVERY` bytes; the bytes written in all."""
+        data = sum(len(payload) for kind, _, payload in queued if kind == FrameKind.FS_DATA)
+        if (
+            self._write_guard is not None
+            and data
+            and (written == 0 or (written + data) // GUARD_EVERY != written // GUARD_EVERY)
+        ):
+            self._write_guard()
+        frames = list(queued)
+        queued.clear()
+        await self._send(lambda ch: ch.send_frames(frames))
+        return written + data
 
     async def watch(
         self, path: str, *, recursive: bool, on_events: Callable[[list[FsEvent]], None]

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 #: File bytes per FS_DATA frame the gateway sends (a frame to the agent holds at most 1 MiB).
-FS_DATA_CHUNK: Final = 512 * 1024
+FS_DATA_CHUNK: Final = 1024 * 1024
 #: Events the agent puts in one FS_EVENT frame, at most.
 MAX_EVENTS_PER_FRAME: Final = 256
 

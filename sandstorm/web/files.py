@@ -10,13 +10,14 @@ byte of an answer: a download's file is looked at (``stat``) before the answer s
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final
 
 import msgspec
 from quart import Blueprint, Response, current_app, g, request
 
 from sandstorm.actors.sandbox import SandboxActor
+from sandstorm.agent.files import Download
 from sandstorm.agent.fs_wire import FsEntry
 from sandstorm.api.decoding import decode_request
 from sandstorm.api.files import (
@@ -29,7 +30,7 @@ from sandstorm.api.files import (
 )
 from sandstorm.api.timestamps import rfc3339_from_epoch
 from sandstorm.config import Config
-from sandstorm.errors import InvalidRequest, PayloadTooLarge, RangeNotSatisfiable, WrongFileType
+from sandstorm.errors import InvalidRequest, PayloadTooLarge, RangeNotSatisfiable
 from sandstorm.files import extract_archive, open_archive, sandbox_path
 from sandstorm.web.rest import _json, _raw_body, live_sandbox
 
@@ -99,26 +100,21 @@ def _mode(default: int) -> int:
     return mode
 
 
-def _range(size: int) -> tuple[int, int] | None:
-    """The byte range a ``Range: bytes=a-b`` header asks of a file of ``size`` bytes as
-    (offset, length); None for no header, another unit or several ranges (the whole file is
-    sent, as RFC 9110 allows). Raises :class:`RangeNotSatisfiable`."""
+def _range() -> tuple[int, int | None, int | None] | None:
+    """The byte range a ``Range: bytes=a-b`` header asks for, as (offset, length, suffix):
+    ``a-b``, ``a-`` (to the end) or ``-n`` (the last n bytes). None for no header, another unit,
+    several ranges or a malformed one: the whole file is sent, as RFC 9110 allows."""
     raw = request.headers.get("Range")
     if raw is None or (match := _RANGE.match(raw.strip().replace(" ", ""))) is None:
         return None
     first, last = match.groups()
-    if first == "" and last == "":
+    if first == "":
+        return None if last == "" else (0, None, int(last))
+    if last == "":
+        return int(first), None, None
+    if int(last) < int(first):
         return None
-    if first == "":  # the last N bytes
-        length = min(int(last), size)
-        if length == 0:
-            raise RangeNotSatisfiable(f"range {raw} of a {size}-byte file", size=size)
-        return size - length, length
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if start >= size or end < start:
-        raise RangeNotSatisfiable(f"range {raw} of a {size}-byte file", size=size)
-    return start, end - start + 1
+    return int(first), int(last) - int(first) + 1, None
 
 
 class _UploadBody:
@@ -166,38 +162,53 @@ def upload_body() -> _UploadBody:
 async def read_file(sandbox_id: str) -> Response:
     actor = await live_sandbox(sandbox_id)
     path = _path()
-    async with actor.file_access() as files:
-        entry = await files.stat(path)
-        if entry.type == "symlink":
-            # What the link names is sent; stat follows it through the read itself.
-            async with files.read(path, length=0) as opened:
-                entry = opened.entry
-    if entry.type == "dir":
-        raise WrongFileType(f"{path} is a directory", path=path)
-    if entry.type != "file":
-        raise WrongFileType(f"{path} is not a regular file", path=path)
-    wanted = _range(entry.size)
-    offset, length = wanted if wanted is not None else (0, entry.size)
+    wanted = _range()
+    opened: list[Download] = []
+    body = _download(actor, path, wanted, opened)
+    try:
+        await anext(body)  # opens the file: a missing one is this answer's 404
+        download = opened[0]
+        if wanted is not None and download.length == 0:
+            size = download.entry.size
+            raise RangeNotSatisfiable(
+                f"range {request.headers['Range']} of a {size}-byte file", size=size
+            )
+    except BaseException:
+        await body.aclose()
+        raise
     response = Response(
-        _download(actor, path, offset, length),
+        body,
         status=206 if wanted is not None else 200,
         content_type="application/octet-stream",
     )
-    response.headers["Content-Length"] = str(length)
+    response.headers["Content-Length"] = str(download.length)
     response.headers["Accept-Ranges"] = "bytes"
     if wanted is not None:
-        response.headers["Content-Range"] = f"bytes {offset}-{offset + length - 1}/{entry.size}"
+        end = download.offset + download.length - 1
+        response.headers["Content-Range"] = f"bytes {download.offset}-{end}/{download.entry.size}"
     response.timeout = None  # as long as the client keeps taking it
     return response
 
 
 async def _download(
-    actor: SandboxActor, path: str, offset: int, length: int
-) -> AsyncIterator[bytes]:
-    """The bytes of the range, as the agent reads them. A file that shrank since its ``stat``
-    ends the answer short, which breaks its connection: the client sees the truncation."""
-    async with actor.file_access() as files, files.read(path, offset=offset, length=length) as d:
-        async for chunk in d:
+    actor: SandboxActor,
+    path: str,
+    wanted: tuple[int, int | None, int | None] | None,
+    opened: list[Download],
+) -> AsyncGenerator[bytes, None]:
+    """Opens the file (symlinks followed) and hands its :class:`Download` over through
+    ``opened`` with a first, empty chunk; then the bytes of the range as the agent reads them.
+    A file that shrinks meanwhile ends the answer short, which breaks its connection: the client
+    sees the truncation. Started before the answer, so trio's finalizer closes it even if the
+    answer is never sent."""
+    offset, length, suffix = wanted or (0, None, None)
+    async with (
+        actor.file_access() as files,
+        files.read(path, offset=offset, length=length, suffix=suffix) as download,
+    ):
+        opened.append(download)
+        yield b""
+        async for chunk in download:
             yield chunk
 
 

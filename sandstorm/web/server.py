@@ -9,7 +9,9 @@ Two gaps in Hypercorn 0.17/0.18's trio TCP server matter for a gateway facing st
   its connection (and, for a stream, its slot) forever.
 
 ``GuardedTCPServer`` confines errors to their connection and gives every write a deadline: a
-client that takes nothing for ``write_timeout`` seconds is disconnected.
+client that takes nothing for ``write_timeout`` seconds is disconnected. It also reads up to
+``RECEIVE_SIZE`` at a time (Hypercorn reads 64 KiB): an upload's body then crosses the HTTP
+parser and the ASGI hand-over in a quarter as many pieces.
 
 ``GatewayH11Protocol`` keeps a connection usable after an answer that did not read its
 request's body (Hypercorn deadlocks there) and writes an answer's head together with its body.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from math import inf
 
 import h11
 import hypercorn.protocol
@@ -37,6 +40,7 @@ from hypercorn.typing import ASGIReceiveEvent, H11SendableEvent
 log = logging.getLogger(__name__)
 DEFAULT_WRITE_TIMEOUT_S = 15.0
 DEFAULT_DRAIN_LIMIT = 16 * 1024 * 1024
+RECEIVE_SIZE = 256 * 1024
 
 
 class GuardedTCPServer(TCPServer):
@@ -50,6 +54,19 @@ class GuardedTCPServer(TCPServer):
             log.warning("connection closed after a protocol error", exc_info=True)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.stream.aclose()
+
+    async def _read_data(self) -> None:
+        # Hypercorn's loop, with a larger read.
+        while True:
+            try:
+                with trio.fail_after(self.config.read_timeout or inf):
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                break
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())
 
     async def protocol_send(self, event: Event) -> None:
         if not isinstance(event, RawData):

@@ -75,7 +75,7 @@ async def test_watch_refusals_name_the_watch(gw: RunningGateway) -> None:
             await ws.send_message(json.dumps({"type": "watch", "id": "d", "path": "/workspace"}))
             await _next(ws, "watch_accepted")
             await ws.send_message(json.dumps({"type": "watch", "id": "d", "path": "/workspace"}))
-            assert (await _next(ws, "error"))["code"] == "file_exists"
+            assert (await _next(ws, "error"))["code"] == "invalid_request"
             await ws.send_message(json.dumps({"type": "unwatch", "id": "zzz"}))
             assert (await _next(ws, "error"))["code"] == "invalid_request"
         # The connection's watches ended with it: a new connection may use the same id.

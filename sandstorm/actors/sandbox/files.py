@@ -15,7 +15,7 @@ from sandstorm.actors.sandbox.dispatch import AgentDispatch
 from sandstorm.agent.files import AgentFiles
 from sandstorm.agent.fs_wire import FsEntry, FsEvent
 from sandstorm.api.types import FsEvent as FsStreamEvent
-from sandstorm.errors import FileExists, InvalidRequest, NotFound, SandboxNotRunning
+from sandstorm.errors import InvalidRequest, NotFound, SandboxNotRunning
 
 #: Watches one sandbox may have at once (each is an inotify instance in the agent).
 MAX_WATCHES = 16
@@ -44,11 +44,12 @@ class FileAccess(AgentDispatch):
     async def watch(self, watch_id: str, path: str, *, recursive: bool) -> FsEntry:
         """Start watch ``watch_id`` on ``path``; its changes become ``fs`` events in the log.
 
-        Raises :class:`FileExists` for an id in use, the file errors of the agent (the path is
-        missing or not a directory), or :class:`InvalidRequest` past :data:`MAX_WATCHES`."""
+        Raises :class:`InvalidRequest` for an id the sandbox already has in use or past
+        :data:`MAX_WATCHES`, or the file errors of the agent (the path is missing or not a
+        directory)."""
         self._check_up()
         if watch_id in self._watches:
-            raise FileExists(f"watch {watch_id!r} already exists", id=watch_id)
+            raise InvalidRequest(f"watch {watch_id!r} is already in use", field="id")
         if len(self._watches) >= MAX_WATCHES:
             raise InvalidRequest(f"a sandbox has at most {MAX_WATCHES} watches", field="id")
 
