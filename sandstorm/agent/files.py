@@ -24,29 +24,21 @@ from typing import Final
 
 import trio
 
-from sandstorm.errors import (
-    FileExists,
-    FileNotFound,
-    GatewayError,
-    InsufficientStorage,
-    InvalidRequest,
-    PermissionDenied,
-    SandboxNotRunning,
-    WrongFileType,
-)
+from sandstorm.errors import GatewayError, SandboxNotRunning
 
 from .channel import AgentChannel
 from .fs_wire import (
     FS_DATA_CHUNK,
+    FileError,
     FsEntry,
     FsEvent,
-    FsFailure,
     FsReply,
     decode_events,
     decode_listing,
     decode_reply,
     encode_credit,
     encode_request,
+    file_error,
 )
 from .wire import AgentProtocolError, FrameKind
 
@@ -65,39 +57,6 @@ REPLY_TIMEOUT_S: Final = 120.0
 _ABORT: Final = b'{"abort":true}'
 
 Send = Callable[[Callable[[AgentChannel], Awaitable[None]]], Awaitable[None]]
-
-
-class FileError(GatewayError):
-    """A file request the agent refused, for a reason it names by ``errno`` but that maps to no
-    more precise error (``EBUSY``, ``EXDEV``, ``EIO`` …)."""
-
-    status = 409
-    code = "file_operation_failed"
-
-
-_BY_ERRNO: Final[dict[str, type[GatewayError]]] = {
-    "ENOENT": FileNotFound,
-    "ENOTDIR": WrongFileType,
-    "EISDIR": WrongFileType,
-    "ENOTEMPTY": WrongFileType,
-    "EFTYPE": WrongFileType,  # the agent's own: not a regular file (a fifo, a device)
-    "EEXIST": FileExists,
-    "EACCES": PermissionDenied,
-    "EPERM": PermissionDenied,
-    "EROFS": PermissionDenied,
-    "ENOSPC": InsufficientStorage,
-    "EDQUOT": InsufficientStorage,
-    "EFBIG": InsufficientStorage,
-}
-
-
-def file_error(failure: FsFailure, path: str) -> GatewayError:
-    """The gateway error for a failure the agent reported about ``path``."""
-    details: dict[str, object] = {"path": path, "errno": failure.errno}
-    if failure.errno in ("ENAMETOOLONG", "ELOOP", "EINVAL"):
-        return InvalidRequest(failure.message, field="path", **details)
-    kind = _BY_ERRNO.get(failure.errno, FileError)
-    return kind(failure.message, **details)
 
 
 @dataclass(eq=False)

@@ -1,5 +1,6 @@
 """Payloads of the agent's file frames (``FS`` … ``FS_EVENT``, see "Files" in
-``protocol/agent.md``): requests encoded for the agent, replies and events decoded from it.
+``protocol/agent.md``): requests encoded for the agent, replies and events decoded from it, and
+the gateway error each failure it reports stands for.
 
 Every reply is untrusted: decoded against its schema, with names, paths and counts bounded, so a
 hostile agent can only fail its own sandbox (:class:`AgentProtocolError`).
@@ -11,11 +12,22 @@ from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 
+from sandstorm.errors import (
+    FileExists,
+    FileNotFound,
+    GatewayError,
+    InsufficientStorage,
+    InvalidRequest,
+    PermissionDenied,
+    WrongFileType,
+)
+
 from .wire import AgentProtocolError
 
 __all__ = [
     "FS_DATA_CHUNK",
     "MAX_EVENTS_PER_FRAME",
+    "FileError",
     "FsEntry",
     "FsEvent",
     "FsEvents",
@@ -27,6 +39,7 @@ __all__ = [
     "decode_reply",
     "encode_credit",
     "encode_request",
+    "file_error",
 ]
 
 #: File bytes per FS_DATA frame the gateway sends (a frame to the agent holds at most 1 MiB).
@@ -96,6 +109,39 @@ class FsEvents(msgspec.Struct, frozen=True, kw_only=True):
     """One FS_EVENT frame: what changed under a watch since the last one (coalesced)."""
 
     events: Annotated[list[FsEvent], msgspec.Meta(max_length=MAX_EVENTS_PER_FRAME)]
+
+
+class FileError(GatewayError):
+    """A file request the agent refused, for a reason it names by ``errno`` but that maps to no
+    more precise error (``EBUSY``, ``EXDEV``, ``EIO`` …)."""
+
+    status = 409
+    code = "file_operation_failed"
+
+
+_BY_ERRNO: Final[dict[str, type[GatewayError]]] = {
+    "ENOENT": FileNotFound,
+    "ENOTDIR": WrongFileType,
+    "EISDIR": WrongFileType,
+    "ENOTEMPTY": WrongFileType,
+    "EFTYPE": WrongFileType,  # the agent's own: not a regular file (a fifo, a device)
+    "EEXIST": FileExists,
+    "EACCES": PermissionDenied,
+    "EPERM": PermissionDenied,
+    "EROFS": PermissionDenied,
+    "ENOSPC": InsufficientStorage,
+    "EDQUOT": InsufficientStorage,
+    "EFBIG": InsufficientStorage,
+}
+
+
+def file_error(failure: FsFailure, path: str) -> GatewayError:
+    """The gateway error for a failure the agent reported about ``path``."""
+    details: dict[str, object] = {"path": path, "errno": failure.errno}
+    if failure.errno in ("ENAMETOOLONG", "ELOOP", "EINVAL"):
+        return InvalidRequest(failure.message, field="path", **details)
+    kind = _BY_ERRNO.get(failure.errno, FileError)
+    return kind(failure.message, **details)
 
 
 _encoder: Final = msgspec.json.Encoder()

@@ -6,7 +6,12 @@
  * reported once per frame — and sent at most every WATCH_FLUSH_MS, in frames of at most
  * MAX_WATCH_EVENTS; past that, or when the kernel's queue overflowed, one "overflow" event on
  * the watched path says that events were lost. A watch covers at most MAX_WATCH_DIRS
- * directories (the rest are not watched, and an "overflow" event says so). */
+ * directories (the rest are not watched, and an "overflow" event says so).
+ *
+ * The agent's own transient names are not reported: an upload's new file (.sandstorm-upload-N)
+ * shows as one "write" of its path when it is renamed into place, and an archive's staging
+ * directory (.sandstorm-extract-…) is not watched, so what the archive brings shows as the
+ * "create"s of its merge. */
 #include "agent.h"
 
 #include <sys/inotify.h>
@@ -37,10 +42,17 @@ struct watch {
     double due; /* when the pending events are sent; 0 with none */
     uint32_t move_cookie; /* an IN_MOVED_FROM waiting for its IN_MOVED_TO */
     char *move_from;
+    bool move_from_upload; /* the move is an upload's new file taking its place */
     struct watch *next;
 };
 
 static struct watch *watches;
+
+/* A name the agent gives a file or directory of its own for the length of a request. */
+static bool transient(const char *name) {
+    return strncmp(name, ".sandstorm-upload-", 18) == 0 ||
+           strncmp(name, ".sandstorm-extract-", 19) == 0;
+}
 static int nwatches;
 
 static struct watch *watch_find(uint32_t channel) {
@@ -90,7 +102,8 @@ static void add_dir(struct watch *w, const char *path, int depth) {
     struct dirent *d;
     char sub[PATH_MAX];
     while ((d = readdir(dir))) {
-        if (d->d_type != DT_DIR || strcmp(d->d_name, ".") == 0 || strcmp(d->d_name, "..") == 0)
+        if (d->d_type != DT_DIR || strcmp(d->d_name, ".") == 0 || strcmp(d->d_name, "..") == 0 ||
+            transient(d->d_name))
             continue;
         if (snprintf(sub, sizeof sub, "%s/%s", strcmp(path, "/") ? path : "", d->d_name) <
             (int)sizeof sub)
@@ -122,8 +135,9 @@ static void rename_dirs(struct watch *w, const char *from, const char *to) {
 }
 
 static void settle_move(struct watch *w) {
-    if (w->move_from) /* moved out of the watch: gone, as far as it can tell */
+    if (w->move_from && !w->move_from_upload) /* moved out of the watch: gone, as it can tell */
         add_event(w, "remove", w->move_from, NULL);
+    w->move_from_upload = false;
     free(w->move_from);
     w->move_from = NULL;
     w->move_cookie = 0;
@@ -149,6 +163,22 @@ static void on_event(struct watch *w, const struct inotify_event *e) {
     }
     if (w->move_from && !((e->mask & IN_MOVED_TO) && e->cookie == w->move_cookie))
         settle_move(w);
+    if (e->len && transient(e->name)) {
+        if (e->mask & IN_MOVED_FROM) {
+            w->move_from = xstrndup(path, strlen(path));
+            w->move_cookie = e->cookie;
+            w->move_from_upload = true;
+        }
+        return; /* made, written, removed: the agent's own, for the length of a request */
+    }
+    if ((e->mask & IN_MOVED_TO) && w->move_from_upload && e->cookie == w->move_cookie) {
+        add_event(w, "write", path, NULL); /* an upload renamed into place */
+        free(w->move_from);
+        w->move_from = NULL;
+        w->move_from_upload = false;
+        w->move_cookie = 0;
+        return;
+    }
     if (e->mask & IN_CREATE) {
         add_event(w, "create", path, NULL);
         if ((e->mask & IN_ISDIR) && w->recursive)

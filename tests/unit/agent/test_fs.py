@@ -253,6 +253,7 @@ async def test_watch_reports_changes_coalesced(tmp_path: Path) -> None:
                 os.write(fd, b"x")
             os.close(fd)
             os.rename(tmp_path / "w" / "sub" / "f", tmp_path / "w" / "g")
+            await files.write(f"{tmp_path}/w/up", chunks(b"uploaded"))
             os.unlink(tmp_path / "w" / "g")
             while not any(e.op == "remove" for e in seen):
                 arrived = trio.Event()
@@ -266,6 +267,9 @@ async def test_watch_reports_changes_coalesced(tmp_path: Path) -> None:
     assert 1 <= sum(op == ("write", "/sub/f", None) for op in ops) < 20
     assert ("rename", "/sub/f", f"{tmp_path}/w/g") in ops
     assert ("remove", "/g", None) in ops
+    # An upload is one write of its path; the agent's own transient names never show.
+    assert ("write", "/up", None) in ops
+    assert not any(".sandstorm" in path + str(to) for _, path, to in ops), ops
     assert not any(path == "/after" for _, path, _ in ops)
 
 
