@@ -163,7 +163,8 @@ class AgentChannel:
                 kind, channel, length = header
                 end = HEADER.size + length
                 if len(self._buffer) >= end:
-                    payload = bytes(self._buffer[HEADER.size : end])
+                    with memoryview(self._buffer) as view:  # one copy, not two
+                        payload = bytes(view[HEADER.size : end])
                     del self._buffer[:end]
                     self._frames_received += 1
                     self._offset += end

@@ -48,8 +48,6 @@ __all__ = ["AgentFiles", "Download", "FileError", "Walk", "Watch", "file_error"]
 READ_WINDOW: Final = 4 * 1024 * 1024
 #: Bytes of listing a walk may send ahead of its consumer.
 WALK_WINDOW: Final = 1024 * 1024
-#: Bytes of a write between two checks of the sandbox's room (see ``write_guard``).
-GUARD_EVERY: Final = 4 * 1024 * 1024
 #: How long the agent gets to answer one request (a recursive remove of a large tree is slow).
 REPLY_TIMEOUT_S: Final = 120.0
 
@@ -161,11 +159,12 @@ class AgentFiles:
         send: Send,
         next_channel: Callable[[], int],
         *,
-        write_guard: Callable[[], None] | None = None,
+        write_guard: Callable[[int], None] | None = None,
     ) -> None:
         self._send = send
         self._next_channel = next_channel
-        # Called before each FS_DATA of a write; raises to stop it (the sandbox has no room).
+        # Called with the bytes of each write's next frames before they are sent; raises to
+        # stop the write (the sandbox has no room for them).
         self._write_guard = write_guard
         self._requests: dict[int, _Request] = {}
         self._closed: GatewayError | None = None
@@ -422,15 +421,11 @@ class AgentFiles:
                 await self._tell_end(request.channel, _ABORT)
 
     async def _flush(self, queued: list[tuple[FrameKind, int, bytes]], written: int) -> int:
-        """Send the queued frames of a write in one go, after the room check when they take it
-        past another :data:`GUARD_EVERY` bytes; the bytes written in all."""
+        """Send the queued frames of a write in one go, after the room check for their data;
+        the bytes written in all."""
         data = sum(len(payload) for kind, _, payload in queued if kind == FrameKind.FS_DATA)
-        if (
-            self._write_guard is not None
-            and data
-            and (written == 0 or (written + data) // GUARD_EVERY != written // GUARD_EVERY)
-        ):
-            self._write_guard()
+        if self._write_guard is not None and data:
+            self._write_guard(data)
         frames = list(queued)
         queued.clear()
         await self._send(lambda ch: ch.send_frames(frames))

@@ -50,6 +50,10 @@
 #define MAX_FRAME (1024 * 1024)
 #define STDIN_MAX (16 * 1024 * 1024)
 #define READ_SIZE 65536
+/* The runtime's pipes hold this much (F_SETPIPE_SZ; the kernel's 64 KiB where it refuses): a
+ * runtime writing large frames (a download's 256 KiB) then blocks, and wakes the shim, far less
+ * often, which is most of what bulk data costs on its way through. */
+#define PIPE_SIZE (1024 * 1024)
 #define SEND_SIZE (1024 * 1024)
 #define EXIT_DRAIN_S 5.0
 #define LINGER_S 10.0
@@ -602,6 +606,8 @@ int main(int argc, char **argv) {
     }
     close(stdin_pipe[0]);
     close(stdout_pipe[1]);
+    fcntl(stdin_pipe[1], F_SETPIPE_SZ, PIPE_SIZE);
+    fcntl(stdout_pipe[0], F_SETPIPE_SZ, PIPE_SIZE);
     S.stdin_w = stdin_pipe[1];
     S.stdout_r = stdout_pipe[0];
     S.pidfd = (int)syscall(SYS_pidfd_open, S.pid, 0);

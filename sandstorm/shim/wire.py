@@ -23,6 +23,7 @@ ATTACHED_KIND = 0xF0  # S→G, the answer to ATTACH; raw journal bytes follow
 MAX_FRAME = 1024 * 1024  # the agent's own limit for gateway frames (MAX_GATEWAY_FRAME)
 STDIN_MAX = 16 * 1024 * 1024  # queued for the runtime's stdin before the socket is not read
 READ_SIZE = 65536
+PIPE_SIZE = 1024 * 1024  # what the runtime's pipes are made to hold (F_SETPIPE_SZ)
 SEND_SIZE = 1024 * 1024
 EXIT_DRAIN_S = 5.0  # after the runtime exits, how long its stdout may stay open
 LINGER_S = 10.0  # after the runtime exits, how long a connected gateway may stall delivery

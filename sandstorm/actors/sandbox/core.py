@@ -54,8 +54,8 @@ STOP_GRACE_S = 0.5
 # sandbox (code in the sandbox runs as the agent's user and can stop it).
 AGENT_SEND_TIMEOUT_S = 10.0
 # Memory an upload leaves free in a sandbox whose files live in its memory: what may be on its
-# way to the agent and not yet written (the shim holds up to 16 MiB), what is sent between two
-# checks (agent/files.GUARD_EVERY, 4 MiB), and a margin.
+# way to the agent and not yet written (the shim holds up to 16 MiB, the pipe 1 MiB), and a
+# margin.
 UPLOAD_HEADROOM = 32 * 1024 * 1024
 # How long a reading of a sandbox's memory use serves the room check of uploads.
 ROOM_READING_S = 0.25
@@ -135,7 +135,8 @@ class ActorCore:
         # progress holds the sandbox busy; the stream clients' watches by id (None: starting).
         self.files = AgentFiles(self._to_agent, self._take_channel, write_guard=self._check_room)
         self._file_requests = 0
-        self._room_reading: tuple[float, int] = (-1e9, 0)  # (monotonic time, bytes in use)
+        # The room check's last reading: (monotonic time, bytes in use, bytes sent since).
+        self._room_reading: tuple[float, int, int] = (-1e9, 0, 0)
         self._watches: dict[str, Watch | None] = {}
 
     # ------------------------------------------------------------------ reads (any task)
@@ -244,21 +245,24 @@ class ActorCore:
             self._fail_soon(f"the agent took nothing for {AGENT_SEND_TIMEOUT_S:.0f}s")
             raise SandboxNotRunning(f"sandbox {self.id} stopped responding")
 
-    def _check_room(self) -> None:
-        """Before each piece of a file written into the sandbox: refuse it when the sandbox's
-        filesystem lives in its memory (``files_in_host_memory``) and the piece could take the
+    def _check_room(self, nbytes: int) -> None:
+        """Before ``nbytes`` more of a file are sent into the sandbox: refuse them when its
+        filesystem lives in its memory (``files_in_host_memory``) and they could take the
         memory it has left. A full filesystem there would end the sandbox; refused, the write
-        fails with 507 and the sandbox goes on. A reading far from the limit is reused for
-        :data:`ROOM_READING_S` (reading the cgroup costs more than a small file's write)."""
+        fails with 507 and the sandbox goes on. A reading of the memory in use serves until
+        what was sent since could bring it near the limit, or for :data:`ROOM_READING_S` (the
+        sandbox's own code uses memory too); reading the cgroup costs more than a small
+        file's write."""
         if not self.runtime.files_in_host_memory:
             return
         limit = self.params.spec.memory_limit
         now = time.monotonic()
-        read_at, used = self._room_reading
-        if now - read_at > ROOM_READING_S or used + 2 * UPLOAD_HEADROOM > limit:
-            used = self.runtime.usage(self.id).memory_bytes
-            self._room_reading = (now, used)
-        if used + UPLOAD_HEADROOM > limit:
+        read_at, used, sent = self._room_reading
+        sent += nbytes
+        if now - read_at > ROOM_READING_S or used + sent + UPLOAD_HEADROOM > limit:
+            read_at, used, sent = now, self.runtime.usage(self.id).memory_bytes, nbytes
+        self._room_reading = (read_at, used, sent)
+        if used + sent + UPLOAD_HEADROOM > limit:
             raise InsufficientStorage(
                 f"sandbox {self.id} has no room left: its files live in its memory, which is"
                 f" {used} of {limit} bytes (memory_limit) in use",

@@ -190,6 +190,7 @@ def test_the_c_shim_is_built_with_the_wire_numbers() -> None:
         "MAX_FRAME": wire.MAX_FRAME,
         "STDIN_MAX": wire.STDIN_MAX,
         "READ_SIZE": wire.READ_SIZE,
+        "PIPE_SIZE": wire.PIPE_SIZE,
         "SEND_SIZE": wire.SEND_SIZE,
         "EXIT_DRAIN_S": wire.EXIT_DRAIN_S,
         "LINGER_S": wire.LINGER_S,
