@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final
+from urllib.parse import quote
 
 import msgspec
 from quart import Blueprint, Response, current_app, g, request
@@ -300,13 +301,16 @@ async def read_archive(sandbox_id: str) -> Response:
         await files.stat(path)  # a missing path is a 404 before the answer starts
     response = Response(_archive(actor, path, form == "tar.gz"), content_type=_ARCHIVE_TYPES[form])
     name = (path.rstrip("/").rsplit("/", 1)[-1] or "root") + "." + form
-    response.headers["Content-Disposition"] = f'attachment; filename="{_quoted(name)}"'
+    response.headers["Content-Disposition"] = _attachment(name)
     response.timeout = None
     return response
 
 
-def _quoted(name: str) -> str:
-    return "".join(c if c.isprintable() and c not in '"\\' else "_" for c in name)
+def _attachment(name: str) -> str:
+    """A ``Content-Disposition`` naming ``name``: in ASCII for every client, and exactly
+    (RFC 6266 ``filename*``) for those that read UTF-8."""
+    ascii_name = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 async def _archive(actor: SandboxActor, path: str, gzip: bool) -> AsyncIterator[bytes]:

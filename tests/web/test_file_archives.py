@@ -143,3 +143,19 @@ async def test_hostile_and_broken_archives_extract_nothing(g: RunningGateway) ->
         assert broken.json()["error"]["details"]["field"] == "body"
         left = await _sh(g, sid, "ls -A /workspace/t; ls /etc/evil /escape 2>&1 | wc -l")
         assert left["stdout"] == "2\n", left
+
+
+async def test_an_archive_of_a_unicode_name_is_named_for_every_client(g: RunningGateway) -> None:
+    with trio.fail_after(g.seconds(60)):
+        sid = (await g.run_ok(language="bash", code="mkdir /workspace/données", keep_alive=300))[
+            "id"
+        ]
+        response = await g.client.get(
+            f"/v1/sandboxes/{sid}/files/archive", params={"path": "/workspace/données"}
+        )
+        assert response.status_code == 200, response.text
+        assert response.headers["content-disposition"] == (
+            "attachment; filename=\"donn_es.tar\"; filename*=UTF-8''donn%C3%A9es.tar"
+        )
+        with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+            assert tar.getnames() == ["données"]
