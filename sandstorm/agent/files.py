@@ -254,12 +254,14 @@ class AgentFiles:
         return request.reply
 
     async def _finish(self, request: _Request) -> None:
-        """Forget the request; one the agent may still be serving (a read, a walk, a watch, a
-        write) is told to stop with FS_END. Shielded and bounded: safe in cleanup."""
+        """Forget a read, a walk or a watch; one the agent may still be serving (or about to
+        start: no answer yet) is told to stop with FS_END. Shielded and bounded: safe in
+        cleanup."""
         if self._requests.pop(request.channel, None) is None:
             return
         done = request.streams and request.end is not None
-        if request.error is None and not done and request.reply is not None:
+        refused = request.reply is not None and not request.reply.ok
+        if request.error is None and not done and not refused:
             await self._tell_end(request.channel, b"")
 
     async def _tell_end(self, channel: int, payload: bytes) -> None:
@@ -444,7 +446,7 @@ class AgentFiles:
             await self._frame(FrameKind.FS, request.channel, payload)
             reply = await self._reply(request)
         except BaseException:
-            self._requests.pop(request.channel, None)
+            await self._finish(request)
             raise
         return Watch(self, request, _entry(reply))
 
