@@ -41,6 +41,8 @@ CHECKS = [
     response_schema_conformance,
 ]
 MIB = 1024 * 1024
+# An archive upload's body is bytes like any file's (a tar, or gzip of one).
+schemathesis.serializer.alias("application/x-tar", "application/octet-stream")
 
 
 SETTINGS = hypothesis.settings(
