@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import trio
 
 from sandstorm.cli import admin as cli_admin
 from sandstorm.cli import client as cli_client
+from sandstorm.cli import images as cli_images
 from sandstorm.config import DEFAULT_DATA_DIR, ConfigError, load_config
 from sandstorm.images import ImageError
 from sandstorm.logs import configure as configure_logs
@@ -48,18 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         help="stderr log lines: one JSON object each (default) or plain text",
     )
 
-    image = sub.add_parser("image", help="manage sandbox images")
-    image_sub = image.add_subparsers(dest="image_command", required=True)
-    build = image_sub.add_parser("build", help="build the default image (once; --force rebuilds)")
-    build.add_argument("--data-dir", default=None)
-    build.add_argument("--config", default=None)
-    build.add_argument("--force", action="store_true", help="rebuild even if it exists")
-    build.add_argument(
-        "--vm",
-        action="store_true",
-        help="also build the VM guest (kernel, initramfs, ext4 root) for the qemu runtime",
-    )
-
+    cli_images.add_commands(sub)
     cli_client.add_commands(sub)
     cli_admin.add_commands(sub)
     return parser
@@ -97,24 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             trio.run(serve, config)
             return 0
         if args.command == "image":
-            config = load_config(args.config, data_dir=args.data_dir)
-            from sandstorm.images.builder import build_image
-
-            manifest = trio.run(
-                lambda: build_image(Path(config.data_dir), name=config.image, force=args.force)
-            )
-            for lang in manifest.languages:
-                print(f"{lang.name} {lang.version}")
-            if args.vm:
-                from sandstorm.images.vm import build_vm_image
-
-                vm = trio.run(
-                    lambda: build_vm_image(
-                        Path(config.data_dir), name=config.image, force=args.force
-                    )
-                )
-                print(f"vm kernel {vm.kernel_version}")
-            return 0
+            return cli_images.main(args)
     except ConfigError as exc:
         print(f"sandstorm: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
-"""Sandbox images: Debian root filesystems built locally with mmdebstrap, and their manifests."""
+"""Sandbox images: Debian root filesystems built locally with mmdebstrap from the recipes in
+``recipes/``, and their manifests."""
 
-from .builder import IMAGE_PACKAGES, SANDBOX_GID, SANDBOX_UID, build_image
+from .builder import SANDBOX_GID, SANDBOX_UID, build_image
 from .debian import DEBIAN_SUITE, DEFAULT_MIRROR, find_apt_mirror
 from .manifest import (
     DEFAULT_IMAGE,
@@ -12,8 +13,10 @@ from .manifest import (
     LanguageInfo,
     image_dir,
     image_rootfs,
+    images_root,
     load_manifest,
 )
+from .recipe import Recipe, RecipeError, load_recipe, recipe_names
 from .statx_shim import STATX_SHIM_PATH
 
 __all__ = [
@@ -21,7 +24,6 @@ __all__ = [
     "DEFAULT_IMAGE",
     "DEFAULT_MIRROR",
     "IMAGE_COMPAT",
-    "IMAGE_PACKAGES",
     "SANDBOX_GID",
     "SANDBOX_UID",
     "STATX_SHIM",
@@ -30,9 +32,14 @@ __all__ = [
     "ImageError",
     "ImageManifest",
     "LanguageInfo",
+    "Recipe",
+    "RecipeError",
     "build_image",
     "find_apt_mirror",
     "image_dir",
     "image_rootfs",
+    "images_root",
     "load_manifest",
+    "load_recipe",
+    "recipe_names",
 ]

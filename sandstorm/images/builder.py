@@ -1,5 +1,6 @@
-"""Build an image: a Debian rootfs made by mmdebstrap, its compatibility shims, and the
-``image.json`` that records it (:mod:`sandstorm.images.manifest`).
+"""Build an image from its recipe (:mod:`sandstorm.images.recipe`): a Debian rootfs made by
+mmdebstrap, its compatibility shims, and the ``image.json`` that records it
+(:mod:`sandstorm.images.manifest`).
 
 Building is atomic and locked (:mod:`sandstorm.images.staging`): the image is made inside a
 temporary directory next to its final one and renamed into place.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 from collections import deque
@@ -36,6 +38,7 @@ from sandstorm.images.manifest import (
     images_root,
     load_manifest,
 )
+from sandstorm.images.recipe import Recipe, load_recipe
 from sandstorm.images.staging import (
     CLEANUP_GRACE_S,
     build_lock,
@@ -47,15 +50,12 @@ from sandstorm.images.staging import (
 from sandstorm.images.statx_shim import install_statx_shim
 
 __all__ = [
-    "IMAGE_PACKAGES",
     "SANDBOX_GID",
     "SANDBOX_UID",
     "build_image",
     "mmdebstrap_command",
 ]
 
-#: Debian's full ``python3`` (not ``python3-minimal``, which lacks json and most of the stdlib).
-IMAGE_PACKAGES: Final[tuple[str, ...]] = ("python3", "nodejs", "bash", "coreutils")
 SANDBOX_UID: Final = 1000
 SANDBOX_GID: Final = 1000
 
@@ -65,8 +65,9 @@ _log = logging.getLogger(__name__)
 _STDERR_TAIL_LINES: Final = 40
 
 
-def _customize_hooks() -> list[str]:
-    """mmdebstrap ``--customize-hook`` shell snippets; mmdebstrap passes the rootfs as ``$1``."""
+def _customize_hooks(steps: list[str]) -> list[str]:
+    """mmdebstrap ``--customize-hook`` shell snippets; mmdebstrap passes the rootfs as ``$1``.
+    The recipe's ``steps`` run chrooted in the image before the last checks and clean-up."""
     uid, gid = SANDBOX_UID, SANDBOX_GID
     passwd = f"sandbox:x:{uid}:{gid}:Sandstorm sandbox:/workspace:/bin/bash"
     return [
@@ -81,6 +82,7 @@ def _customize_hooks() -> list[str]:
         " echo 'sandbox:!::' >> \"$1/etc/gshadow\"; fi",
         # Mount point for the agent, which the runtime bind-mounts read-only.
         'mkdir -p "$1/.sandstorm" && chmod 0755 "$1/.sandstorm"',
+        *(f'chroot "$1" /bin/sh -c {shlex.quote(step)}' for step in steps),
         # No setuid/setgid programs: nothing in a sandbox may regain privileges.
         'find "$1" -xdev -perm /6000 -type f -exec chmod ug-s {} +',
         # Package caches and lists are dead weight in a read-only image.
@@ -88,16 +90,18 @@ def _customize_hooks() -> list[str]:
     ]
 
 
-def mmdebstrap_command(rootfs: Path, mirror: str, suite: str = DEBIAN_SUITE) -> list[str]:
-    """The argv that builds the rootfs at *rootfs*."""
+def mmdebstrap_command(
+    rootfs: Path, mirror: str, recipe: Recipe, suite: str = DEBIAN_SUITE
+) -> list[str]:
+    """The argv that builds the rootfs of *recipe* at *rootfs*."""
     argv = [
         "mmdebstrap",
         "--variant=apt",
         "--mode=root",
-        "--include=" + ",".join(IMAGE_PACKAGES),
+        "--include=" + ",".join(recipe.packages),
         '--aptopt=Acquire::Retries "3"',
     ]
-    argv += [f"--customize-hook={hook}" for hook in _customize_hooks()]
+    argv += [f"--customize-hook={hook}" for hook in _customize_hooks(recipe.steps)]
     argv += [suite, str(rootfs), mirror]
     return argv
 
@@ -110,25 +114,31 @@ async def build_image(
     mirror: str | None = None,
     log: Callable[[str], object] = _log.info,
 ) -> ImageManifest:
-    """Build the image *name* under *data_dir* and return its manifest.
+    """Build the image *name* under *data_dir* from its recipe and return its manifest.
 
     Idempotent: when the image is already there (manifest and rootfs) and *force* is false this
-    returns its manifest and does nothing else, unless the image lacks one of the compatibility
-    shims in :data:`IMAGE_COMPAT` (it was built by an older version), which counts as missing.
+    returns its manifest and does nothing else, unless it was built from another version of its
+    recipe or lacks one of the compatibility shims in :data:`IMAGE_COMPAT` (it was built by an
+    older version), which counts as missing.
     Otherwise it runs mmdebstrap (as root) into a temporary directory inside
     ``<data_dir>/images``, reads the language versions from the new image's own binaries, writes
     ``image.json`` and renames the directory into place. With *force*, an existing image is
     renamed away first and deleted afterwards. *mirror* defaults to the Debian mirror in this
     machine's apt sources (:func:`find_apt_mirror`). *log* receives short progress lines.
 
-    Raises :class:`ImageBuildError` (with the tail of mmdebstrap's stderr when it failed).
+    Raises :class:`ImageBuildError` (with the tail of mmdebstrap's stderr when it failed, or
+    the recipe's file and line when the recipe is wrong).
     Cancellation is safe at any point: the temporary directory is removed under a shielded,
     bounded cleanup, and the final name holds either the old image or the new one.
     """
     data_dir = Path(data_dir)
     final = image_dir(data_dir, name)
+    try:
+        recipe = load_recipe(name)
+    except ValueError as exc:  # RecipeError
+        raise ImageBuildError(str(exc)) from None
     if not force:
-        existing = _load_current(data_dir, name, log)
+        existing = _load_current(data_dir, recipe, log)
         if existing is not None:
             return existing
     if os.geteuid() != 0:
@@ -146,7 +156,7 @@ async def build_image(
     async with build_lock(root / ".lock", log):
         # Someone else may have built it while we waited for the lock.
         if not force:
-            existing = _load_current(data_dir, name, log)
+            existing = _load_current(data_dir, recipe, log)
             if existing is not None:
                 return existing
         await remove_leftovers(root, name, log)
@@ -154,7 +164,7 @@ async def build_image(
         tmp = root / f".tmp-{name}-{secrets.token_hex(4)}"
         await trio.Path(tmp).mkdir(mode=0o755)
         try:
-            manifest = await _build_into(tmp, name=name, mirror=mirror, log=log)
+            manifest = await _build_into(tmp, recipe=recipe, mirror=mirror, log=log)
             await install_tree(tmp, final, name, log)
         except BaseException:
             with trio.move_on_after(CLEANUP_GRACE_S) as cleanup_scope:
@@ -174,39 +184,50 @@ def _load_quietly(data_dir: Path, name: str) -> ImageManifest | None:
         return None
 
 
-def _load_current(data_dir: Path, name: str, log: Callable[[str], object]) -> ImageManifest | None:
-    """Like _load_quietly, but an image that lacks a compatibility shim means "not built"."""
+def _load_current(
+    data_dir: Path, recipe: Recipe, log: Callable[[str], object]
+) -> ImageManifest | None:
+    """Like _load_quietly, but an image that lacks a compatibility shim, or was built from
+    another version of its recipe, means "not built"."""
+    name = recipe.name
     existing = _load_quietly(data_dir, name)
-    if existing is None or existing.is_current():
-        return existing
-    missing = ", ".join(c for c in IMAGE_COMPAT if c not in existing.compat)
-    log(f"image {name!r} lacks {missing}; rebuilding it")
-    return None
+    if existing is None:
+        return None
+    if not existing.is_current():
+        missing = ", ".join(c for c in IMAGE_COMPAT if c not in existing.compat)
+        log(f"image {name!r} lacks {missing}; rebuilding it")
+        return None
+    if not existing.built_from(recipe):
+        log(f"the recipe of image {name!r} changed; rebuilding it")
+        return None
+    return existing
 
 
 async def _build_into(
-    tmp: Path, *, name: str, mirror: str | None, log: Callable[[str], object]
+    tmp: Path, *, recipe: Recipe, mirror: str | None, log: Callable[[str], object]
 ) -> ImageManifest:
+    name = recipe.name
     rootfs = tmp / ROOTFS_NAME
     if mirror is None:
         mirror = find_apt_mirror(DEBIAN_SUITE)
     log(f"building image {name!r}: mmdebstrap {DEBIAN_SUITE} from {mirror}")
     started = trio.current_time()
-    await _run_mmdebstrap(mmdebstrap_command(rootfs, mirror), log)
+    await _run_mmdebstrap(mmdebstrap_command(rootfs, mirror, recipe), log)
     log(f"mmdebstrap finished in {trio.current_time() - started:.1f} s; reading versions")
 
     # Before the probes, so that they (run with the shim preloaded) also check that it loads.
     await install_statx_shim(rootfs)
-    languages = await probe_languages(rootfs)
+    languages = await probe_languages(rootfs, recipe.languages)
     size = await trio.to_thread.run_sync(tree_size, rootfs)
     manifest = ImageManifest(
         name=name,
         created_at=_rfc3339_now(),
         debian_suite=DEBIAN_SUITE,
-        packages=IMAGE_PACKAGES,
+        packages=tuple(recipe.packages),
         languages=languages,
         size_bytes=size,
         compat=IMAGE_COMPAT,
+        recipe_sha256=recipe.sha256,
     )
     await trio.Path(tmp / MANIFEST_NAME).write_bytes(encode_manifest(manifest))
     return manifest

@@ -14,9 +14,7 @@ __all__ = [
     "DEFAULT_MIRROR",
     "find_apt_mirror",
     "parse_deb822_sources",
-    "parse_dpkg_status",
     "parse_one_line_sources",
-    "upstream_version",
 ]
 
 DEBIAN_SUITE: Final = "bookworm"
@@ -115,25 +113,3 @@ def find_apt_mirror(suite: str = DEBIAN_SUITE, *, apt_dir: Path = Path("/etc/apt
         if uris:
             return uris[0]
     return DEFAULT_MIRROR
-
-
-def parse_dpkg_status(text: str, package: str) -> str | None:
-    """The version of *package* in a ``/var/lib/dpkg/status`` file, if it is installed."""
-    for para in _deb822_paragraphs(text):
-        if para.get("package") != package:
-            continue
-        status = para.get("status", "install ok installed").split()
-        if status[-1:] != ["installed"]:
-            continue
-        version = para.get("version")
-        if version:
-            return version
-    return None
-
-
-def upstream_version(debian_version: str) -> str:
-    """``1:0.5.12-2+b1`` → ``0.5.12``: drop the epoch and the Debian revision."""
-    version = debian_version.split(":", 1)[-1]
-    if "-" in version:
-        version = version.rsplit("-", 1)[0]
-    return version

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 import trio
 
-from sandstorm.images.debian import parse_dpkg_status, upstream_version
 from sandstorm.images.manifest import ImageBuildError, LanguageInfo
+from sandstorm.images.recipe import RecipeLanguage
 
-__all__ = ["bash_version", "node_version", "probe_languages"]
+__all__ = ["probe_languages"]
 
 # Bound on each "read a version from the image" command; they take milliseconds.
 _PROBE_TIMEOUT_S: Final = 60.0
@@ -23,25 +24,18 @@ _PROBE_ENV: Final[dict[str, str]] = {
 }
 
 
-async def probe_languages(rootfs: Path) -> tuple[LanguageInfo, ...]:
-    """The languages of the image at *rootfs*; its binaries run chrooted into it (needs root)."""
-    python = await _probe(
-        rootfs, ["python3", "-c", "import platform;print(platform.python_version())"]
-    )
-    node = node_version(await _probe(rootfs, ["node", "--version"]))
-    bash = bash_version(await _probe(rootfs, ["bash", "-c", "echo $BASH_VERSION"]))
-    status = await trio.Path(rootfs / "var/lib/dpkg/status").read_text(
-        encoding="utf-8", errors="replace"
-    )
-    dash = parse_dpkg_status(status, "dash")
-    if dash is None:
-        raise ImageBuildError("dash is not installed in the image (no /bin/sh)")
-    return (
-        LanguageInfo(name="python", version=python, argv_prefix=("/usr/bin/python3", "-c")),
-        LanguageInfo(name="javascript", version=node, argv_prefix=("/usr/bin/node", "-e")),
-        LanguageInfo(name="bash", version=bash, argv_prefix=("/bin/bash", "-c")),
-        LanguageInfo(name="sh", version=upstream_version(dash), argv_prefix=("/bin/sh", "-c")),
-    )
+async def probe_languages(
+    rootfs: Path, languages: Sequence[RecipeLanguage]
+) -> tuple[LanguageInfo, ...]:
+    """The recipe's *languages* with their versions, each read by running the recipe's own
+    version command in the image at *rootfs* (chrooted: needs root)."""
+    found = []
+    for language in languages:
+        version = await _probe(rootfs, list(language.version))
+        found.append(
+            LanguageInfo(name=language.name, version=version, argv_prefix=tuple(language.run))
+        )
+    return tuple(found)
 
 
 async def _probe(rootfs: Path, argv: list[str]) -> str:
@@ -68,13 +62,3 @@ async def _probe(rootfs: Path, argv: list[str]) -> str:
             f"{' '.join(argv)} in the image failed (status {result.returncode}): {err[-2000:]}"
         )
     return out
-
-
-def bash_version(raw: str) -> str:
-    """``$BASH_VERSION`` (``5.2.15(1)-release``) as users write it: ``5.2.15``."""
-    return raw.strip().split("(", 1)[0]
-
-
-def node_version(raw: str) -> str:
-    """``node --version`` (``v18.19.0``) without its ``v``."""
-    return raw.strip().removeprefix("v")

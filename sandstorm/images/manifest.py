@@ -21,6 +21,8 @@ from typing import Final
 
 import msgspec
 
+from sandstorm.images.recipe import Recipe
+
 __all__ = [
     "DEFAULT_IMAGE",
     "IMAGE_COMPAT",
@@ -87,6 +89,20 @@ class ImageManifest(msgspec.Struct, frozen=True, kw_only=True):
     compat: tuple[str, ...] = ()
     """Compatibility shims built into the rootfs (:data:`IMAGE_COMPAT`); empty in manifests
     written before there were any."""
+    recipe_sha256: str = ""
+    """The SHA-256 of the recipe file it was built from; empty in manifests written before
+    images had recipes."""
+
+    def built_from(self, recipe: Recipe) -> bool:
+        """Whether this image is what *recipe* builds. An image from before recipes counts as
+        built from one that asks for exactly its packages and languages and no steps."""
+        if self.recipe_sha256:
+            return self.recipe_sha256 == recipe.sha256
+        return (
+            tuple(recipe.packages) == self.packages
+            and not recipe.steps
+            and [lang.name for lang in recipe.languages] == [lang.name for lang in self.languages]
+        )
 
     def is_current(self) -> bool:
         """Whether the image has every shim this version of the builder installs."""

@@ -7,8 +7,11 @@ that image and that ``build_image`` on it is a no-op.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +25,9 @@ from sandstorm.images import (
     build_image,
     image_rootfs,
     load_manifest,
+    load_recipe,
 )
+from sandstorm.images.languages import probe_languages
 
 _DATA_DIR = os.environ.get("SANDSTORM_TEST_DATA_DIR", "/var/lib/sandstorm")
 
@@ -113,3 +118,50 @@ async def test_statx_shim_is_preloaded(data_dir: Path) -> None:
     assert shim.read_bytes()[:4] == b"\x7fELF"
     preload = (rootfs / "etc/ld.so.preload").read_text().split()
     assert preload == [STATX_SHIM_PATH]
+
+
+async def test_the_default_recipes_version_commands_read_the_images_versions(
+    data_dir: Path,
+) -> None:
+    manifest = load_manifest(data_dir)
+    assert manifest is not None
+    with trio.fail_after(60):
+        probed = await probe_languages(
+            image_rootfs(data_dir, DEFAULT_IMAGE), load_recipe(DEFAULT_IMAGE).languages
+        )
+    assert probed == manifest.languages
+
+
+async def _sandstorm(*args: str) -> subprocess.CompletedProcess[bytes]:
+    result: subprocess.CompletedProcess[bytes] = await trio.run_process(
+        [sys.executable, "-m", "sandstorm", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    return result
+
+
+async def test_image_ls_lists_the_built_images(data_dir: Path) -> None:
+    with trio.fail_after(60):
+        listed = await _sandstorm("image", "ls", "--json", "--data-dir", str(data_dir))
+        text = await _sandstorm("image", "ls", "--data-dir", str(data_dir))
+    assert listed.returncode == 0, listed.stderr
+    images = {image["name"]: image for image in json.loads(listed.stdout)}
+    manifest = load_manifest(data_dir)
+    assert manifest is not None
+    default = images[DEFAULT_IMAGE]
+    assert default["size_bytes"] == manifest.size_bytes
+    assert default["languages"] == [
+        {"name": lang.name, "version": lang.version} for lang in manifest.languages
+    ]
+    assert text.stdout.decode().startswith(DEFAULT_IMAGE)
+
+
+async def test_building_an_image_without_a_recipe_names_the_recipes(data_dir: Path) -> None:
+    with trio.fail_after(60):
+        result = await _sandstorm("image", "build", "nothing", "--data-dir", str(data_dir))
+    assert result.returncode == 1
+    assert b"no recipe for image 'nothing' (recipes: " in result.stderr
+    assert not (data_dir / "images" / "nothing").exists()

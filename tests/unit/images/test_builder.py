@@ -1,4 +1,4 @@
-"""Pure parts of the image builder: apt sources, dpkg status, the manifest format."""
+"""Pure parts of the image builder: apt sources, the mmdebstrap command, the manifest format."""
 
 from __future__ import annotations
 
@@ -12,11 +12,8 @@ from sandstorm.images.builder import mmdebstrap_command
 from sandstorm.images.debian import (
     find_apt_mirror,
     parse_deb822_sources,
-    parse_dpkg_status,
     parse_one_line_sources,
-    upstream_version,
 )
-from sandstorm.images.languages import bash_version, node_version
 from sandstorm.images.manifest import (
     decode_manifest,
     encode_manifest,
@@ -24,6 +21,7 @@ from sandstorm.images.manifest import (
     image_rootfs,
     load_manifest,
 )
+from sandstorm.images.recipe import load_recipe
 
 DEB822 = """\
 Types: deb
@@ -128,51 +126,6 @@ def test_find_apt_mirror_order_and_fallback(tmp_path: Path) -> None:
     assert find_apt_mirror(apt_dir=apt) == DEFAULT_MIRROR
 
 
-DPKG_STATUS = """\
-Package: bash
-Essential: yes
-Status: install ok installed
-Priority: required
-Version: 5.2.15-2+b2
-Description: GNU Bourne Again SHell
- Bash is an sh-compatible command language interpreter.
- .
- Package: dash
- Version: 9.9
-
-Package: dash
-Essential: yes
-Status: install ok installed
-Version: 0.5.12-2
-Description: POSIX-compliant shell
-
-Package: zsh
-Status: deinstall ok config-files
-Version: 5.9-4
-"""
-
-
-def test_parse_dpkg_status() -> None:
-    assert parse_dpkg_status(DPKG_STATUS, "dash") == "0.5.12-2"
-    assert parse_dpkg_status(DPKG_STATUS, "bash") == "5.2.15-2+b2"
-    assert parse_dpkg_status(DPKG_STATUS, "zsh") is None  # removed, only config left
-    assert parse_dpkg_status(DPKG_STATUS, "python3") is None
-    assert parse_dpkg_status("", "dash") is None
-
-
-@pytest.mark.parametrize(
-    ("debian", "upstream"),
-    [("0.5.12-2", "0.5.12"), ("1:2.38-4+b1", "2.38"), ("3.0", "3.0"), ("1.2-3-4", "1.2-3")],
-)
-def test_upstream_version(debian: str, upstream: str) -> None:
-    assert upstream_version(debian) == upstream
-
-
-def test_version_normalisation() -> None:
-    assert bash_version("5.2.15(1)-release\n") == "5.2.15"
-    assert node_version("v18.19.0\n") == "18.19.0"
-
-
 def _manifest() -> ImageManifest:
     return ImageManifest(
         name="default",
@@ -229,7 +182,9 @@ def test_image_names_are_checked(tmp_path: Path, name: str) -> None:
 
 
 def test_mmdebstrap_command() -> None:
-    argv = mmdebstrap_command(Path("/d/images/.tmp-x/rootfs"), "http://m.example/debian")
+    argv = mmdebstrap_command(
+        Path("/d/images/.tmp-x/rootfs"), "http://m.example/debian", load_recipe("default")
+    )
     assert argv[0] == "mmdebstrap"
     assert "--variant=apt" in argv
     assert "--mode=root" in argv
