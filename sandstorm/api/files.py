@@ -12,7 +12,6 @@ FileType = Literal["file", "dir", "symlink", "other"]
 #: Deepest listing a request may ask for, and most entries one answers with.
 MAX_LIST_DEPTH = 16
 MAX_LIST_ENTRIES = 10_000
-ArchiveFormat = Literal["tar", "tar.gz"]
 
 
 class FileEntry(_Out, frozen=True, omit_defaults=True):

@@ -1,7 +1,7 @@
 """Files in a running sandbox, above the agent's file requests: paths as callers name them,
 and tar archives of a file or a directory, both ways (SPEC §8)."""
 
-from .archive import archive_stream, extract_archive, open_archive
+from .archive import extract_archive, open_archive
 from .paths import MAX_PATH_BYTES, sandbox_path
 
-__all__ = ["MAX_PATH_BYTES", "archive_stream", "extract_archive", "open_archive", "sandbox_path"]
+__all__ = ["MAX_PATH_BYTES", "extract_archive", "open_archive", "sandbox_path"]

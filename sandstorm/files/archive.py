@@ -35,7 +35,7 @@ from . import _tar
 from ._safety import Tree, member_name, safe_mode
 from ._stream import IN_PIECE, Packer, TarBytes
 
-__all__ = ["archive_stream", "extract_archive", "open_archive"]
+__all__ = ["extract_archive", "open_archive"]
 
 #: How deep, and how many entries, an archive of a directory takes in.
 WALK_DEPTH: Final = 64
@@ -85,13 +85,6 @@ async def open_archive(
         finally:
             await chunks.aclose()
             await members.aclose()
-
-
-async def archive_stream(files: AgentFiles, path: str, *, gzip: bool) -> AsyncIterator[bytes]:
-    """:func:`open_archive` as one generator: its errors come from the first ``anext``."""
-    async with open_archive(files, path, gzip=gzip) as chunks:
-        async for chunk in chunks:
-            yield chunk
 
 
 async def _packed(

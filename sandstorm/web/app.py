@@ -57,7 +57,6 @@ def create_app(gateway: Gateway) -> QuartTrio:
     # Upload routes get bodies that hold at most a megabyte their handler has not taken.
     app.asgi_http_class = GatewayHTTPConnection
     app.config["SANDSTORM_GATEWAY"] = gateway
-    app.config["SANDSTORM_MAX_UPLOAD"] = gateway.config.max_upload_bytes
     # Quart refuses bodies above this from Content-Length, or while streaming, before reading
     # them whole (413).
     app.config["MAX_CONTENT_LENGTH"] = gateway.config.max_body_bytes

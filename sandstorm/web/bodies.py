@@ -62,7 +62,7 @@ class GatewayHTTPConnection(TrioASGIHTTPConnection):
     def _create_request_from_scope(self, send: ASGISendCallable) -> Request:
         request = super()._create_request_from_scope(send)
         if self.scope["method"] == "PUT" and UPLOAD_ROUTE.match(self.scope["path"]):
-            limit = self.app.config["SANDSTORM_MAX_UPLOAD"]
+            limit = self.app.config["SANDSTORM_GATEWAY"].config.max_upload_bytes
             request.body = BoundedBody(request.content_length, limit)
         return request
 

@@ -4,18 +4,18 @@ through its agent, inside the sandbox, as its user. The gateway never opens a ho
 Bytes stream both ways: an upload goes to the agent as it arrives (``bodies.BoundedBody`` holds
 at most a megabyte the sandbox has not taken), a download is sent as the agent reads it (it
 reads only what its credit allows, see ``agent/files.py``). Errors are known before the first
-byte of an answer: a download's file is looked at (``stat``) before the answer starts.
+byte of an answer: a download opens what it sends before the answer starts (``_opened``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Final
 from urllib.parse import quote
 
 import msgspec
-from quart import Blueprint, Response, current_app, g, request
+from quart import Blueprint, Response, g, request
 
 from sandstorm.actors.sandbox import SandboxActor
 from sandstorm.agent.files import Download
@@ -33,7 +33,7 @@ from sandstorm.api.timestamps import rfc3339_from_epoch
 from sandstorm.config import Config
 from sandstorm.errors import InvalidRequest, PayloadTooLarge, RangeNotSatisfiable
 from sandstorm.files import extract_archive, open_archive, sandbox_path
-from sandstorm.web.rest import _json, _raw_body, live_sandbox
+from sandstorm.web.rest import _gateway, _json, _raw_body, live_sandbox
 
 blueprint = Blueprint("files", __name__)
 _MOVE = msgspec.json.Decoder(MoveRequest)
@@ -43,8 +43,7 @@ _FALSE = ("", "0", "false", "no")
 
 
 def _config() -> Config:
-    config: Config = current_app.config["SANDSTORM_GATEWAY"].config
-    return config
+    return _gateway().config
 
 
 def file_entry(entry: FsEntry) -> FileEntry:
@@ -165,18 +164,14 @@ async def read_file(sandbox_id: str) -> Response:
     path = _path()
     wanted = _range()
     opened: list[Download] = []
-    body = _download(actor, path, wanted, opened)
-    try:
-        await anext(body)  # opens the file: a missing one is this answer's 404
-        download = opened[0]
-        if wanted is not None and download.length == 0:
-            size = download.entry.size
-            raise RangeNotSatisfiable(
-                f"range {request.headers['Range']} of a {size}-byte file", size=size
-            )
-    except BaseException:
+    body = await _opened(_download(actor, path, wanted, opened))  # a missing file: 404 here
+    download = opened[0]
+    if wanted is not None and download.length == 0:
         await body.aclose()
-        raise
+        size = download.entry.size
+        raise RangeNotSatisfiable(
+            f"range {request.headers['Range']} of a {size}-byte file", size=size
+        )
     response = Response(
         body,
         status=206 if wanted is not None else 200,
@@ -191,6 +186,18 @@ async def read_file(sandbox_id: str) -> Response:
     return response
 
 
+async def _opened(body: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+    """``body`` run to its first, empty chunk, by which it has opened what it sends: what
+    cannot be opened fails here, before the answer starts. Started, it is closed by trio's
+    finalizer even if the answer is never sent."""
+    try:
+        await anext(body)
+    except BaseException:
+        await body.aclose()
+        raise
+    return body
+
+
 async def _download(
     actor: SandboxActor,
     path: str,
@@ -198,10 +205,9 @@ async def _download(
     opened: list[Download],
 ) -> AsyncGenerator[bytes, None]:
     """Opens the file (symlinks followed) and hands its :class:`Download` over through
-    ``opened`` with a first, empty chunk; then the bytes of the range as the agent reads them.
-    A file that shrinks meanwhile ends the answer short, which breaks its connection: the client
-    sees the truncation. Started before the answer, so trio's finalizer closes it even if the
-    answer is never sent."""
+    ``opened`` with a first, empty chunk (see :func:`_opened`); then the bytes of the range as
+    the agent reads them. A file that shrinks meanwhile ends the answer short, which breaks its
+    connection: the client sees the truncation."""
     offset, length, suffix = wanted or (0, None, None)
     async with (
         actor.file_access() as files,
@@ -297,9 +303,8 @@ async def read_archive(sandbox_id: str) -> Response:
     form = request.args.get("format") or "tar"
     if form not in _ARCHIVE_TYPES:
         raise InvalidRequest("format must be tar or tar.gz", field="format")
-    async with actor.file_access() as files:
-        await files.stat(path)  # a missing path is a 404 before the answer starts
-    response = Response(_archive(actor, path, form == "tar.gz"), content_type=_ARCHIVE_TYPES[form])
+    body = await _opened(_archive(actor, path, form == "tar.gz"))  # a missing path: 404 here
+    response = Response(body, content_type=_ARCHIVE_TYPES[form])
     name = (path.rstrip("/").rsplit("/", 1)[-1] or "root") + "." + form
     response.headers["Content-Disposition"] = _attachment(name)
     response.timeout = None
@@ -313,8 +318,10 @@ def _attachment(name: str) -> str:
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
-async def _archive(actor: SandboxActor, path: str, gzip: bool) -> AsyncIterator[bytes]:
+async def _archive(actor: SandboxActor, path: str, gzip: bool) -> AsyncGenerator[bytes, None]:
+    """The archive, its path opened before a first, empty chunk (see :func:`_opened`)."""
     async with actor.file_access() as files, open_archive(files, path, gzip=gzip) as chunks:
+        yield b""
         async for chunk in chunks:
             yield chunk
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from functools import partial
 
 from sandstorm.actors.sandbox.dispatch import AgentDispatch
 from sandstorm.agent.files import AgentFiles
@@ -55,11 +56,7 @@ class FileAccess(AgentDispatch):
 
         def publish(events: list[FsEvent]) -> None:
             for event in events:
-                self.events.append(
-                    lambda seq, ts, e=event: FsStreamEvent(  # type: ignore[misc]
-                        seq=seq, ts=ts, watch=watch_id, op=e.op, path=e.path, to=e.to
-                    )
-                )
+                self.events.append(partial(_stream_event, watch_id, event))
 
         # Reserved first: a second watch with this id while the agent answers is refused.
         self._watches[watch_id] = None
@@ -79,3 +76,7 @@ class FileAccess(AgentDispatch):
         watch = self._watches.pop(watch_id)
         if watch is not None:
             await watch.aclose()
+
+
+def _stream_event(watch_id: str, event: FsEvent, seq: int, ts: str) -> FsStreamEvent:
+    return FsStreamEvent(seq=seq, ts=ts, watch=watch_id, op=event.op, path=event.path, to=event.to)
