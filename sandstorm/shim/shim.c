@@ -52,8 +52,9 @@
 #define READ_SIZE 65536
 /* The runtime's pipes hold this much (F_SETPIPE_SZ; the kernel's 64 KiB where it refuses): a
  * runtime writing large frames (a download's 256 KiB) then blocks, and wakes the shim, far less
- * often, which is most of what bulk data costs on its way through. */
-#define PIPE_SIZE (1024 * 1024)
+ * often, which is most of what bulk data costs on its way through. No larger: a pipe's pages
+ * count against the memory cgroup of its writer, the sandbox for stdout. */
+#define PIPE_SIZE (256 * 1024)
 #define SEND_SIZE (1024 * 1024)
 #define EXIT_DRAIN_S 5.0
 #define LINGER_S 10.0

@@ -54,7 +54,7 @@ STOP_GRACE_S = 0.5
 # sandbox (code in the sandbox runs as the agent's user and can stop it).
 AGENT_SEND_TIMEOUT_S = 10.0
 # Memory an upload leaves free in a sandbox whose files live in its memory: what may be on its
-# way to the agent and not yet written (the shim holds up to 16 MiB, the pipe 1 MiB), and a
+# way to the agent and not yet written (the shim holds up to 16 MiB, the pipe 256 KiB), and a
 # margin.
 UPLOAD_HEADROOM = 32 * 1024 * 1024
 # How long a reading of a sandbox's memory use serves the room check of uploads.
